@@ -1,0 +1,1 @@
+"""distill: build BK-SDM backbones by block removal and knowledge distillation."""

@@ -1,0 +1,6 @@
+#!/usr/bin/env python
+import sys
+
+from personalize.cli import main
+
+sys.exit(main())

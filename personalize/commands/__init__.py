@@ -1,0 +1,1 @@
+"""CLI subcommands: argument wiring only."""
