@@ -17,6 +17,7 @@ from .errors import UserError
 COMMAND_MODULES = [
     "personalize.commands.train",
     "personalize.commands.info",
+    "personalize.commands.evaluate",
     # -- further command modules register here --
 ]
 
@@ -48,7 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     # diffusers/transformers chatter (torchvision fallbacks, kernels hub) is noise for a CLI user.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    quiet_libraries()
     return run(argv, build_parser())
+
+
+def quiet_libraries() -> None:
+    """Library chatter a CLI user cannot act on: bitsandbytes' optional-kernel notice on CPU,
+    weight-loading progress bars, deprecation notices from transitive code."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are hard dependencies
+        pass
 
 
 if __name__ == "__main__":

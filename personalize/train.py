@@ -252,17 +252,17 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     for m in models.values():
         m.to(accelerator.device)
 
-    start = 0
+    start, carried = 0, {}
     if resume:
         ckpts = list_checkpoints(run_dir)
         if ckpts:
             state = load_checkpoint(ckpts[-1][1], params, optimizer)
-            start = state["step"]
+            start, carried = state["step"], state.get("loss_window", {})
             log(f"resuming from {ckpts[-1][1]} (step {start}/{cfg.steps})")
     warm = cfg.lr_warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    for _ in range(start):
-        scheduler.step()
+    # the schedule is a pure function of the global step, so resuming only offsets it
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + start + 1) / warm) if warm else 1.0)
 
     names = list(models)
     prepared = accelerator.prepare(*models.values(), optimizer)
@@ -275,8 +275,10 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     if accelerator.trackers == [] and accelerator.log_with and is_main:
         accelerator.init_trackers(description.replace(" ", "_"))
     loss_log = _LossLog(run_dir / "logs" / "loss.csv", start if resume else -1) if is_main else None
-    sums: dict[str, torch.Tensor] = {}
-    window, last = 0, {}
+    # a logging window cut by a checkpoint carries on after resume, so loss.csv matches an
+    # uninterrupted run row for row
+    sums = {k: torch.tensor(v, device=accelerator.device) for k, v in carried.get("sums", {}).items()}
+    window, last, timed = carried.get("window", 0), {}, 0
     t0, t_window, sps = time.perf_counter(), time.perf_counter(), float("nan")
     step = start
     with _progress(is_main) as bar:
@@ -296,12 +298,13 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                     sums[k] = sums[k] + v if k in sums else v
                 window += 1
             scheduler.step()
+            timed += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 # the one host sync of a logging window
                 last = {k: (accelerator.reduce(v, reduction="mean") / window).item() for k, v in sums.items()}
                 now = time.perf_counter()
-                sps = (now - t_window) / (window / cfg.gradient_accumulation_steps)
-                t_window, sums, window = now, {}, 0
+                sps = (now - t_window) / timed
+                t_window, sums, window, timed = now, {}, 0, 0
                 if not all(math.isfinite(v) for v in last.values()):
                     from .errors import UserError
 
@@ -314,7 +317,9 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 accelerator.wait_for_everyone()
                 if is_main:
-                    save_checkpoint(run_dir, step, params, optimizer, {"losses": last}, cfg.keep_checkpoints)
+                    pending = {"sums": {k: v.item() for k, v in sums.items()}, "window": window}
+                    save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
+                                    cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     total = time.perf_counter() - t0

@@ -1,0 +1,50 @@
+"""Model card (README.md with Hugging Face front matter) for a finished run."""
+
+from __future__ import annotations
+
+
+def model_card(p) -> str:
+    cfg, base, subj = p.cfg, p.base, p.subject
+    base_ref = base.hub_id or base.name
+    lora = cfg.method == "lora"
+    tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "bk-sdm"] + (["lora"] if lora else [])
+    front = "\n".join(["---", f"base_model: {base_ref}", "library_name: diffusers", "license: creativeml-openrail-m",
+                       f"instance_prompt: {p.instance_prompt}", "tags:", *[f"- {t}" for t in tags], "---", ""])
+    if lora:
+        usage = (f'pipe = StableDiffusionPipeline.from_pretrained("{base_ref}")\n'
+                 f'pipe.load_lora_weights("path/to/this/run")')
+        what = (f"LoRA adapter (U-Net rank {cfg.rank}, alpha {cfg.lora_alpha}"
+                + (f"; text encoder rank {cfg.text_encoder_rank}, alpha {cfg.text_encoder_alpha}" if cfg.train_text_encoder else "")
+                + ")")
+    else:
+        usage = 'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/run")'
+        what = "full diffusers pipeline (U-Net" + (" and text encoder" if cfg.train_text_encoder else "") + " finetuned)"
+    rows = [("base", f"{base.name} (`{base.path}`)"), ("subject", f"{subj.name} ({subj.class_noun}, {subj.kind})"),
+            ("instance prompt", f"`{p.instance_prompt}`"), ("class prompt", f"`{p.class_prompt}`"),
+            ("steps", cfg.steps), ("resolution", p.resolution), ("batch size", cfg.train_batch_size),
+            ("learning rate", f"{cfg.resolved_lr():g} (constant)"),
+            ("prior preservation", f"weight {cfg.prior_loss_weight}, {cfg.class_images} class images"
+             if cfg.class_images else "off"),
+            ("text encoder trained", cfg.train_text_encoder), ("seed", cfg.seed)]
+    table = "\n".join(["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
+    return f"""{front}
+# DreamBooth {cfg.method}: {subj.name} on {base.name}
+
+A {what} personalized with DreamBooth (Ruiz et al. 2023) on the compressed
+[BK-SDM](https://github.com/Nota-NetsPresso/BK-SDM) family of Stable Diffusion backbones, trained with `personalize`.
+Write `{cfg.token} {subj.class_noun}` in a prompt to draw the subject, e.g. `{p.instance_prompt} on the beach`.
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+{usage}
+image = pipe("{p.instance_prompt} on the beach", num_inference_steps=25).images[0]
+```
+
+## Training
+
+{table}
+
+The resolved configuration is in `run.json`; `validation.png` shows a few fixed-seed samples
+(prompts and seeds in its PNG metadata).
+"""

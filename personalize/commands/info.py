@@ -1,0 +1,51 @@
+"""`personalize backbones` and `personalize subjects`: what can be used, and what is on disk."""
+
+from __future__ import annotations
+
+
+def _backbones(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..backbones import BACKBONES, cache_root, is_pipeline_dir, local_snapshot, unet_param_count
+
+    t = Table(title="backbones (--base)")
+    for c in ("name", "hub id", "U-Net params", "local", "about"):
+        t.add_column(c)
+    for spec in BACKBONES.values():
+        if spec.name == "tiny":
+            path = cache_root() / "backbones" / "tiny-seed0-v1"
+            path = path if is_pipeline_dir(path) else None
+            where = "built in" + (" (cached)" if path else "")
+        else:
+            path = local_snapshot(spec.hub_id)
+            where = "yes" if path else "no"
+        # exact count from the local config when we have it, else the model card's figure
+        params = f"{unet_param_count(path) / 1e6:.1f}M" if path else (spec.unet_params_card or "?") + " (card)"
+        t.add_row(spec.name, spec.hub_id or "-", params, where, spec.description)
+    Console().print(t)
+    return 0
+
+
+def _subjects(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..subjects import data_dir, load_subjects, photos_present
+
+    root, _ = data_dir(args.data_dir)
+    t = Table(title=f"DreamBooth subjects (photos in {root})")
+    for c in ("name", "class", "prompts", "photos"):
+        t.add_column(c)
+    for s in load_subjects().values():
+        t.add_row(s.name, s.class_noun, s.kind, "yes" if photos_present(root, s.name) else "missing")
+    Console().print(t)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("backbones", help="list the backbones with U-Net sizes and local availability")
+    p.set_defaults(func=_backbones)
+    p = sub.add_parser("subjects", help="list the 30 DreamBooth subjects and whether their photos are present")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=_subjects)

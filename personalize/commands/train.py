@@ -1,0 +1,78 @@
+"""`personalize lora` / `personalize full`: flags -> TrainConfig -> dreambooth.train."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from ..config import TrainConfig
+
+HELP = {
+    "subject": "dataset subject name (e.g. dog) or a folder of your own photos (with --class-noun)",
+    "base": "backbone: a registry name (`personalize backbones`), hub id, or local pipeline dir",
+    "class_noun": "class of the subject (dog, backpack, ...); required for your own photos",
+    "data_dir": "DreamBooth dataset/ folder (default $PERSONALIZE_DATA, else ./data/dreambooth/dataset)",
+    "output_dir": "run directory (default runs/<method>/<base>/<subject>)",
+    "token": "identifier token for the subject",
+    "steps": "optimizer steps",
+    "resolution": "training resolution in px, multiple of 8 (default: the base's native size)",
+    "lr": "learning rate (default 1e-4 LoRA, 1e-6 full)",
+    "class_images": "class images for prior preservation (0 turns it off)",
+    "rank": "LoRA rank of the U-Net",
+    "lora_alpha": "LoRA alpha of the U-Net",
+    "checkpoint_every": "save a resumable checkpoint every N steps (0: only at the end)",
+    "resume": "continue an unfinished run from its last checkpoint",
+    "overwrite": "replace a finished run in the output directory",
+    "mixed_precision": "auto (fp16 on CUDA, fp32 on CPU), no, fp16 or bf16",
+    "use_8bit_adam": "bitsandbytes 8-bit AdamW (CUDA only)",
+    "allow_pickle": "allow loading .bin/.ckpt pickle weights (only for sources you trust)",
+}
+SKIP = {"method", "lora_unet_targets", "lora_text_encoder_targets"}
+
+
+def _scalar_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_flags(p: argparse.ArgumentParser, method: str) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    p.add_argument("--subject", required=True, help=HELP["subject"])
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SKIP or f.name == "subject":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _scalar_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        h = HELP.get(f.name, "")
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h or None)
+        else:
+            shown = "LoRA: 1e-4, full: 1e-6" if f.name == "lr" else default
+            p.add_argument(flag, type=tp, default=default, help=f"{h} (default: {shown})" if h else f"default: {shown}")
+    p.add_argument("--lora-targets", dest="lora_unet_targets", default="to_q,to_v",
+                   help="comma-separated U-Net module names that get LoRA (default: to_q,to_v)")
+    p.add_argument("--lora-text-encoder-targets", dest="lora_text_encoder_targets", default="q_proj,v_proj",
+                   help="comma-separated text-encoder module names that get LoRA (default: q_proj,v_proj)")
+    p.set_defaults(func=lambda a: run(a, method))
+
+
+def config_from_args(args: argparse.Namespace, method: str) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    for k in ("lora_unet_targets", "lora_text_encoder_targets"):
+        values[k] = [s.strip() for s in values[k].split(",") if s.strip()]
+    return TrainConfig(method=method, **values)
+
+
+def run(args: argparse.Namespace, method: str) -> int:
+    from ..dreambooth import train
+
+    train(config_from_args(args, method))
+    return 0
+
+
+def add_parser(sub) -> None:
+    for method, text in (("lora", "DreamBooth-LoRA: train a small adapter for one subject"),
+                         ("full", "full DreamBooth finetuning of one subject (U-Net + text encoder)")):
+        add_flags(sub.add_parser(method, help=text, description=text), method)

@@ -1,0 +1,92 @@
+"""Typed configuration of a DreamBooth run. Defaults are the BK-SDM recipe (its DreamBooth
+finetune scripts, `examples/dreambooth/` of the BK-SDM repository, which wrap the diffusers and
+peft DreamBooth examples), each overridable by a CLI flag."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UserError
+
+METHODS = ("lora", "full")
+
+
+@dataclass
+class TrainConfig:
+    method: str  # "lora" | "full"
+    subject: str  # dataset subject name, or a folder of the user's own photos
+    base: str = "bk-sdm-base"  # the backbone the BK-SDM paper personalizes first
+    class_noun: str | None = None  # from subjects/subjects.csv for dataset subjects
+    data_dir: str | None = None  # else $PERSONALIZE_DATA, else ./data/dreambooth/dataset
+    output_dir: str | None = None  # else runs/<method>/<base>/<subject>
+
+    token: str = "sks"  # DreamBooth's rare identifier token, also used by the BK-SDM scripts
+    instance_prompt: str = "a {token} {class}"  # DreamBooth instance prompt
+    class_prompt: str = "a {class}"  # DreamBooth class prompt (prior preservation)
+
+    steps: int = 800  # BK-SDM DreamBooth: max_train_steps 800
+    resolution: int | None = None  # None: the base's native size (512 for every BK-SDM model)
+    train_batch_size: int = 1  # BK-SDM: train_batch_size 1 (+ 1 class image with prior preservation)
+    gradient_accumulation_steps: int = 1  # BK-SDM: 1
+    lr: float | None = None  # None: 1e-4 for LoRA, 1e-6 for full (BK-SDM scripts)
+    lr_warmup_steps: int = 0  # BK-SDM: constant LR, no warm-up
+    max_grad_norm: float = 1.0  # diffusers DreamBooth default
+    use_8bit_adam: bool = False  # option on CUDA; plain AdamW elsewhere
+
+    prior_loss_weight: float = 1.0  # BK-SDM: prior preservation weight 1.0
+    class_images: int = 200  # BK-SDM: num_class_images 200; 0 turns prior preservation off
+    class_image_steps: int = 25  # DPM-Solver++ steps, as the BK-SDM generation scripts
+    class_image_batch_size: int = 4  # images per pipeline call when generating class images
+    guidance_scale: float = 7.5  # SD default, used for class and validation images
+
+    train_text_encoder: bool = True  # BK-SDM: --train_text_encoder
+    rank: int = 16  # BK-SDM LoRA: U-Net rank 16
+    lora_alpha: float = 27  # BK-SDM LoRA: U-Net alpha 27
+    text_encoder_rank: int = 16  # BK-SDM LoRA: text-encoder rank 16
+    text_encoder_alpha: float = 17  # BK-SDM LoRA: text-encoder alpha 17
+    # the peft DreamBooth example's targets, which the BK-SDM LoRA script inherits
+    lora_unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
+    lora_text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    gradient_checkpointing: bool = True  # BK-SDM: --gradient_checkpointing (memory over speed)
+    mixed_precision: str = "auto"  # fp16 on CUDA (BK-SDM), fp32 on CPU; bf16 is an option on both
+    seed: int = 1234  # BK-SDM: seed 1234
+
+    checkpoint_every: int = 200  # a quarter of a recipe run; only the newest is kept
+    keep_checkpoints: bool = False  # delete checkpoints/ once the final outputs are safely written
+    log_every: int = 10  # loss is synced to the host this often (no per-step host syncs)
+    validation_images: int = 4  # images in validation.png (0: none)
+    validation_steps: int = 25  # DPM-Solver++ steps for validation images
+    allow_upscale: bool = False  # refuse photos smaller than the resolution unless asked
+    allow_pickle: bool = False  # only safetensors weights are loaded unless the user says so
+    resume: bool = False
+    overwrite: bool = False
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.method == "lora" else 1e-6
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}' (lora or full)")
+        for name in ("steps", "rank", "text_encoder_rank", "train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.class_images < 0:
+            raise UserError(f"--class-images must be >= 0, got {self.class_images}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,341 @@
+"""DreamBooth (Ruiz et al., CVPR 2023) with prior preservation, full finetuning or LoRA (Hu et al.
+2022), on a Stable Diffusion base such as the BK-SDM backbones (Kim et al. 2023).
+
+Loss per step, with x the cached VAE latents (instance and, with prior preservation, class images):
+    L = ||eps - eps_theta(x_t, t, c_inst)||^2 + prior_loss_weight * ||eps - eps_theta(x'_t, t, c_class)||^2
+VAE latent distributions of every photo and its horizontal flip are computed once; each step
+samples from them (as the reference scripts' `latent_dist.sample()`) without touching the VAE.
+Text embeddings are cached whenever the text encoder is frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import LORA_WEIGHTS, add_lora, save_lora
+from .backbones import ResolvedBase, resolve_base
+from .class_images import class_image_dir, ensure_class_images
+from .config import TrainConfig
+from .data import load_training_images, make_grid, with_flips
+from .errors import UserError
+from .pipeline import build_pipeline, generate, load_components, save_png, write_json, write_text
+from .subjects import Subject, fill_prompt, find_subject, list_images, load_prompts
+from .train import FitConfig, fit, list_checkpoints, make_accelerator
+
+RUN_JSON = "run.json"
+VALIDATION_PNG = "validation.png"
+VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def native_resolution(base_path: Path) -> int:
+    """U-Net sample size x VAE downsampling factor (512 for SD-v1/BK-SDM, 64 for `tiny`)."""
+    unet = json.loads((Path(base_path) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(base_path) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def is_finished(run_dir: Path) -> bool:
+    f = Path(run_dir) / RUN_JSON
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("status") == "finished"
+    except json.JSONDecodeError:
+        return False
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to clobber: finished run -> needs --overwrite; unfinished -> --resume or --overwrite."""
+    if not run_dir.exists():
+        return
+    ckpts = list_checkpoints(run_dir)
+    if cfg.overwrite:
+        shutil.rmtree(run_dir)
+        return
+    if is_finished(run_dir):
+        raise UserError(f"{run_dir} already holds a finished run; pass --overwrite to train it again "
+                        f"(or choose another --output-dir)")
+    if ckpts and not cfg.resume:
+        raise UserError(f"{run_dir} holds an unfinished run (checkpoint at step {ckpts[-1][0]}); pass --resume "
+                        f"to continue it or --overwrite to start over")
+    ours = {"checkpoints", "logs"}
+    foreign = [p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(".")]
+    if foreign:
+        raise UserError(f"{run_dir} exists and is not a personalize run (holds {foreign[0]}); pass --overwrite "
+                        f"or choose another --output-dir")
+
+
+@dataclass
+class Prepared:
+    """Everything resolved before any model is loaded (so bad input fails fast, writing nothing)."""
+
+    cfg: TrainConfig
+    subject: Subject
+    base: ResolvedBase
+    resolution: int
+    run_dir: Path
+    images: torch.Tensor  # (N, 3, R, R) instance photos in [-1, 1]
+    instance_prompt: str
+    class_prompt: str
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    cfg.validate()
+    subject = find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
+    base = resolve_base(cfg.base)
+    resolution = cfg.resolution or native_resolution(base.path)
+    images = load_training_images(list_images(subject.image_dir), resolution, cfg.allow_upscale)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / _slug(base.name) / subject.name
+    prepare_run_dir(run_dir, cfg)
+    return Prepared(cfg, subject, base, resolution, run_dir, images,
+                    fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
+                    fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun))
+
+
+@torch.no_grad()
+def cache_latent_dists(vae, images: torch.Tensor, device, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of each image, in fp32 on `device`."""
+    vae.to(device)
+    means, stds = [], []
+    for chunk in images.split(batch):
+        dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, prompt: str, device) -> torch.Tensor:
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def train(cfg: TrainConfig, log=print, progress: bool = True) -> Path:
+    """Run DreamBooth for one subject and write the run directory. Returns its path."""
+    p = prepare(cfg)
+    run_dir = p.run_dir
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    t_start = time.perf_counter()
+    comps = load_components(p.base.path, cfg.allow_pickle)
+    tokenizer, text_encoder, vae, unet = comps["tokenizer"], comps["text_encoder"], comps["vae"], comps["unet"]
+    noise_scheduler = comps["noise_scheduler"]
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+    text_encoder.to(device)
+    unet.to(device)
+    t_load = time.perf_counter() - t_start
+
+    # -- prior preservation: class images from the shared cache, generated on first use
+    prior = cfg.class_images > 0 and cfg.prior_loss_weight > 0
+    class_info: dict = {"enabled": prior}
+    class_paths: list[Path] = []
+    if prior:
+        t0 = time.perf_counter()
+        gen_dtype = weight_dtype if device.type == "cuda" else torch.float32
+        for m in (unet, text_encoder, vae):
+            m.to(device, gen_dtype)
+        class_paths, made = ensure_class_images(
+            build_pipeline(comps), p.base, p.class_prompt, cfg.class_images, p.resolution,
+            steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.class_image_batch_size,
+            rank=accelerator.process_index, world=accelerator.num_processes, progress=progress and accelerator.is_main_process,
+        )
+        accelerator.wait_for_everyone()
+        for m in (unet, text_encoder, vae):
+            m.to(device, torch.float32)
+        class_info.update(dir=str(class_image_dir(p.base, p.class_prompt, p.resolution)), count=len(class_paths),
+                          generated_now=made, seconds=round(time.perf_counter() - t0, 2))
+
+    # -- one-off caches: latent distributions (with flips) and, if frozen, text embeddings
+    t0 = time.perf_counter()
+    inst_mean, inst_std = cache_latent_dists(vae, with_flips(p.images), device)
+    if prior:
+        class_imgs = load_training_images(class_paths, p.resolution, allow_upscale=True)
+        cls_mean, cls_std = cache_latent_dists(vae, with_flips(class_imgs), device)
+        del class_imgs
+    vae.to("cpu")  # the VAE is not needed again until validation
+    inst_ids, class_ids = tokenize(tokenizer, p.instance_prompt, device), tokenize(tokenizer, p.class_prompt, device)
+    train_te = cfg.train_text_encoder
+    with torch.no_grad():
+        inst_emb = None if train_te else text_encoder(inst_ids)[0]
+        class_emb = None if train_te else text_encoder(class_ids)[0]
+    t_cache = time.perf_counter() - t0
+
+    # -- what is trained
+    if cfg.method == "lora":
+        if weight_dtype != torch.float32:
+            # frozen base weights in half precision, LoRA weights stay fp32 (diffusers recipe)
+            unet.to(dtype=weight_dtype)
+            text_encoder.to(dtype=weight_dtype)
+        add_lora(unet, text_encoder, cfg)
+        for m in (unet, text_encoder):
+            for prm in m.parameters():
+                if prm.requires_grad:
+                    prm.data = prm.data.float()
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(train_te)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            # transformers 5 renamed it; older releases only have the first name
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+    models = {"unet": unet, **({"text_encoder": text_encoder} if train_te else {})}
+
+    b = cfg.train_batch_size
+    n_inst = inst_mean.shape[0]
+    n_cls = cls_mean.shape[0] if prior else 0
+    sf = vae.config.scaling_factor
+    n_t = noise_scheduler.config.num_train_timesteps
+    prediction = noise_scheduler.config.prediction_type
+    te_ids = torch.cat([inst_ids.expand(b, -1)] + ([class_ids.expand(b, -1)] if prior else []))
+    cached_emb = None if train_te else torch.cat([inst_emb.expand(b, -1, -1)] + ([class_emb.expand(b, -1, -1)] if prior else []))
+
+    def loss_fn(ms, step, micro, g):
+        ii = torch.randint(0, n_inst, (b,), generator=g, device=device)
+        mean, std = inst_mean[ii], inst_std[ii]
+        if prior:
+            jj = torch.randint(0, n_cls, (b,), generator=g, device=device)
+            mean, std = torch.cat([mean, cls_mean[jj]]), torch.cat([std, cls_std[jj]])
+        latents = (mean + std * torch.randn(mean.shape, generator=g, device=device)) * sf
+        noise = torch.randn(latents.shape, generator=g, device=device)
+        t = torch.randint(0, n_t, (latents.shape[0],), generator=g, device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        emb = ms["text_encoder"](te_ids)[0] if train_te else cached_emb
+        pred = ms["unet"](noisy, t, emb).sample.float()
+        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+        loss_inst = F.mse_loss(pred[:b], target[:b])
+        if not prior:
+            return {"loss": loss_inst, "loss_instance": loss_inst}
+        loss_prior = F.mse_loss(pred[b:], target[b:])
+        return {"loss": loss_inst + cfg.prior_loss_weight * loss_prior, "loss_instance": loss_inst,
+                "loss_prior": loss_prior}
+
+    fit_cfg = FitConfig(
+        steps=cfg.steps, lr=cfg.resolved_lr(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps, use_8bit_adam=cfg.use_8bit_adam,
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, log_every=cfg.log_every, seed=cfg.seed,
+    )
+    result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
+                 description=f"{cfg.method} {p.subject.name}", log=log)
+
+    if accelerator.is_main_process:
+        unet, text_encoder = result.models["unet"], result.models.get("text_encoder", text_encoder)
+        for m in (unet, text_encoder):
+            m.eval()
+        vae.to(device)
+        outputs = write_outputs(p, comps | {"unet": unet, "text_encoder": text_encoder}, accelerator, log)
+        stats = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2),
+                 "seconds_per_step": round(result.seconds_per_step, 4), "final_losses": result.losses,
+                 "device": str(device), "mixed_precision": accelerator.mixed_precision}
+        write_run_json(p, outputs, stats, class_info)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        log(f"done: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
+    """Weights (LoRA file or full pipeline), validation grid and model card."""
+    run_dir, cfg = p.run_dir, p.cfg
+    if cfg.method == "lora":
+        save_lora(run_dir, comps["unet"], comps["text_encoder"])
+        outputs = [LORA_WEIGHTS]
+    else:
+        outputs = save_full_pipeline(run_dir, p.base.path, comps)
+    if cfg.validation_images > 0:
+        write_validation(p, comps, accelerator)
+        outputs.append(VALIDATION_PNG)
+    from .card import model_card
+
+    write_text(run_dir / "README.md", model_card(p))
+    outputs.append("README.md")
+    return outputs
+
+
+def save_full_pipeline(run_dir: Path, base_path: Path, comps: dict) -> list[str]:
+    """A complete diffusers pipeline directory (the base's own inference scheduler), written to a
+    temp dir and moved into place folder by folder."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    index = json.loads((Path(base_path) / "model_index.json").read_text())
+    sched_cls = getattr(diffusers, index.get("scheduler", [None, "PNDMScheduler"])[1])
+    scheduler = sched_cls.from_pretrained(base_path, subfolder="scheduler")
+    unet = comps["unet"]
+    unet.disable_gradient_checkpointing()
+    pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    tmp = run_dir / ".tmp-pipeline"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    names = []
+    for child in sorted(tmp.iterdir()):
+        dest = run_dir / child.name
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        child.rename(dest)
+        names.append(child.name)
+    tmp.rmdir()
+    return names
+
+
+def validation_prompts(p: Prepared) -> list[str]:
+    protocol = [fill_prompt(t, p.cfg.token, p.subject.class_noun) for t in load_prompts(p.subject.kind)]
+    return ([p.instance_prompt] + protocol)[: p.cfg.validation_images]
+
+
+def write_validation(p: Prepared, comps: dict, accelerator) -> None:
+    cfg = p.cfg
+    prompts = validation_prompts(p)
+    prompts = (prompts * cfg.validation_images)[: cfg.validation_images]
+    seeds = [VALIDATION_SEED + i for i in range(len(prompts))]
+    pipe = build_pipeline(comps)
+    with accelerator.autocast():
+        images = generate(pipe, prompts, seeds, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
+                          resolution=p.resolution)
+    save_png(make_grid(images), p.run_dir / VALIDATION_PNG,
+             {"prompts": prompts, "seeds": seeds, "steps": cfg.validation_steps, "scheduler": "dpm++",
+              "guidance_scale": cfg.guidance_scale, "base": p.base.name, "method": cfg.method})
+
+
+def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dict) -> None:
+    import diffusers
+    import peft
+    import transformers
+
+    from . import __version__
+
+    write_json(p.run_dir / RUN_JSON, {
+        "status": "finished",
+        "method": p.cfg.method,
+        "subject": p.subject.to_json(),
+        "base": p.base.to_json() | {"resolution": p.resolution},
+        "token": p.cfg.token,
+        "instance_prompt": p.instance_prompt,
+        "class_prompt": p.class_prompt,
+        "resolution": p.resolution,
+        "lr": p.cfg.resolved_lr(),
+        "config": p.cfg.to_json(),
+        "class_images": class_info,
+        "outputs": outputs,
+        "stats": stats,
+        "versions": {"personalize": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })

@@ -1,0 +1,152 @@
+"""The 30 DreamBooth subjects, their evaluation prompts, and where their photos are.
+
+Data files ship in the wheel under personalize/_data (see pyproject) and sit at the repo's top level
+(`subjects/`, `prompts/`) in a checkout; both places are searched. No model imports here.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+DEFAULT_DATA_DIR = Path("data/dreambooth/dataset")
+DATASET_ZIP_URL = "https://github.com/google/dreambooth/archive/refs/heads/main.zip"
+# DreamBooth used "sks"; it is a rare token for CLIP's BPE, and what the BK-SDM scripts use.
+DEFAULT_TOKEN = "sks"
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str
+    kind: str  # "live" (dogs, cats: the live-subject prompt set) or "object"
+    image_dir: Path | None = None  # None until located on disk
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["image_dir"] = str(self.image_dir) if self.image_dir else None
+        return d
+
+
+def _data_file(kind: str, name: str) -> Path:
+    here = Path(__file__).resolve().parent
+    for root in (here / "_data" / kind, here.parent / kind):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"{kind}/{name} is missing from the installation")
+
+
+def load_subjects() -> dict[str, Subject]:
+    with _data_file("subjects", "subjects.csv").open(newline="") as f:
+        return {r["name"]: Subject(r["name"], r["class_noun"], r["kind"]) for r in csv.DictReader(f)}
+
+
+def load_prompts(kind: str) -> list[str]:
+    """The 25 DreamBooth evaluation prompt templates for `kind` ("live" or "object"),
+    with `{token}` and `{class}` placeholders."""
+    lines = _data_file("prompts", f"{kind}.txt").read_text().splitlines()
+    return [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def fill_prompt(template: str, token: str, class_noun: str) -> str:
+    return template.replace("{token}", token).replace("{class}", class_noun)
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def data_dir(flag: str | None) -> tuple[Path, bool]:
+    """(dataset dir, whether it is the default place). Order: --data-dir, $PERSONALIZE_DATA, default."""
+    if flag:
+        return Path(flag).expanduser(), False
+    env = os.environ.get("PERSONALIZE_DATA")
+    if env:
+        return Path(env).expanduser(), False
+    return DEFAULT_DATA_DIR, True
+
+
+def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str | None = None,
+                 fetch: bool = True) -> Subject:
+    """Resolve `--subject`: a dataset subject name, or a folder of the user's own photos."""
+    p = Path(subject).expanduser()
+    known = load_subjects()
+    if subject not in known and (p.is_dir() or os.sep in subject or subject.startswith(".")):
+        if not p.is_dir():
+            raise UserError(f"--subject {subject}: no such folder")
+        if not class_noun:
+            raise UserError(f"--subject {subject} is a folder of your own photos: say what it is with --class-noun (e.g. dog)")
+        if not list_images(p):
+            raise UserError(f"--subject {subject}: no images in that folder (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        kind = "live" if class_noun in {"dog", "cat"} else "object"
+        return Subject(p.name, class_noun, kind, p.resolve())
+    if subject not in known:
+        close = difflib.get_close_matches(subject, list(known), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `personalize subjects` lists them"
+        raise UserError(f"unknown subject '{subject}'{hint} (or pass a folder of photos with --class-noun)")
+    s = known[subject]
+    root, is_default = data_dir(data_dir_flag)
+    if not root.is_dir():
+        if is_default and fetch:
+            fetch_dataset(root)
+        else:
+            raise UserError(f"data dir {root} does not exist; clone the DreamBooth dataset repository and pass its "
+                            f"dataset/ folder with --data-dir (or set PERSONALIZE_DATA)")
+    folder = root / s.name
+    if not folder.is_dir():
+        raise UserError(f"subject '{s.name}' has no folder in {root}; is that the DreamBooth dataset/ folder?")
+    if not list_images(folder):
+        raise UserError(f"{folder}: no images in the subject's folder")
+    return Subject(s.name, class_noun or s.class_noun, s.kind, folder.resolve())
+
+
+def fetch_dataset(dest: Path, url: str = DATASET_ZIP_URL, timeout: float = 10.0) -> Path:
+    """Download the public DreamBooth dataset once into `dest` (its `dataset/` folder), with progress.
+    Offline: one line saying where to put it."""
+    import urllib.request
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    dest = Path(dest)
+    where = (f"clone the DreamBooth dataset repository and put its dataset/ folder at {dest}, "
+             f"or pass --data-dir / set PERSONALIZE_DATA")
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("PERSONALIZE_OFFLINE"):
+        raise UserError(f"no DreamBooth photos found and offline mode is set; {where}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".dreambooth-", dir=dest.parent))
+    try:
+        try:
+            resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - fixed https URL
+        except OSError as e:
+            raise UserError(f"no DreamBooth photos found and the download failed ({e.__class__.__name__}); {where}") from None
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        zpath = tmpdir / "dreambooth.zip"
+        with Progress("[bold]fetching DreamBooth dataset", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar, \
+                zpath.open("wb") as f:
+            task = bar.add_task("download", total=total)
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(task, advance=len(chunk))
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmpdir / "x")
+        found = next((p for p in (tmpdir / "x").glob("*/dataset") if p.is_dir()), None)
+        if found is None:
+            raise UserError(f"downloaded archive has no dataset/ folder; {where}")
+        found.rename(dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return dest
+
+
+def photos_present(root: Path, name: str) -> bool:
+    folder = Path(root) / name
+    return folder.is_dir() and bool(list_images(folder))

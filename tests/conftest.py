@@ -1,0 +1,81 @@
+"""Shared fixtures. Everything runs offline on the in-code `tiny` backbone and synthetic photos.
+
+The environment is set at import time, before huggingface_hub reads HF_HUB_OFFLINE into its
+constants, and every test session gets its own personalize cache (tiny backbone, class images).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PERSONALIZE_OFFLINE"] = "1"  # never try to download the DreamBooth dataset in tests
+os.environ["PERSONALIZE_CACHE"] = tempfile.mkdtemp(prefix="personalize-test-cache-")
+os.environ.pop("PERSONALIZE_DATA", None)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "dreambooth" / "dataset"
+
+
+def write_photos(folder: Path, n: int = 4, size=(80, 96), seed: int = 0) -> Path:
+    """Small synthetic 'subject photos': a coloured blob on a textured background, so images differ."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        base = rng.integers(0, 80, (h, w, 3)).astype(np.float32)
+        cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < (min(h, w) // 4) ** 2
+        base[blob] = rng.integers(120, 255, 3)
+        Image.fromarray(base.astype(np.uint8)).save(folder / f"{i:02d}.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    from personalize.backbones import materialize_tiny
+
+    return materialize_tiny(0)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos") / "my_dog")
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A fake DreamBooth dataset/ folder with a few subjects (two dogs, a backpack)."""
+    root = tmp_path_factory.mktemp("dataset")
+    for i, name in enumerate(["dog", "dog2", "backpack"]):
+        write_photos(root / name, n=3, seed=10 + i)
+    return root
+
+
+# the flags that make a tiny run take seconds
+FAST = ["--base", "tiny", "--steps", "4", "--class-images", "2", "--class-image-steps", "2",
+        "--validation-images", "1", "--validation-steps", "2", "--log-every", "2"]
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `personalize ...` in-process; returns exit code and captured output."""
+    from personalize.cli import main
+
+    def run(*args) -> CliResult:
+        code = main([str(a) for a in args])
+        cap = capsys.readouterr()
+        return CliResult(code, cap.out, cap.err)
+
+    return run
