@@ -10,8 +10,12 @@ def _backbones(args) -> int:
     from ..backbones import BACKBONES, cache_root, is_pipeline_dir, local_snapshot, unet_param_count
 
     t = Table(title="backbones (--base)")
-    for c in ("name", "hub id", "U-Net params", "local", "about"):
-        t.add_column(c)
+    # names must stay whole and copy-pasteable on narrow terminals; the rest may fold
+    t.add_column("name", no_wrap=True, min_width=15)
+    t.add_column("U-Net params", no_wrap=True)
+    t.add_column("local", no_wrap=True)
+    t.add_column("hub id", overflow="fold")
+    t.add_column("about", overflow="fold")
     for spec in BACKBONES.values():
         if spec.name == "tiny":
             path = cache_root() / "backbones" / "tiny-seed0-v1"
@@ -21,8 +25,9 @@ def _backbones(args) -> int:
             path = local_snapshot(spec.hub_id)
             where = "yes" if path else "no"
         # exact count from the local config when we have it, else the model card's figure
-        params = f"{unet_param_count(path) / 1e6:.1f}M" if path else (spec.unet_params_card or "?") + " (card)"
-        t.add_row(spec.name, spec.hub_id or "-", params, where, spec.description)
+        params = f"{unet_param_count(path) / 1e6:.1f}M" if path else (
+            f"{spec.unet_params_card} (card)" if spec.unet_params_card else "?")
+        t.add_row(spec.name, params, where, spec.hub_id or "-", spec.description)
     Console().print(t)
     return 0
 
@@ -36,7 +41,7 @@ def _subjects(args) -> int:
     root, _ = data_dir(args.data_dir)
     t = Table(title=f"DreamBooth subjects (photos in {root})")
     for c in ("name", "class", "prompts", "photos"):
-        t.add_column(c)
+        t.add_column(c, no_wrap=True)
     for s in load_subjects().values():
         t.add_row(s.name, s.class_noun, s.kind, "yes" if photos_present(root, s.name) else "missing")
     Console().print(t)

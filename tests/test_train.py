@@ -1,0 +1,71 @@
+"""The shared fit loop on a toy model: exact resume, checkpoint rotation, NaN guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personalize.errors import UserError
+from personalize.train import FitConfig, fit, list_checkpoints, make_accelerator
+
+
+def _toy():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _loss(ms, step, micro, g):
+    x = torch.randn(8, 4, generator=g)
+    err = ms["m"](x) - x.sum(1, keepdim=True)
+    return {"loss": (err**2).mean(), "mae": err.abs().mean()}
+
+
+def _run(d, steps, resume=False, every=0, accum=1):
+    cfg = FitConfig(steps=steps, lr=1e-2, checkpoint_every=every, log_every=2, gradient_accumulation_steps=accum)
+    return fit(make_accelerator("no", accum, None), {"m": _toy()}, _loss, cfg, d, resume=resume, log=lambda s: None)
+
+
+def _flat(r):
+    return torch.cat([p.detach().flatten() for p in r.models["m"].parameters()])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact(tmp_path, accum):
+    a = _run(tmp_path / "a", 8, accum=accum)
+    _run(tmp_path / "b", 5, every=5, accum=accum)
+    b = _run(tmp_path / "b", 8, resume=True, accum=accum)
+    assert torch.equal(_flat(a), _flat(b))
+    assert a.losses == b.losses and set(a.losses) == {"loss", "mae"}
+
+
+def test_training_reduces_loss_and_keeps_one_checkpoint(tmp_path):
+    r = _run(tmp_path, 40, every=10)
+    rows = (tmp_path / "logs" / "loss.csv").read_text().splitlines()
+    first, last = float(rows[1].split(",")[1]), float(rows[-1].split(",")[1])
+    assert last < first
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [40]
+    assert {p.name for p in (tmp_path / "checkpoints" / "step-000040").iterdir()} == {
+        "trainable.safetensors", "optimizer.safetensors", "state.json"}
+    assert r.step == 40
+
+
+def test_nan_loss_stops_with_a_user_error(tmp_path):
+    def bad(ms, step, micro, g):
+        return {"loss": ms["m"](torch.randn(2, 4, generator=g)).sum() * float("nan")}
+
+    with pytest.raises(UserError, match="loss became nan"):
+        fit(make_accelerator("no", 1, None), {"m": _toy()}, bad, FitConfig(steps=4, lr=1e-3, log_every=2), tmp_path,
+            log=lambda s: None)
+
+
+def test_frozen_only_model_is_rejected(tmp_path):
+    m = _toy().requires_grad_(False)
+    with pytest.raises(ValueError):
+        fit(make_accelerator("no", 1, None), {"m": m}, _loss, FitConfig(steps=1, lr=1e-3), tmp_path)
+
+
+def test_8bit_adam_on_cpu_falls_back_with_a_message(tmp_path):
+    said = []
+    cfg = FitConfig(steps=1, lr=1e-3, use_8bit_adam=True)
+    fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, tmp_path, log=said.append)
+    assert any("8-bit AdamW needs CUDA" in s for s in said)
