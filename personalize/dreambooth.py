@@ -121,15 +121,53 @@ def tokenize(tokenizer, prompt: str, device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
-def train(cfg: TrainConfig, log=print, progress: bool = True) -> Path:
-    """Run DreamBooth for one subject and write the run directory. Returns its path."""
+class LoadedBase:
+    """A base loaded once and reused across subjects (`personalize batch`): between subjects,
+    `reset()` strips LoRA layers and restores the U-Net and text-encoder weights from pristine CPU
+    copies, so every subject starts from the same weights without reading the base from disk again."""
+
+    TRAINED = ("unet", "text_encoder")
+
+    def __init__(self, base: ResolvedBase, allow_pickle: bool = False):
+        self.base = base
+        self.comps = load_components(base.path, allow_pickle)
+        self.pristine = {k: {n: t.detach().to("cpu", copy=True) for n, t in self.comps[k].state_dict().items()}
+                         for k in self.TRAINED}
+
+    def reset(self) -> dict:
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        from .adapters import has_lora
+
+        for k in self.TRAINED:
+            m = self.comps[k]
+            if has_lora(m):
+                recurse_remove_peft_layers(m)
+                del m.peft_config
+                m._hf_peft_config_loaded = False
+            if k == "unet":
+                m.disable_gradient_checkpointing()
+            else:
+                getattr(m, "activation_checkpointing_disable", m.gradient_checkpointing_disable)()
+            m.to(dtype=torch.float32)
+            m.load_state_dict(self.pristine[k])
+            m.requires_grad_(False)
+        return self.comps
+
+
+def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None) -> Path:
+    """Run DreamBooth for one subject and write the run directory. Returns its path.
+    `loaded`: a base already in memory (reset here); loaded from disk when None."""
     p = prepare(cfg)
     run_dir = p.run_dir
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     t_start = time.perf_counter()
-    comps = load_components(p.base.path, cfg.allow_pickle)
+    if loaded is not None and loaded.base.path == p.base.path:
+        comps = dict(loaded.reset())
+    else:
+        comps = load_components(p.base.path, cfg.allow_pickle)
     tokenizer, text_encoder, vae, unet = comps["tokenizer"], comps["text_encoder"], comps["vae"], comps["unet"]
     noise_scheduler = comps["noise_scheduler"]
     for m in (text_encoder, vae, unet):

@@ -322,7 +322,31 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                                     cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    unwrapped = {k: accelerator.unwrap_model(m) for k, m in prepared_models.items()}
+    accelerator.free_memory()  # drop the accelerator's references: a batch reuses the modules
     total = time.perf_counter() - t0
     done = max(step - start, 1)
     return FitResult(step=step, losses=last, seconds_per_step=total / done,
-                     models={k: accelerator.unwrap_model(m) for k, m in prepared_models.items()})
+                     models=unwrapped)
+
+
+def launcher_shard() -> tuple[int, int]:
+    """(rank, world) of this process under `accelerate launch` / torchrun, else (0, 1).
+
+    For a batch of independent subjects, each launched process is made a single-process worker
+    on its own GPU (one subject per GPU at a time, no gradient all-reduce between subjects that
+    have nothing in common): the launcher's distributed variables are removed before any
+    Accelerator exists, and CUDA_VISIBLE_DEVICES narrows to the process's local device.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)] if devices else str(local)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        os.environ.pop(k, None)
+    return rank, world

@@ -36,11 +36,13 @@ def _scalar_type(tp):
     return args[0] if args else tp
 
 
-def add_flags(p: argparse.ArgumentParser, method: str) -> None:
+def add_flags(p: argparse.ArgumentParser, method: str | None = None, skip: set[str] = frozenset()) -> None:
+    """One flag per TrainConfig field (minus `skip`); `method` set: also the command's handler."""
     hints = typing.get_type_hints(TrainConfig)
-    p.add_argument("--subject", required=True, help=HELP["subject"])
+    if "subject" not in skip:
+        p.add_argument("--subject", required=True, help=HELP["subject"])
     for f in dataclasses.fields(TrainConfig):
-        if f.name in SKIP or f.name == "subject":
+        if f.name in SKIP or f.name == "subject" or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         tp = _scalar_type(hints[f.name])
@@ -55,11 +57,13 @@ def add_flags(p: argparse.ArgumentParser, method: str) -> None:
                    help="comma-separated U-Net module names that get LoRA (default: to_q,to_v)")
     p.add_argument("--lora-text-encoder-targets", dest="lora_text_encoder_targets", default="q_proj,v_proj",
                    help="comma-separated text-encoder module names that get LoRA (default: q_proj,v_proj)")
-    p.set_defaults(func=lambda a: run(a, method))
+    if method is not None:
+        p.set_defaults(func=lambda a: run(a, method))
 
 
-def config_from_args(args: argparse.Namespace, method: str) -> TrainConfig:
-    values = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+def config_from_args(args: argparse.Namespace, method: str, **overrides) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and k != "method"}
+    values.update(overrides)
     for k in ("lora_unet_targets", "lora_text_encoder_targets"):
         values[k] = [s.strip() for s in values[k].split(",") if s.strip()]
     return TrainConfig(method=method, **values)
