@@ -88,6 +88,18 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 def embedders(tiny_model_dirs):
     from personalize.evaluators import ClipEmbedder, DinoEmbedder
 
-    dino = DinoEmbedder.from_name_or_path(str(tiny_model_dirs["dino"]), device="cpu", batch_size=4)
-    clip = ClipEmbedder.from_name_or_path(str(tiny_model_dirs["clip"]), device="cpu", batch_size=4)
+    dino = DinoEmbedder.from_name_or_path(str(tiny_model_dirs["dino"]), device="cpu", batch_size=16)
+    clip = ClipEmbedder.from_name_or_path(str(tiny_model_dirs["clip"]), device="cpu", batch_size=16)
     return dino, clip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: thread start-up and contention (2 shared cores) cost 100x the arithmetic, so
+    these tests run single-threaded; the previous setting is restored for other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from _metric_fixtures import embedders, random_image, tiny_model_dirs  # noqa: F401 - pytest fixtures
+from _metric_fixtures import _one_torch_thread, embedders, random_image, tiny_model_dirs  # noqa: F401 - fixtures
 
 from personalize.errors import UserError
 from personalize.metrics import (
@@ -114,8 +114,10 @@ def test_image_scored_against_itself_gives_one(embedders):
         assert mean_pairwise_cosine(e, ev.embed_images([img.copy()])) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_scores_are_permutation_invariant_through_the_evaluators(embedders):
+def test_scores_are_permutation_invariant_through_the_evaluators(embedders, monkeypatch):
     dino, clip = embedders
+    for ev in (dino, clip):
+        monkeypatch.setattr(ev, "batch_size", 4)
     gen = [random_image(s, (40 + s, 36)) for s in range(6)]  # 6 > batch_size 4: crosses a batch edge
     real = [random_image(100 + s) for s in range(3)]
     for ev in (dino, clip):
