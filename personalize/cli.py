@@ -17,6 +17,7 @@ from .errors import UserError
 COMMAND_MODULES = [
     "personalize.commands.train",
     "personalize.commands.info",
+    "personalize.commands.batch",
     "personalize.commands.evaluate",
     # -- further command modules register here --
 ]

@@ -155,19 +155,26 @@ class LoadedBase:
         return self.comps
 
 
-def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None) -> Path:
+def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None,
+          profile_steps: bool = False) -> Path:
     """Run DreamBooth for one subject and write the run directory. Returns its path.
-    `loaded`: a base already in memory (reset here); loaded from disk when None."""
+    `loaded`: a base already in memory (reset here); loaded from disk when None.
+    `profile_steps`: record each step's time in run.json (benchmarks; syncs the device each step)."""
     p = prepare(cfg)
     run_dir = p.run_dir
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     t_start = time.perf_counter()
+    # LoRA keeps the base frozen, so under mixed precision its weights live in half precision
+    # (the diffusers recipe); full finetuning keeps fp32 master weights and relies on autocast
+    frozen_dtype = weight_dtype if cfg.method == "lora" else torch.float32
     if loaded is not None and loaded.base.path == p.base.path:
         comps = dict(loaded.reset())
+        comps["unet"].to(dtype=frozen_dtype)
+        comps["text_encoder"].to(dtype=frozen_dtype)
     else:
-        comps = load_components(p.base.path, cfg.allow_pickle)
+        comps = load_components(p.base.path, cfg.allow_pickle, dtype=frozen_dtype)
     tokenizer, text_encoder, vae, unet = comps["tokenizer"], comps["text_encoder"], comps["vae"], comps["unet"]
     noise_scheduler = comps["noise_scheduler"]
     for m in (text_encoder, vae, unet):
@@ -183,17 +190,15 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
     class_paths: list[Path] = []
     if prior:
         t0 = time.perf_counter()
-        gen_dtype = weight_dtype if device.type == "cuda" else torch.float32
-        for m in (unet, text_encoder, vae):
-            m.to(device, gen_dtype)
-        class_paths, made = ensure_class_images(
-            build_pipeline(comps), p.base, p.class_prompt, cfg.class_images, p.resolution,
-            steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.class_image_batch_size,
-            rank=accelerator.process_index, world=accelerator.num_processes, progress=progress and accelerator.is_main_process,
-        )
+        vae.to(device)
+        with accelerator.autocast():
+            class_paths, made = ensure_class_images(
+                build_pipeline(comps), p.base, p.class_prompt, cfg.class_images, p.resolution,
+                steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale,
+                batch_size=cfg.class_image_batch_size, rank=accelerator.process_index,
+                world=accelerator.num_processes, progress=progress and accelerator.is_main_process,
+            )
         accelerator.wait_for_everyone()
-        for m in (unet, text_encoder, vae):
-            m.to(device, torch.float32)
         class_info.update(dir=str(class_image_dir(p.base, p.class_prompt, p.resolution)), count=len(class_paths),
                           generated_now=made, seconds=round(time.perf_counter() - t0, 2))
 
@@ -214,11 +219,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
 
     # -- what is trained
     if cfg.method == "lora":
-        if weight_dtype != torch.float32:
-            # frozen base weights in half precision, LoRA weights stay fp32 (diffusers recipe)
-            unet.to(dtype=weight_dtype)
-            text_encoder.to(dtype=weight_dtype)
-        add_lora(unet, text_encoder, cfg)
+        add_lora(unet, text_encoder, cfg)  # LoRA weights are made fp32 below: the optimizer's master copy
         for m in (unet, text_encoder):
             for prm in m.parameters():
                 if prm.requires_grad:
@@ -266,6 +267,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
         steps=cfg.steps, lr=cfg.resolved_lr(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps, use_8bit_adam=cfg.use_8bit_adam,
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, log_every=cfg.log_every, seed=cfg.seed,
+        profile_steps=profile_steps,
     )
     result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
                  description=f"{cfg.method} {p.subject.name}", log=log)
@@ -279,6 +281,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
         stats = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2),
                  "seconds_per_step": round(result.seconds_per_step, 4), "final_losses": result.losses,
                  "device": str(device), "mixed_precision": accelerator.mixed_precision}
+        if profile_steps:
+            stats["step_seconds"] = [round(x, 5) for x in result.step_seconds]
         write_run_json(p, outputs, stats, class_info)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

@@ -43,8 +43,10 @@ def check_safetensors(base_path: Path, allow_pickle: bool) -> None:
             raise UserError(f"{d}: no weights found")
 
 
-def load_components(base_path: Path, allow_pickle: bool = False) -> dict:
-    """tokenizer, text_encoder, vae, unet (fp32) and the training noise scheduler (DDPM)."""
+def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+    """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM). The U-Net and
+    text encoder load straight into `dtype` (frozen LoRA bases: no fp32 copy ever in memory);
+    the VAE stays fp32 (it only encodes the photos once)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -53,9 +55,11 @@ def load_components(base_path: Path, allow_pickle: bool = False) -> dict:
     st = not allow_pickle
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(base_path, subfolder="text_encoder", use_safetensors=st),
+        "text_encoder": CLIPTextModel.from_pretrained(base_path, subfolder="text_encoder", use_safetensors=st,
+                                                      torch_dtype=dtype),
         "vae": AutoencoderKL.from_pretrained(base_path, subfolder="vae", use_safetensors=st),
-        "unet": UNet2DConditionModel.from_pretrained(base_path, subfolder="unet", use_safetensors=st),
+        "unet": UNet2DConditionModel.from_pretrained(base_path, subfolder="unet", use_safetensors=st,
+                                                     torch_dtype=dtype),
         "noise_scheduler": DDPMScheduler.from_pretrained(base_path, subfolder="scheduler"),
     }
 

@@ -46,6 +46,7 @@ class FitConfig:
     keep_checkpoints: int = 1  # older ones are deleted once a newer one is safely written
     log_every: int = 10  # host syncs only this often: the hot loop never calls .item()
     seed: int = 1234  # BK-SDM recipe seed
+    profile_steps: bool = False  # record per-step wall time (syncs the device every step: benchmarks only)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class FitResult:
     losses: dict[str, float]  # mean of each loss part over the last logging window
     seconds_per_step: float
     models: dict[str, nn.Module] = field(default_factory=dict)  # unwrapped, trained modules
+    step_seconds: list[float] = field(default_factory=list)  # per step, with FitConfig.profile_steps
 
 
 def resolve_mixed_precision(requested: str, cpu: bool) -> str:
@@ -80,6 +82,7 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    _reset_single_process_state(resolve_mixed_precision(mixed_precision, cpu), cpu)
     trackers = None
     if log_dir is not None and _tensorboard_available():
         trackers = "tensorboard"
@@ -90,6 +93,18 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)) if log_dir else None,
     )
+
+
+def _reset_single_process_state(mixed_precision: str, cpu: bool) -> None:
+    """accelerate keeps one process-wide state; a later run in the same process (a test, a batch
+    grid) with another precision needs it cleared. Never done under a distributed launch."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if not state or state.get("_mixed_precision") in (None, mixed_precision) and state.get("_cpu", cpu) == cpu:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _tensorboard_available() -> bool:
@@ -281,9 +296,11 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     window, last, timed = carried.get("window", 0), {}, 0
     t0, t_window, sps = time.perf_counter(), time.perf_counter(), float("nan")
     step = start
+    step_seconds: list[float] = []
     with _progress(is_main) as bar:
         task = bar.add_task(description, total=cfg.steps, completed=start, loss="-", sps="-")
         for step in range(start + 1, cfg.steps + 1):
+            t_step = time.perf_counter()
             g = step_generator(cfg.seed, step, accelerator.process_index, accelerator.device)
             for micro in range(cfg.gradient_accumulation_steps):
                 with accelerator.accumulate(*prepared_models.values()):
@@ -299,6 +316,10 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                 window += 1
             scheduler.step()
             timed += 1
+            if cfg.profile_steps:
+                if on_cuda:
+                    torch.cuda.synchronize()
+                step_seconds.append(time.perf_counter() - t_step)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 # the one host sync of a logging window
                 last = {k: (accelerator.reduce(v, reduction="mean") / window).item() for k, v in sums.items()}
@@ -327,7 +348,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     total = time.perf_counter() - t0
     done = max(step - start, 1)
     return FitResult(step=step, losses=last, seconds_per_step=total / done,
-                     models=unwrapped)
+                     models=unwrapped, step_seconds=step_seconds)
 
 
 def launcher_shard() -> tuple[int, int]:

@@ -178,3 +178,26 @@ def test_real_subject_from_the_dreambooth_dataset(tmp_path, cli):
     assert meta["subject"]["class_noun"] == "dog" and meta["subject"]["kind"] == "live"
     assert meta["class_images"] == {"enabled": False}
     assert (tmp_path / "dog" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bf16_lora_on_cpu_keeps_fp32_adapter_and_loads(photos, tmp_path, cli, tiny_base):
+    """bf16 autocast on CPU (the AMX lever): frozen base in bf16, LoRA weights saved in fp32."""
+    from diffusers import StableDiffusionPipeline
+
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", "--output-dir", tmp_path / "r", *FAST,
+            "--mixed-precision", "bf16", "--lr", "1e-2")
+    assert r.code == 0, r.err
+    meta = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert meta["stats"]["mixed_precision"] == "bf16"
+    sd = load_file(tmp_path / "r" / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.float32}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    before = _gen(pipe)
+    pipe.load_lora_weights(tmp_path / "r")
+    assert abs(_gen(pipe) - before).max() > 1e-4
+
+
+def test_fp16_on_cpu_is_a_clear_error(photos, tmp_path, cli):
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", "--output-dir", tmp_path / "r", *FAST,
+            "--mixed-precision", "fp16")
+    assert r.code == 2 and "fp16 needs a GPU" in r.err
