@@ -191,7 +191,7 @@ def job_status(job: Job, batch_dir: Path) -> dict:
     if scores.is_file():
         try:
             summary = json.loads(scores.read_text())
-            row["scores"] = summary.get("subject_means") or summary.get("summary")
+            row["scores"] = {k: v for k, v in (summary.get("scores") or {}).items() if k in ("dino", "clip_i", "clip_t")}
         except json.JSONDecodeError:
             pass
     if rec.get("eval_error"):

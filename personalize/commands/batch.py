@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..evaluators import DEFAULT_CLIP, DEFAULT_DINO
 from .train import add_flags, config_from_args
 
 
@@ -17,9 +18,15 @@ def run(args: argparse.Namespace) -> int:
     subjects = select_subjects(args.subjects, args.data_dir)
     evaluate = None
     if args.eval:
+        # evaluators load once, before any training, so a missing model fails in seconds
+        from ..evaluators import ClipEmbedder, DinoEmbedder
         from ..scoring import evaluate_run
 
-        evaluate = evaluate_run
+        dino, clip = DinoEmbedder.from_name_or_path(args.dino), ClipEmbedder.from_name_or_path(args.clip)
+
+        def evaluate(run_dir):
+            return evaluate_run(run_dir, dino=dino, clip=clip, data_dir=args.data_dir,
+                                images_per_prompt=args.images_per_prompt)
     summary = run_batch(template, bases, methods, subjects, args.batch_dir or default_batch_dir(), shard, evaluate)
     print_summary(summary)
     return 1 if summary["counts"]["failed"] else 0
@@ -35,5 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-dir", default=None, help="where runs go: <batch-dir>/<base>/<method>/<subject> (default runs/batch)")
     p.add_argument("--shard", default=None, help="i/n: train only jobs k with k %% n == i (default: from accelerate launch)")
     p.add_argument("--eval", action="store_true", help="score each subject after training (personalize eval)")
+    p.add_argument("--dino", default=DEFAULT_DINO, help="DINO evaluator (hub id or local dir) for --eval")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP evaluator for --eval")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="protocol images per prompt for --eval")
     add_flags(p, skip={"subject", "output_dir", "resume", "overwrite"})
     p.set_defaults(func=run)
