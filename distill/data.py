@@ -1,0 +1,278 @@
+"""Image-caption data for BK-SDM distillation, through 🤗 `datasets`.
+
+Sources (`DataSpec.source`):
+
+- a local folder of images plus ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + a
+  caption column), read with the ``imagefolder`` builder, as the BK-SDM scripts do for LAION
+  subsets;
+- any `datasets` dataset (hub id or local dataset dir) with an image and a text column; with
+  ``streaming=True`` it is never materialised on disk (LAION-scale sets).
+
+Batches are addressed by number, not drawn from an iterator: batch ``k`` of process ``rank`` is a
+pure function of (seed, k, rank), for map-style data. That is what makes `fit`'s resume exact
+without saving any data-loader state. Streaming data is re-positioned by skipping raw examples
+(cheap: images are decoded only after the skip).
+
+Preprocessing is the BK-SDM recipe's (``kd_train.sh``: ``--resolution 512 --center_crop
+--random_flip``): shorter side resized to the resolution (bilinear), center (or random) crop,
+random horizontal flip, pixels scaled to [-1, 1]. PIL + numpy only, no model imports here.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from personalize.errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "png", "pixel_values")
+CAPTION_COLUMN_GUESSES = ("text", "caption", "captions", "prompt", "txt", "sentences")
+
+
+@dataclass
+class DataSpec:
+    source: str  # image-caption folder, or a `datasets` name / local dataset dir
+    split: str = "train"
+    image_column: str | None = None  # None: the column typed Image, else a usual name
+    caption_column: str | None = None  # None: "text", "caption", ...
+    streaming: bool = False  # LAION-scale: read as a stream, never materialised
+    shuffle_buffer: int = 10_000  # streaming only: examples kept for approximate shuffling
+    max_samples: int | None = None  # first N examples only (smoke runs, ablations)
+    resolution: int = 512  # BK-SDM recipe: 512 px for SD-v1 / SD-v2-base teachers
+    center_crop: bool = True  # kd_train.sh: --center_crop
+    random_flip: bool = True  # kd_train.sh: --random_flip
+
+
+@dataclass(frozen=True)
+class Example:
+    """One planned sample: which row, and the augmentation decided for it."""
+
+    index: int | None  # dataset row (map-style); None for streamed rows
+    flip: bool
+    crop_seed: int  # random crop offset source (unused with center crop)
+    caption_seed: int  # which caption when a row has several
+
+
+# ---------------------------------------------------------------------------- opening
+def _image_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+
+
+def open_dataset(spec: DataSpec):
+    """Load `spec.source` as a `datasets.Dataset` (or `IterableDataset` when streaming); returns
+    ``(dataset, image_column, caption_column)``. Every failure is a one-line UserError."""
+    import datasets
+
+    root = Path(spec.source).expanduser()
+    if root.is_dir() and not (root / "dataset_info.json").exists() and not (root / "dataset_dict.json").exists():
+        n = len(_image_files(root))
+        if n == 0:
+            raise UserError(f"--data {spec.source}: no image files ({', '.join(sorted(IMAGE_EXTS))}) in the folder")
+        if not any(any(root.rglob(m)) for m in METADATA_FILES):
+            raise UserError(f"--data {spec.source}: {n} images but no captions; add metadata.jsonl or metadata.csv "
+                            f"with a file_name column and a caption column (e.g. text)")
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=spec.split, streaming=spec.streaming)
+        except Exception as e:  # noqa: BLE001 - malformed metadata, unreadable files: one line for the user
+            raise UserError(f"--data {spec.source}: cannot read as an image-caption folder ({_one_line(e)})") from None
+    elif root.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(root))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[spec.split]
+            if spec.streaming:
+                ds = ds.to_iterable_dataset()
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--data {spec.source}: cannot load the saved dataset ({_one_line(e)})") from None
+    else:
+        try:
+            ds = datasets.load_dataset(spec.source, split=spec.split, streaming=spec.streaming)
+        except Exception as e:  # noqa: BLE001 - not found, offline, no such split
+            raise UserError(f"--data {spec.source}: not a folder and not a loadable dataset ({_one_line(e)})") from None
+    if spec.max_samples is not None:
+        ds = ds.take(spec.max_samples) if spec.streaming else ds.select(range(min(spec.max_samples, len(ds))))
+    image_col, caption_col = pick_columns(ds, spec)
+    if not spec.streaming and len(ds) == 0:
+        raise UserError(f"--data {spec.source}: split '{spec.split}' is empty")
+    return ds, image_col, caption_col
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__
+
+
+def pick_columns(ds, spec: DataSpec) -> tuple[str, str]:
+    import datasets
+
+    features = ds.features or {}
+    cols = list(features) if features else list(getattr(ds, "column_names", None) or [])
+    if spec.image_column:
+        image_col = spec.image_column
+    else:
+        typed = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+        image_col = typed[0] if typed else next((c for c in IMAGE_COLUMN_GUESSES if c in cols), None)
+    if spec.caption_column:
+        caption_col = spec.caption_column
+    else:
+        caption_col = next((c for c in CAPTION_COLUMN_GUESSES if c in cols), None)
+    for what, col, flag in (("image", image_col, "--image-column"), ("caption", caption_col, "--caption-column")):
+        if col is None or (cols and col not in cols):
+            raise UserError(f"--data {spec.source}: no {what} column {'' if col is None else repr(col) + ' '}"
+                            f"(columns: {', '.join(cols) or 'unknown'}); pass {flag}")
+    return image_col, caption_col
+
+
+# ---------------------------------------------------------------------------- preprocessing
+def preprocess_image(image, resolution: int, center_crop: bool, flip: bool, crop_seed: int) -> torch.Tensor:
+    """PIL image -> float32 CHW tensor in [-1, 1], BK-SDM recipe transforms (see module doc)."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        r = random.Random(crop_seed)
+        left, top = r.randint(0, nw - resolution), r.randint(0, nh - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def pick_caption(value, caption_seed: int) -> str:
+    """A row's caption; rows with several captions (COCO-style lists) get one drawn by seed."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) and all(isinstance(v, str) for v in value):
+        return value[random.Random(caption_seed).randrange(len(value))]
+    raise UserError(f"caption column holds {type(value).__name__}, expected text or a list of texts")
+
+
+def _example_seeds(seed: int, position: int, rank: int = 0) -> tuple[bool, int, int]:
+    r = np.random.default_rng([seed, rank, position])
+    flip, crop, cap = r.integers(0, 2), r.integers(0, 2**31), r.integers(0, 2**31)
+    return bool(flip), int(crop), int(cap)
+
+
+# ---------------------------------------------------------------------------- batches
+class MapBatches:
+    """Batches of a map-style dataset by number: epoch-wise permutations seeded by (seed, epoch),
+    global batch ``k * world + rank``, so every process sees different rows and resume is exact."""
+
+    def __init__(self, ds, image_col: str, caption_col: str, spec: DataSpec, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.ds, self.image_col, self.caption_col, self.spec = ds, image_col, caption_col, spec
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.n = len(ds)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._perm[1]
+
+    def plan(self, k: int) -> list[Example]:
+        g = k * self.world + self.rank
+        out = []
+        for pos in range(g * self.batch_size, (g + 1) * self.batch_size):
+            flip, crop, cap = _example_seeds(self.seed, pos)
+            out.append(Example(int(self._permutation(pos // self.n)[pos % self.n]),
+                               flip and self.spec.random_flip, crop, cap))
+        return out
+
+    def batch(self, k: int) -> dict:
+        """``{"pixel_values": [B, 3, R, R], "captions": [str], "plan": [Example]}``."""
+        plan = self.plan(k)
+        rows = [self.ds[e.index] for e in plan]
+        return _collate(rows, plan, self.image_col, self.caption_col, self.spec)
+
+
+class StreamBatches:
+    """Batches of an `IterableDataset`, read in order (buffer-shuffled per epoch). A request for a
+    batch other than the next one (resume) re-opens the stream and skips to its position."""
+
+    def __init__(self, ds, image_col: str, caption_col: str, spec: DataSpec, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
+        self.image_col, self.caption_col, self.spec = image_col, caption_col, spec
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self._next_k = 0
+        self._epoch, self._pos = 0, 0  # epoch and position (in this node's stream) of the iterator
+        self._it = None
+        self._epoch_len: int | None = None
+
+    def _open(self, epoch: int, skip: int):
+        d = self.ds.shuffle(seed=self.seed, buffer_size=self.spec.shuffle_buffer) if self.spec.shuffle_buffer > 1 else self.ds
+        if skip:
+            d = d.skip(skip)
+        d.set_epoch(epoch)
+        self._it, self._epoch, self._pos = iter(d), epoch, skip
+
+    def _length(self) -> int:
+        if self._epoch_len is None:  # caption-only pass: no image bytes decoded
+            self._epoch_len = sum(1 for _ in self.ds.select_columns([self.caption_col]))
+            if self._epoch_len == 0:
+                raise UserError(f"--data {self.spec.source}: the stream is empty")
+        return self._epoch_len
+
+    def _seek(self, position: int):
+        n = self._length()
+        self._open(position // n, position % n)
+
+    def _next_row(self):
+        if self._it is None:
+            self._open(0, 0)
+        for _ in range(2):
+            try:
+                row = next(self._it)
+                self._pos += 1
+                return row
+            except StopIteration:
+                if self._pos == 0:
+                    break
+                self._epoch_len = self._pos
+                self._open(self._epoch + 1, 0)
+        raise UserError(f"--data {self.spec.source}: the stream is empty")
+
+    def batch(self, k: int) -> dict:
+        if k != self._next_k:
+            self._seek(k * self.batch_size)
+        rows, plan = [], []
+        for i in range(self.batch_size):
+            # positions are per node here (each rank reads its own split of the stream)
+            flip, crop, cap = _example_seeds(self.seed, k * self.batch_size + i, self.rank)
+            rows.append(self._next_row())
+            plan.append(Example(None, flip and self.spec.random_flip, crop, cap))
+        self._next_k = k + 1
+        return _collate(rows, plan, self.image_col, self.caption_col, self.spec)
+
+
+def _collate(rows: list[dict], plan: list[Example], image_col: str, caption_col: str, spec: DataSpec) -> dict:
+    pixels = torch.stack([
+        preprocess_image(r[image_col], spec.resolution, spec.center_crop, e.flip, e.crop_seed) for r, e in zip(rows, plan)
+    ])
+    captions = [pick_caption(r[caption_col], e.caption_seed) for r, e in zip(rows, plan)]
+    return {"pixel_values": pixels, "captions": captions, "plan": plan}
+
+
+def make_batches(spec: DataSpec, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Open `spec` and return a MapBatches or StreamBatches with ``.batch(k)``."""
+    ds, image_col, caption_col = open_dataset(spec)
+    cls = StreamBatches if spec.streaming else MapBatches
+    return cls(ds, image_col, caption_col, spec, batch_size, seed, rank, world)

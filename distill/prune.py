@@ -1,0 +1,132 @@
+"""`distill prune`: build a BK-SDM student pipeline by block removal (Kim et al. 2023, Sec. 3.1).
+
+The student U-Net is the teacher's with blocks removed (`arch.student_config`), every tensor
+initialised from the teacher (`mapping.init_student_from_teacher`). The output directory is a
+complete diffusers pipeline (the teacher's VAE, text encoder, tokenizer, scheduler + the
+student U-Net), written as safetensors into a temporary sibling and renamed into place, so a
+crash never leaves a half-written pipeline where `personalize --base DIR` could pick it up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from personalize.errors import UserError
+
+from .arch import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
+from .mapping import weight_mapping
+
+PROVENANCE_FILE = "distill.json"  # written into every pipeline dir this package produces
+
+
+def teacher_unet_config(teacher: str) -> dict:
+    """The teacher U-Net config with no weights read: an embedded config for the registry's SD
+    teachers, otherwise ``unet/config.json`` of the resolved pipeline directory."""
+    p = Path(teacher).expanduser()
+    if not p.exists() and teacher in TEACHER_UNET_CONFIGS:
+        return dict(TEACHER_UNET_CONFIGS[teacher])
+    return _read_unet_config(resolve_teacher(teacher))
+
+
+def resolve_teacher(teacher: str) -> Path:
+    from personalize.backbones import resolve_base
+
+    try:
+        return resolve_base(teacher).path
+    except UserError as e:
+        raise UserError(f"teacher: {str(e).replace('--base', '--teacher')}") from None
+
+
+def _read_unet_config(pipeline_dir: Path) -> dict:
+    f = pipeline_dir / "unet" / "config.json"
+    if not f.is_file():
+        raise UserError(f"{pipeline_dir}: no unet/config.json")
+    return json.loads(f.read_text())
+
+
+def dry_run(teacher: str, arch_name: str, resolution: int = 512) -> tuple[ArchReport, ArchReport]:
+    """Parameter counts and U-Net MACs per denoising step of teacher and student (meta device)."""
+    arch = get_arch(arch_name)
+    tcfg = teacher_unet_config(teacher)
+    return report(tcfg, "teacher", resolution), report(student_config(tcfg, arch), arch.name, resolution)
+
+
+def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """`pipeline.save_pretrained` (safetensors) into a temp sibling of `out`, then rename into place."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_pipeline(path: Path, **components):
+    """The diffusers pipeline at `path` (fp32 as stored; no safety checker needed to distill)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(path), **components)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    out: Path
+    teacher: ArchReport
+    student: ArchReport
+    dropped_teacher_tensors: int
+
+
+def provenance(teacher: str, teacher_path: Path, arch: StudentArch, tcfg: dict, **extra) -> dict:
+    return {
+        "method": "BK-SDM block removal (Kim et al. 2023)",
+        "teacher": teacher,
+        "teacher_path": str(teacher_path),
+        "arch": asdict(arch),
+        "weight_mapping": weight_mapping(tcfg, arch),
+        **extra,
+    }
+
+
+def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, log=print) -> PruneResult:
+    """Write the `arch_name` student of `teacher` as a pipeline directory at `out`."""
+    from diffusers import UNet2DConditionModel
+
+    from .mapping import init_student_from_teacher
+
+    arch = get_arch(arch_name)
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
+    tpath = resolve_teacher(teacher)
+    log(f"teacher {teacher} -> {tpath}")
+    teacher_unet = UNet2DConditionModel.from_pretrained(str(tpath), subfolder="unet")
+    tcfg = dict(teacher_unet.config)
+    student, cov = init_student_from_teacher(teacher_unet, arch)
+    del teacher_unet  # SD-size teachers: keep peak memory to one U-Net plus the student
+    rt, rs = report(tcfg, "teacher"), report(student_config(tcfg, arch), arch.name)
+    log(rt.line())
+    log(rs.line(rt))
+    log(f"every student tensor initialised from the teacher; {len(cov.unused_teacher_keys)} teacher tensors dropped")
+    pipe = load_pipeline(tpath, unet=student)
+    meta = provenance(teacher, tpath, arch, tcfg, unet_params=rs.params, teacher_unet_params=rt.params,
+                      unet_macs_512=rs.macs.total, teacher_unet_macs_512=rt.macs.total)
+    final = save_pipeline_atomic(pipe, out, {PROVENANCE_FILE: json.dumps(meta, indent=1)}, overwrite=overwrite)
+    log(f"wrote {final}")
+    return PruneResult(final, rt, rs, len(cov.unused_teacher_keys))

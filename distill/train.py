@@ -1,0 +1,245 @@
+"""`distill train`: BK-SDM distillation pretraining of a pruned student (Kim et al. 2023, Sec. 3.2).
+
+Wires the pieces together and hands the loop to `personalize.train.fit` (the project's one
+training loop: accelerate, mixed precision, gradient accumulation, checkpoints, exact resume,
+loss CSV + TensorBoard):
+
+- student U-Net: trainable; VAE, text encoder and teacher U-Net: frozen, in the mixed-precision
+  dtype, teacher in eval mode under no_grad (`kd.Distiller`);
+- batch ``k = (step-1) * grad_accum + micro`` of this process comes from `data` by number, and
+  every random draw of a step from fit's per-step generator, so resume replays the same run;
+- optionally, VAE latent distributions and text embeddings are computed once up front
+  (``precompute``) and the VAE/text encoder are dropped from memory; the latent is still
+  *sampled* per step from the stored distribution, as without precomputation;
+- at the end: the student as a pipeline directory ``OUT/student`` and ``OUT/distill.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from personalize.errors import UserError
+
+from .data import DataSpec, MapBatches, make_batches
+from .kd import Distiller, KDWeights, feature_pairs
+from .prune import PROVENANCE_FILE, load_pipeline, resolve_teacher, save_pipeline_atomic
+
+STUDENT_DIR = "student"
+PRECOMPUTED_DIR = "precomputed"
+
+
+@dataclass
+class DistillConfig:
+    teacher: str  # registry name or pipeline dir of the teacher
+    student: str  # pipeline dir written by `distill prune` (or a previous `distill train`)
+    output: str  # run dir: checkpoints/, logs/, distill.json, student/
+    data: DataSpec = field(default_factory=lambda: DataSpec(source=""))
+    kd: KDWeights = field(default_factory=KDWeights)
+    steps: int = 50_000  # model card: 50K-iteration pretraining
+    lr: float = 5e-5  # model card: constant learning rate 5e-5, AdamW, no warm-up
+    batch_size: int = 64  # kd_train.sh: 64 per device per micro-step
+    gradient_accumulation_steps: int = 4  # model card: batch 256 = 4 x 64
+    mixed_precision: str = "auto"  # kd_train.sh: fp16 on GPU ("auto": fp16 on CUDA, fp32 on CPU)
+    gradient_checkpointing: bool = False  # kd_train.sh enables it to fit batch 64 on one A100; opt-in here
+    max_grad_norm: float = 1.0  # kd_train.sh: --max_grad_norm 1
+    seed: int = 1234  # kd_train.sh: --seed 1234
+    checkpoint_every: int = 5000  # kd_train.sh: --checkpointing_steps 5000
+    log_every: int = 10
+    precompute: bool = False  # cache latents + text embeddings (map-style data, center crop only)
+    resume: bool = False
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("resume")
+        return d
+
+
+# ---------------------------------------------------------------------------- precomputation
+class Precomputed:
+    """Latent distributions (mean ‖ logvar, per flip) and text embeddings of every row, stored as
+    safetensors shards under ``OUT/precomputed`` and read lazily (memory-mapped)."""
+
+    SHARD = 1024
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.meta = json.loads((root / "meta.json").read_text())
+        self._open: dict[int, object] = {}
+
+    @staticmethod
+    def valid(root: Path, fingerprint: dict) -> bool:
+        f = root / "meta.json"
+        return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fingerprint
+
+    def _shard(self, i: int):
+        from safetensors import safe_open
+
+        if i not in self._open:
+            self._open[i] = safe_open(str(self.root / f"shard-{i:05d}.safetensors"), framework="pt")
+        return self._open[i]
+
+    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        s, r = divmod(index, self.SHARD)
+        f = self._shard(s)
+        lat = f.get_slice("latent_flip" if flip else "latent")[r:r + 1]
+        return lat[0], f.get_slice("text_emb")[r:r + 1][0]
+
+
+def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=print) -> Precomputed:
+    """Encode every row once (both flips when random flip is on) with `encode(pixels, captions)
+    -> (latent_params, text_emb)`; idempotent for an unchanged fingerprint."""
+    from safetensors.torch import save_file
+
+    from .data import _collate, Example
+
+    if Precomputed.valid(out, fingerprint):
+        log(f"using precomputed latents in {out}")
+        return Precomputed(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds, spec, n = batches.ds, batches.spec, batches.n
+    chunk = max(1, min(batches.batch_size, 64))
+    for s0 in range(0, n, Precomputed.SHARD):
+        parts: dict[str, list] = {"latent": [], "latent_flip": [], "text_emb": []}
+        for a in range(s0, min(n, s0 + Precomputed.SHARD), chunk):
+            idx = list(range(a, min(n, s0 + Precomputed.SHARD, a + chunk)))
+            rows = [ds[i] for i in idx]
+            plan = [Example(i, False, 0, i) for i in idx]
+            b = _collate(rows, plan, batches.image_col, batches.caption_col, spec)
+            lat, emb = encode(b["pixel_values"], b["captions"])
+            parts["latent"].append(lat)
+            parts["text_emb"].append(emb)
+            if spec.random_flip:
+                parts["latent_flip"].append(encode(b["pixel_values"].flip(-1), None)[0])
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+        save_file(tensors, str(out / f"shard-{s0 // Precomputed.SHARD:05d}.safetensors"))
+        log(f"precomputed {min(n, s0 + Precomputed.SHARD)}/{n}")
+    (out / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "n": n}))
+    return Precomputed(out)
+
+
+# ---------------------------------------------------------------------------- the run
+def _check_student_dir(path: str) -> Path:
+    from personalize.backbones import is_pipeline_dir
+
+    p = Path(path).expanduser()
+    if not is_pipeline_dir(p):
+        raise UserError(f"--student {path}: not a pipeline directory (run `distill prune` first)")
+    return p.resolve()
+
+
+def _weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def train(cfg: DistillConfig, log=print) -> Path:
+    """Run BK-SDM KD training; returns the written student pipeline directory."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from personalize.train import FitConfig, fit, list_checkpoints, make_accelerator
+
+    out = Path(cfg.output).expanduser()
+    if not cfg.resume and list_checkpoints(out):
+        raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or choose another -o")
+    if not cfg.data.source:
+        raise UserError("--data is required")
+    student_dir = _check_student_dir(cfg.student)
+    teacher_dir = resolve_teacher(cfg.teacher)
+
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, log_dir=out / "logs")
+    device, wdtype = accelerator.device, _weight_dtype(accelerator)
+    log = log if accelerator.is_main_process else (lambda *a, **k: None)
+
+    batches = make_batches(cfg.data, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+    if cfg.precompute and (cfg.data.streaming or not cfg.data.center_crop):
+        raise UserError("--precompute needs map-style data (no --streaming) and center crop (no --random-crop)")
+
+    student = UNet2DConditionModel.from_pretrained(str(student_dir), subfolder="unet")
+    teacher = UNet2DConditionModel.from_pretrained(str(teacher_dir), subfolder="unet")
+    try:
+        pairs = feature_pairs(dict(teacher.config), dict(student.config))
+    except ValueError as e:
+        raise UserError(f"--student {cfg.student} does not fit teacher {cfg.teacher}: {e}") from None
+    student.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    teacher.to(device, dtype=wdtype)
+    scheduler = DDPMScheduler.from_pretrained(str(student_dir), subfolder="scheduler")
+    distiller = Distiller(student, teacher, scheduler, pairs, cfg.kd)
+
+    pipe = load_pipeline(student_dir, unet=student, safety_checker=None, feature_extractor=None,
+                         requires_safety_checker=False)
+    vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for m in (vae, text_encoder):
+        m.eval().requires_grad_(False).to(device, dtype=wdtype)
+    scaling = vae.config.scaling_factor
+
+    def encode(pixels: torch.Tensor, captions: list[str] | None):
+        """-> (latent distribution parameters, text embeddings) for a batch."""
+        with torch.no_grad():
+            params = vae.encode(pixels.to(device, wdtype)).latent_dist.parameters
+            emb = None
+            if captions is not None:
+                ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                                truncation=True, return_tensors="pt").input_ids
+                emb = text_encoder(ids.to(device))[0]
+        return params, emb
+
+    store = None
+    if cfg.precompute:
+        fp = {"student_dir": str(student_dir), "data": asdict(cfg.data)}
+        with accelerator.main_process_first():
+            store = precompute(batches, encode, out / PRECOMPUTED_DIR, fp, log=log)
+        # the encoders are not needed any more: give their memory to the student and teacher
+        vae.to("cpu")
+        text_encoder.to("cpu")
+
+    def loss_fn(models: dict, step: int, micro: int, generator: torch.Generator) -> dict:
+        k = (step - 1) * cfg.gradient_accumulation_steps + micro
+        if store is not None:
+            plan = batches.plan(k)
+            got = [store.get(e.index, e.flip) for e in plan]
+            params = torch.stack([g[0] for g in got]).to(device, wdtype)
+            emb = torch.stack([g[1] for g in got]).to(device, wdtype)
+        else:
+            b = batches.batch(k)
+            params, emb = encode(b["pixel_values"], b["captions"])
+        latents = DiagonalGaussianDistribution(params).sample(generator=generator).float() * scaling
+        return distiller(models["unet"], latents, emb.float(), generator)
+
+    run_cfg = FitConfig(
+        steps=cfg.steps, lr=cfg.lr, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=0, checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every, seed=cfg.seed,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"method": "BK-SDM knowledge distillation (Kim et al. 2023)", "config": cfg.to_json(),
+                "teacher_path": str(teacher_dir), "student_path": str(student_dir),
+                "feature_pairs": [asdict(p) for p in pairs], "fit": asdict(run_cfg),
+                "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        (out / PROVENANCE_FILE).write_text(json.dumps(resolved, indent=1))
+    log(f"KD: {len(pairs)} feature pairs, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"
+        f" x {accelerator.num_processes} process(es), {cfg.steps} steps, {accelerator.mixed_precision} precision")
+    result = fit(accelerator, {"unet": student}, loss_fn, run_cfg, out, resume=cfg.resume,
+                 description="distill", log=log)
+    distiller.remove_hooks()
+
+    final = out / STUDENT_DIR
+    if accelerator.is_main_process:
+        trained = result.models["unet"].to("cpu", torch.float32)
+        final_pipe = load_pipeline(student_dir, unet=trained)
+        resolved["final_losses"] = result.losses
+        prov = student_dir / PROVENANCE_FILE
+        if prov.is_file():
+            resolved["pruned_from"] = json.loads(prov.read_text())
+        text = json.dumps(resolved, indent=1)
+        save_pipeline_atomic(final_pipe, final, {PROVENANCE_FILE: text}, overwrite=True)
+        (out / PROVENANCE_FILE).write_text(text)
+        log(f"wrote {final} (use it as `personalize ... --base {final}`)")
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,434 @@
+"""distill/: BK-SDM block removal + knowledge distillation, on tiny teachers built in code and on
+the real SD-v1.4 / SD-v2.1-base U-Net configs (meta device: counts without weights)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_photos
+from distill.arch import (
+    ARCHS, SD_V1_UNET_CONFIG, SD_V2_BASE_UNET_CONFIG, build_unet, count_macs, count_params, student_config,
+)
+from distill.kd import Distiller, FeatureCapture, KDWeights, feature_pairs
+from distill.mapping import MappingError, check_coverage, init_student_from_teacher, shapes, weight_mapping
+from personalize.errors import UserError
+
+STUDENT_ARCHS = ["bk-base", "bk-small", "bk-tiny"]
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two busy-waiting
+    OpenMP pools make every op many times slower; restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from personalize.backbones import build_tiny_components
+
+    return build_tiny_components(seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_unet(tiny):
+    return tiny["unet"].eval()
+
+
+@pytest.fixture(scope="module")
+def tcfg(teacher_unet) -> dict:
+    return dict(teacher_unet.config)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny, tmp_path_factory) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
+    StableDiffusionPipeline(**tiny, requires_safety_checker=False).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caption_folder(tmp_path_factory) -> Path:
+    root = write_photos(tmp_path_factory.mktemp("kd-data") / "pairs", n=4, size=(72, 80), seed=3)
+    with (root / "metadata.jsonl").open("w") as f:
+        for i, p in enumerate(sorted(root.glob("*.jpg"))):
+            f.write(json.dumps({"file_name": p.name, "text": f"a photo of thing {i}"}) + "\n")
+    return root
+
+
+@pytest.fixture
+def distill_cli(capsys):
+    from distill.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        cap = capsys.readouterr()
+        return code, cap.out, cap.err
+
+    return run
+
+
+def _inputs(unet, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    emb = torch.randn(batch, 77, c.cross_attention_dim, generator=g)
+    return x, emb
+
+
+# ---------------------------------------------------------------------------- architecture + mapping
+def test_student_configs_follow_the_bk_recipe(tcfg):
+    base, small, tiny_ = (student_config(tcfg, ARCHS[a]) for a in STUDENT_ARCHS)
+    assert tcfg["layers_per_block"] == 2 and tcfg["mid_block_type"] is not None
+    assert base["layers_per_block"] == 1 and base["mid_block_type"] == tcfg["mid_block_type"]
+    assert list(base["block_out_channels"]) == list(tcfg["block_out_channels"])
+    assert small["layers_per_block"] == 1 and small["mid_block_type"] is None
+    assert tiny_["mid_block_type"] is None
+    assert list(tiny_["block_out_channels"]) == [32, 32, 64]
+    assert list(tiny_["down_block_types"]) == ["CrossAttnDownBlock2D"] * 3
+    assert list(tiny_["up_block_types"]) == ["CrossAttnUpBlock2D"] * 3
+    full = student_config(tcfg, ARCHS["full"])
+    assert {k: v for k, v in full.items() if not k.startswith("_")} == {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in tcfg.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("arch", [*STUDENT_ARCHS, "full"])
+def test_mapping_covers_every_student_tensor_once_with_matching_shapes(tcfg, teacher_unet, arch):
+    student = build_unet(student_config(tcfg, ARCHS[arch]))
+    mapping = weight_mapping(tcfg, ARCHS[arch])
+    cov = check_coverage(mapping, shapes(student), shapes(teacher_unet))
+    assert set(cov.key_map) == set(student.state_dict())
+    ssd, tsd = student.state_dict(), teacher_unet.state_dict()
+    for sk, tk in cov.key_map.items():
+        assert tuple(ssd[sk].shape) == tuple(tsd[tk].shape)
+    assert len(set(cov.key_map.values())) == len(cov.key_map)  # no teacher tensor used twice
+    if arch == "full":
+        assert all(k == v for k, v in cov.key_map.items()) and not cov.unused_teacher_keys
+    else:
+        assert cov.unused_teacher_keys
+
+
+def test_coverage_check_rejects_holes_overlaps_and_shape_mismatches(tcfg, teacher_unet):
+    arch = ARCHS["bk-small"]
+    s, t = shapes(build_unet(student_config(tcfg, arch))), shapes(teacher_unet)
+    m = weight_mapping(tcfg, arch)
+    hole = dict(m)
+    del hole["up_blocks.1.resnets.1."]
+    with pytest.raises(MappingError, match="not covered"):
+        check_coverage(hole, s, t)
+    with pytest.raises(MappingError, match="covered 2 times"):
+        check_coverage({**m, "up_blocks.1.": "up_blocks.1."}, s, t)
+    wrong = {**m, "up_blocks.1.resnets.1.": "up_blocks.1.resnets.1."}  # 2nd teacher pair: wrong skip width
+    with pytest.raises(MappingError, match="shape mismatch"):
+        check_coverage(wrong, s, t)
+    with pytest.raises(MappingError, match="covers no student tensor"):
+        check_coverage({**m, "mid_block.": "mid_block."}, s, t)
+
+
+def _equal(student, teacher, s_prefix, t_prefix) -> bool:
+    ssd, tsd = student.state_dict(), teacher.state_dict()
+    keys = [k for k in ssd if k.startswith(s_prefix)]
+    assert keys, s_prefix
+    return all(torch.equal(ssd[k], tsd[t_prefix + k[len(s_prefix):]]) for k in keys)
+
+
+@pytest.mark.parametrize("arch", STUDENT_ARCHS)
+def test_init_copies_the_right_teacher_tensors(teacher_unet, arch):
+    student, _ = init_student_from_teacher(teacher_unet, ARCHS[arch])
+    assert not any(p.is_meta for p in student.parameters())
+    for i in range(len(student.down_blocks)):  # down stages keep the teacher's first pair
+        assert _equal(student, teacher_unet, f"down_blocks.{i}.resnets.0.", f"down_blocks.{i}.resnets.0.")
+    off = 1 if arch == "bk-tiny" else 0
+    for i in range(len(student.up_blocks)):  # up stages: teacher pairs 1 and 3
+        ti = i + off
+        assert _equal(student, teacher_unet, f"up_blocks.{i}.resnets.0.", f"up_blocks.{ti}.resnets.0.")
+        assert _equal(student, teacher_unet, f"up_blocks.{i}.resnets.1.", f"up_blocks.{ti}.resnets.2.")
+        if hasattr(student.up_blocks[i], "attentions"):
+            assert _equal(student, teacher_unet, f"up_blocks.{i}.attentions.1.", f"up_blocks.{ti}.attentions.2.")
+    if arch == "bk-tiny":
+        assert student.down_blocks[2].downsamplers is None and student.mid_block is None
+    if arch == "bk-base":
+        assert _equal(student, teacher_unet, "mid_block.", "mid_block.")
+    # the student owns its tensors: training it must not touch the teacher
+    p = next(student.parameters())
+    assert p.data_ptr() != next(teacher_unet.parameters()).data_ptr()
+
+
+# ---------------------------------------------------------------------------- KD loss + hooks
+def test_kd_loss_is_exactly_zero_for_the_teachers_full_copy(teacher_unet, tcfg, tiny):
+    student, _ = init_student_from_teacher(teacher_unet, ARCHS["full"])
+    pairs = feature_pairs(tcfg, dict(student.config))
+    assert len(pairs) == 8 and all(p.student == p.teacher for p in pairs)
+    d = Distiller(student, copy.deepcopy(teacher_unet), tiny["scheduler"], pairs, KDWeights())
+    x, emb = _inputs(teacher_unet)
+    out = d(student, x, emb, torch.Generator().manual_seed(0))
+    d.remove_hooks()
+    assert out["loss_kd_out"].item() == 0.0 and out["loss_kd_feat"].item() == 0.0
+    assert out["loss_sd"].item() > 0 and torch.equal(out["loss"], out["loss_sd"])
+
+
+def test_kd_loss_is_positive_for_a_pruned_student(teacher_unet, tcfg, tiny):
+    student, _ = init_student_from_teacher(teacher_unet, ARCHS["bk-small"])
+    d = Distiller(student, teacher_unet, tiny["scheduler"], feature_pairs(tcfg, dict(student.config)),
+                  KDWeights(lambda_sd=0.0, lambda_kd_out=2.0, lambda_kd_feat=3.0))
+    x, emb = _inputs(teacher_unet)
+    out = d(student, x, emb, torch.Generator().manual_seed(0))
+    d.remove_hooks()
+    assert out["loss_kd_out"] > 0 and out["loss_kd_feat"] > 0
+    torch.testing.assert_close(out["loss"], 2 * out["loss_kd_out"] + 3 * out["loss_kd_feat"])
+    assert out["loss"].requires_grad and not teacher_unet.conv_in.weight.requires_grad
+
+
+def test_feature_pairs_of_bk_tiny_skip_the_removed_stage(tcfg):
+    pairs = feature_pairs(tcfg, student_config(tcfg, ARCHS["bk-tiny"]))
+    assert [(p.student, p.teacher) for p in pairs] == [
+        ("down_blocks.0", "down_blocks.0"), ("down_blocks.1", "down_blocks.1"),
+        ("down_blocks.2.attentions.0.proj_out", "down_blocks.2.attentions.1.proj_out"),
+        ("up_blocks.0", "up_blocks.1"), ("up_blocks.1", "up_blocks.2"), ("up_blocks.2", "up_blocks.3"),
+    ]
+    base = feature_pairs(tcfg, student_config(tcfg, ARCHS["bk-base"]))
+    assert [p.student for p in base] == [f"down_blocks.{i}" for i in range(4)] + [f"up_blocks.{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("arch", ["bk-small", "bk-tiny"])
+def test_hooks_capture_the_named_layers_with_matching_shapes(teacher_unet, tcfg, arch):
+    student, _ = init_student_from_teacher(teacher_unet, ARCHS[arch])
+    pairs = feature_pairs(tcfg, dict(student.config))
+    x, emb = _inputs(teacher_unet, batch=1)
+    t = torch.tensor([10])
+    with FeatureCapture(student, [p.student for p in pairs]) as sc, \
+            FeatureCapture(teacher_unet, [p.teacher for p in pairs]) as tc, torch.no_grad():
+        student(x, t, emb)
+        teacher_unet(x, t, emb)
+        assert set(sc.features) == {p.student for p in pairs} and set(tc.features) == {p.teacher for p in pairs}
+        for p in pairs:
+            assert sc[p.student].shape == tc[p.teacher].shape, p
+        side = x.shape[-1]
+        assert tuple(sc["down_blocks.0"].shape) == (1, 32, side // 2, side // 2)  # hidden after the downsampler
+        assert tuple(sc["up_blocks.0"].shape)[1] == 64
+    n_hooks = sum(len(m._forward_hooks) for m in student.modules())
+    assert n_hooks == 0  # the context manager removed them
+    with pytest.raises(ValueError, match="no such module"):
+        FeatureCapture(student, ["mid_block" if arch != "bk-base" else "nope"])
+
+
+def test_a_few_kd_steps_bring_the_student_closer_to_the_teacher(teacher_unet, tcfg, tiny, tmp_path):
+    from personalize.train import FitConfig, fit, make_accelerator
+
+    student, _ = init_student_from_teacher(teacher_unet, ARCHS["bk-tiny"])
+    # the random-weight teacher does not denoise, so the task loss would pull the student away
+    # from it: measure the two KD terms alone
+    d = Distiller(student, teacher_unet, tiny["scheduler"], feature_pairs(tcfg, dict(student.config)),
+                  KDWeights(lambda_sd=0.0))
+    latents, emb = _inputs(teacher_unet, batch=2, seed=1)
+    x_eval, _ = _inputs(teacher_unet, batch=2, seed=2)
+    t_eval = torch.tensor([100, 700])
+
+    def out_mse():
+        with torch.no_grad():
+            return torch.mean((student(x_eval, t_eval, emb).sample - teacher_unet(x_eval, t_eval, emb).sample) ** 2).item()
+
+    before = out_mse()
+    fit(make_accelerator("no", 1, None), {"unet": student}, lambda ms, s, m, g: d(ms["unet"], latents, emb, g),
+        FitConfig(steps=8, lr=1e-3, log_every=4), tmp_path, log=lambda *a: None)
+    d.remove_hooks()
+    student.eval()
+    after = out_mse()
+    assert after < 0.6 * before, (before, after)
+    header = (tmp_path / "logs" / "loss.csv").read_text().splitlines()[0]
+    assert header == "step,loss,loss_sd,loss_kd_out,loss_kd_feat"
+
+
+# ---------------------------------------------------------------------------- real SD configs
+# U-Net parameter counts measured with diffusers 0.42 (meta device). SD-v1.4 students match the
+# BK-SDM model card (0.58B / 0.49B / 0.33B); the v2 ones match the nota-ai/bk-sdm-v2-* U-Nets.
+REAL_COUNTS = {
+    "v1": (SD_V1_UNET_CONFIG, 859.52, {"bk-base": 579.38, "bk-small": 482.35, "bk-tiny": 323.38}),
+    "v2": (SD_V2_BASE_UNET_CONFIG, 865.91, {"bk-base": 583.48, "bk-small": 485.79, "bk-tiny": 326.83}),
+}
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_real_sd_param_counts_match_the_model_cards(family):
+    cfg, teacher_m, students = REAL_COUNTS[family]
+    teacher = build_unet(cfg)
+    assert abs(sum(p.numel() for p in teacher.parameters()) / 1e6 - teacher_m) < 0.05
+    for arch, m in students.items():
+        scfg = student_config(cfg, ARCHS[arch])
+        assert abs(count_params(scfg) / 1e6 - m) < 0.05, arch
+        check_coverage(weight_mapping(cfg, ARCHS[arch]), shapes(build_unet(scfg)), shapes(teacher))
+
+
+def test_real_sd_v1_macs_match_the_paper():
+    # BK-SDM paper, Table 1 (thop, conv+linear): 339G / 224G / 218G / 205G per step at 512 px
+    got = {a: count_macs(student_config(SD_V1_UNET_CONFIG, ARCHS[a])) for a in ["full", *STUDENT_ARCHS]}
+    paper = {"full": 339, "bk-base": 224, "bk-small": 218, "bk-tiny": 205}
+    for a, g in paper.items():
+        assert abs(got[a].conv_linear / 1e9 - g) < 0.6, (a, got[a])
+    assert got["full"].attention > got["bk-base"].attention > 0
+
+
+# ---------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def pruned_tiny(teacher_dir, tmp_path_factory) -> Path:
+    from distill.cli import main
+
+    out = tmp_path_factory.mktemp("students") / "bk-tiny"
+    assert main(["prune", "--teacher", str(teacher_dir), "--arch", "bk-tiny", "-o", str(out)]) == 0
+    return out
+
+
+def test_prune_writes_a_loadable_safetensors_pipeline(pruned_tiny, teacher_unet):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pruned_tiny)
+    assert list(pipe.unet.config.block_out_channels) == [32, 32, 64] and pipe.unet.mid_block is None
+    assert torch.equal(pipe.unet.up_blocks[0].resnets[1].conv1.weight, teacher_unet.up_blocks[1].resnets[2].conv1.weight)
+    files = [p for p in pruned_tiny.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".bin", ".ckpt", ".pt"}]
+    assert {"vae", "text_encoder", "tokenizer", "scheduler", "unet"} <= {p.name for p in pruned_tiny.iterdir()}
+    meta = json.loads((pruned_tiny / "distill.json").read_text())
+    assert meta["arch"]["name"] == "bk-tiny" and meta["weight_mapping"]["up_blocks.0.resnets.1."] == "up_blocks.1.resnets.2."
+    assert not [p for p in pruned_tiny.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    g = torch.Generator().manual_seed(0)
+    img = pipe("a photo", num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
+
+
+def test_prune_dry_run_prints_counts_and_macs(distill_cli):
+    code, out, _ = distill_cli("prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "--dry-run")
+    assert code == 0
+    assert "859.5M" in out and "482.3M" in out and "MACs" in out and "217.6G" in out and "338.6G" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["prune", "--teacher", "sd-v1.4", "--arch", "bk-huge", "--dry-run"], "unknown arch 'bk-huge'"),
+    (["prune", "--teacher", "/nonexistent/teacher", "--arch", "bk-small", "-o", "/tmp/never"], "teacher"),
+    (["prune", "--teacher", "no-such-model", "--arch", "bk-small", "--dry-run"], "unknown base"),
+])
+def test_prune_bad_inputs_give_one_line_and_exit_2(distill_cli, args, msg):
+    code, _, err = distill_cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err and err.startswith("error: ")
+
+
+def test_train_bad_inputs_give_one_line_and_exit_2(distill_cli, teacher_dir, pruned_tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data", empty,
+                               "-o", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no image files" in err
+    nocap = write_photos(tmp_path / "nocap", n=2)
+    code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data", nocap,
+                               "-o", tmp_path / "run")
+    assert code == 2 and "no captions" in err
+    code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", tmp_path, "--data", nocap,
+                               "-o", tmp_path / "run")
+    assert code == 2 and "not a pipeline directory" in err
+
+
+TRAIN_FAST = ["--resolution", "64", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--log-every", "1"]
+
+
+def _train(distill_cli, teacher_dir, student, data, out, steps, *extra):
+    code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", student, "--data", data, "-o", out,
+                               "--steps", steps, *TRAIN_FAST, *extra)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def kd_run(distill_cli_module, teacher_dir, pruned_tiny, caption_folder, tmp_path_factory) -> Path:
+    return _train(distill_cli_module, teacher_dir, pruned_tiny, caption_folder, tmp_path_factory.mktemp("kd") / "a", 3)
+
+
+@pytest.fixture(scope="module")
+def distill_cli_module():
+    from distill.cli import main
+
+    def run(*args):
+        return main([str(a) for a in args]), "", ""
+
+    return run
+
+
+def test_train_writes_student_config_and_separate_loss_columns(kd_run, pruned_tiny):
+    from diffusers import StableDiffusionPipeline
+
+    out = kd_run
+    rows = (out / "logs" / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,loss_sd,loss_kd_out,loss_kd_feat" and len(rows) == 4
+    assert all(float(v) > 0 for v in rows[1].split(",")[1:])
+    meta = json.loads((out / "distill.json").read_text())
+    assert meta["config"]["lr"] == 5e-5 and meta["config"]["kd"] == {
+        "lambda_sd": 1.0, "lambda_kd_out": 1.0, "lambda_kd_feat": 1.0}
+    assert meta["fit"]["gradient_accumulation_steps"] == 2 and len(meta["feature_pairs"]) == 6
+    assert meta["pruned_from"]["arch"]["name"] == "bk-tiny"
+    pipe = StableDiffusionPipeline.from_pretrained(out / "student")
+    before = StableDiffusionPipeline.from_pretrained(pruned_tiny).unet
+    assert not torch.equal(pipe.unet.conv_in.weight, before.conv_in.weight)  # it trained
+    assert (out / "student" / "distill.json").is_file()
+    assert (out / "logs").is_dir() and (out / "checkpoints").is_dir()
+
+
+def test_train_resume_equals_uninterrupted(kd_run, distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    b = _train(distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path / "b", 2)
+    code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data", caption_folder,
+                               "-o", b, "--steps", 3, *TRAIN_FAST)
+    assert code == 2 and "--resume" in err  # an earlier run is never silently restarted
+    _train(distill_cli, teacher_dir, pruned_tiny, caption_folder, b, 3, "--resume")
+    wa, wb = (load_file(p / "student" / "unet" / "diffusion_pytorch_model.safetensors") for p in (kd_run, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (kd_run / "logs" / "loss.csv").read_text() == (b / "logs" / "loss.csv").read_text()
+
+
+def test_precomputed_latents_train_like_on_the_fly(kd_run, distill_cli, teacher_dir, pruned_tiny, caption_folder,
+                                                   tmp_path):
+    b = _train(distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path / "b", 1, "--precompute")
+    assert (b / "precomputed" / "meta.json").is_file()
+    la, lb = ((p / "logs" / "loss.csv").read_text().splitlines()[1].split(",") for p in (kd_run, b))
+    for x, y in zip(la[1:], lb[1:]):
+        assert abs(float(x) - float(y)) < 1e-4 * max(1.0, abs(float(x)))
+
+
+# ---------------------------------------------------------------------------- data
+def test_map_batches_are_a_pure_function_of_the_batch_number(caption_folder):
+    from distill.data import DataSpec, make_batches
+
+    spec = DataSpec(source=str(caption_folder), resolution=32)
+    b0 = make_batches(spec, batch_size=2, seed=7)
+    b1 = make_batches(spec, batch_size=2, seed=7)
+    assert [e.index for e in b0.plan(3)] == [e.index for e in b1.plan(3)]
+    x, y = b0.batch(1), b1.batch(1)
+    assert torch.equal(x["pixel_values"], y["pixel_values"]) and x["captions"] == y["captions"]
+    assert x["pixel_values"].shape == (2, 3, 32, 32) and x["pixel_values"].abs().max() <= 1
+    epoch0 = [e.index for k in range(2) for e in b0.plan(k)]
+    assert sorted(epoch0) == [0, 1, 2, 3]  # one epoch = a permutation of the rows
+    r0, r1 = (make_batches(spec, batch_size=2, seed=7, rank=r, world=2) for r in (0, 1))
+    assert {e.index for e in r0.plan(0)}.isdisjoint({e.index for e in r1.plan(0)})
+    s = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=1), 2, 7)
+    first = [s.batch(k)["captions"] for k in range(3)]
+    fresh = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=1), 2, 7)
+    assert fresh.batch(2)["captions"] == first[2]  # seeking (resume) lands on the same rows
+
+
+def test_personalize_lora_trains_on_a_pruned_student(pruned_tiny, photos, tmp_path):
+    from personalize.cli import main
+
+    out = tmp_path / "lora"
+    assert main(["lora", "--subject", str(photos), "--class-noun", "dog", "--base", str(pruned_tiny),
+                 "--output-dir", str(out), "--steps", "2", "--resolution", "64", "--class-images", "0",
+                 "--validation-images", "0"]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
