@@ -105,8 +105,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 @torch.no_grad()
-def cache_latent_dists(vae, images: torch.Tensor, device, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE posterior of each image, in fp32 on `device`."""
+def cache_latent_dists(vae, images: torch.Tensor, device, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of each image, in fp32 on `device`. One image per call on
+    CPU: batching buys no speed there, and 8 images of VAE activations cost GBs of peak memory."""
+    batch = batch or (8 if torch.device(device).type == "cuda" else 1)
     vae.to(device)
     means, stds = [], []
     for chunk in images.split(batch):

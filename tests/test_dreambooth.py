@@ -201,3 +201,26 @@ def test_fp16_on_cpu_is_a_clear_error(photos, tmp_path, cli):
     r = cli("lora", "--subject", photos, "--class-noun", "dog", "--output-dir", tmp_path / "r", *FAST,
             "--mixed-precision", "fp16")
     assert r.code == 2 and "fp16 needs a GPU" in r.err
+
+
+@pytest.mark.parametrize("train_te,forwards", [(False, 2), (True, 4)])
+def test_text_embeddings_are_cached_when_the_text_encoder_is_frozen(train_te, forwards, photos, tmp_path, cli,
+                                                                     monkeypatch):
+    """Frozen text encoder: 2 forwards in all (instance + class prompt, once); trained: one per step."""
+    from transformers import CLIPTextModel
+
+    calls = {"n": 0}
+    real = CLIPTextModel.forward
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", counting)
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", "--output-dir", tmp_path / "r", *FAST,
+            "--class-images", "0", "--validation-images", "0",
+            "--train-text-encoder" if train_te else "--no-train-text-encoder")
+    assert r.code == 0, r.err
+    assert calls["n"] == forwards
+    sd = load_file(tmp_path / "r" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in sd) == train_te

@@ -1,0 +1,307 @@
+"""Training speed and memory of `personalize` DreamBooth against a reference loop.
+
+    python benchmarks/train_speed.py                      # CPU target: bk-sdm-small shape, 256 px, LoRA
+    python benchmarks/train_speed.py --models bk-sdm-base --resolution 512 --steps 800   # GPU target
+
+Builds random-weight pipelines of the real shapes (U-Net of bk-sdm-base/small/tiny or sd-v1.4,
+the SD-v1 VAE, a CLIP ViT-L/14 text encoder) once in a cache dir, so costs are real without a
+download. Every measurement runs in its own subprocess, so peak memory (RSS on CPU,
+torch.cuda.max_memory_allocated on GPU) belongs to that measurement alone.
+
+- `ours`: `personalize.dreambooth.train` itself (cached latents and text embeddings, the recipe's
+  LoRA, whichever levers the flags set), per-step times from the fit loop.
+- `reference`: what the common DreamBooth scripts do each step: VAE-encode the instance and
+  class images, run the text encoder, forward/backward, AdamW, `loss.item()` every step; fp32.
+- `lever`: the reference loop with one lever changed, to measure levers one at a time.
+
+Prints a table and writes JSON (default benchmarks/results/train_speed.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARCH_OF = {"bk-sdm-base": "bk-base", "bk-sdm-small": "bk-small", "bk-sdm-tiny": "bk-tiny", "sd-v1.4": None}
+SD_V1_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
+CLIP_L14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                     projection_dim=768)
+
+
+# ------------------------------------------------------------------ building the models
+def bench_pipeline(model: str, cache: Path) -> Path:
+    """A random-weight pipeline of `model`'s real shape, saved once under `cache`."""
+    out = cache / f"bench-{model}"
+    if (out / "model_index.json").is_file():
+        return out
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from distill.arch import SD_V1_UNET_CONFIG, clean_config, get_arch, student_config
+    from personalize.backbones import build_tiny_components
+
+    torch.manual_seed(0)
+    arch = ARCH_OF[model]
+    ucfg = clean_config(SD_V1_UNET_CONFIG) if arch is None else student_config(SD_V1_UNET_CONFIG, get_arch(arch))
+    tok = build_tiny_components(0)["tokenizer"]  # byte-level CLIP BPE; its ids are valid for ViT-L/14
+    te_cfg = CLIPTextConfig(**CLIP_L14_TEXT, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_config(ucfg), vae=AutoencoderKL(**SD_V1_VAE), text_encoder=CLIPTextModel(te_cfg),
+        tokenizer=tok, scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               clip_sample=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=out.name + "."))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    return out
+
+
+def synthetic_photos(folder: Path, n: int, resolution: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ------------------------------------------------------------------ workers (one per subprocess)
+def worker_ours(a) -> dict:
+    from personalize.config import TrainConfig
+    from personalize.dreambooth import train
+
+    work = Path(a.workdir)
+    photos = synthetic_photos(work / "photos", 4, a.resolution)
+    cfg = TrainConfig(method=a.method, subject=str(photos), class_noun="dog", base=a.base, steps=a.warmup + a.steps,
+                      resolution=a.resolution, class_images=a.class_images if a.prior else 0,
+                      class_image_steps=a.class_image_steps, class_image_batch_size=max(1, a.class_images),
+                      mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
+                      use_8bit_adam=a.use_8bit_adam, checkpoint_every=0, validation_images=0,
+                      log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
+    run_dir = train(cfg, log=lambda s: None, progress=False, profile_steps=True)
+    meta = json.loads((run_dir / "run.json").read_text())
+    st = meta["stats"]
+    times = st["step_seconds"][a.warmup:]
+    ci = meta["class_images"]
+    return {"s_per_step": statistics.median(times), "step_seconds": times, "peak_mb": peak_memory_mb(),
+            "load_s": st["load_seconds"], "cache_s": st["cache_seconds"],
+            "class_image_s_per_image": (ci["seconds"] / ci["generated_now"]) if ci.get("generated_now") else None}
+
+
+def worker_reference(a, lever: str | None = None) -> dict:
+    """The per-step work of the common DreamBooth scripts, optionally with one lever changed."""
+    import torch
+    import torch.nn.functional as F
+
+    from personalize.adapters import add_lora
+    from personalize.config import TrainConfig
+    from personalize.data import load_training_images
+    from personalize.pipeline import load_components
+    from personalize.subjects import list_images
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    c = load_components(Path(a.base))
+    load_s = time.perf_counter() - t0
+    unet, te, vae, tok, sched = c["unet"], c["text_encoder"], c["vae"], c["tokenizer"], c["noise_scheduler"]
+    cfg = TrainConfig(method="lora", subject="x", rank=16, text_encoder_rank=16, seed=1234)
+    if a.method == "lora":
+        add_lora(unet, te, cfg)
+    else:
+        unet.requires_grad_(True)
+        te.requires_grad_(True)
+        vae.requires_grad_(False)
+    for m in (unet, te, vae):
+        m.to(dev)
+    if a.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
+    if lever == "channels_last":
+        unet.to(memory_format=torch.channels_last)
+    if lever == "classic_attention":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=(lever == "foreach_adamw") or None)
+    photos = synthetic_photos(Path(a.workdir) / "photos", 4, a.resolution)
+    pix = load_training_images(list_images(photos), a.resolution).to(dev)
+    ids = tok(["a sks dog", "a dog"] if a.prior else ["a sks dog"], padding="max_length", max_length=77,
+              truncation=True, return_tensors="pt").input_ids.to(dev)
+    g = torch.Generator(dev).manual_seed(0)
+    n = 2 if a.prior else 1
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=(lever == "bf16_autocast"))
+    cached = None
+    if lever == "cached_latents":
+        with torch.no_grad():
+            cached = vae.encode(pix).latent_dist
+    times = []
+    for step in range(a.warmup + a.steps):
+        ts = time.perf_counter()
+        idx = torch.randint(0, pix.shape[0], (n,), generator=g, device=dev)
+        with amp:
+            with torch.no_grad():
+                if cached is not None:
+                    lat = cached.mean[idx] + cached.std[idx] * torch.randn(cached.mean[idx].shape, generator=g, device=dev)
+                else:
+                    lat = vae.encode(pix[idx]).latent_dist.sample(generator=g)
+            lat = lat * vae.config.scaling_factor
+            if lever == "channels_last":
+                lat = lat.contiguous(memory_format=torch.channels_last)
+            noise = torch.randn(lat.shape, generator=g, device=dev)
+            t = torch.randint(0, 1000, (n,), generator=g, device=dev)
+            emb = te(ids)[0]
+            pred = unet(sched.add_noise(lat, noise, t), t, emb).sample.float()
+        loss = F.mse_loss(pred[:1], noise[:1]) + (F.mse_loss(pred[1:], noise[1:]) if a.prior else 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if lever != "no_host_sync":
+            loss.item()  # the scripts log the loss every step
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - ts)
+    return {"s_per_step": statistics.median(times[a.warmup:]), "step_seconds": times[a.warmup:],
+            "peak_mb": peak_memory_mb(), "load_s": load_s, "cache_s": None, "class_image_s_per_image": None}
+
+
+# ------------------------------------------------------------------ driver
+LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention", "foreach_adamw", "no_host_sync"]
+
+
+def run_worker(args: list[str], env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="bk-sdm-small", help=f"comma list of {', '.join(ARCH_OF)}")
+    p.add_argument("--methods", default="lora", help="lora,full")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True, help="1 class image per step")
+    p.add_argument("--steps", type=int, default=5, help="measured steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--class-images", type=int, default=2, help="class images generated to time generation")
+    p.add_argument("--class-image-steps", type=int, default=25)
+    p.add_argument("--mixed-precision", default="auto", help="ours: auto (bf16 on CPU, fp16 on CUDA), no, bf16, fp16")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="both loops (default off: memory does not need it at these settings)")
+    p.add_argument("--use-8bit-adam", action="store_true", help="ours: bitsandbytes AdamW8bit (CUDA)")
+    p.add_argument("--levers", default="", help=f"also measure the reference with one lever each: {','.join(LEVERS)} or all")
+    p.add_argument("--cache-dir", default=os.environ.get("PERSONALIZE_BENCH_CACHE", str(Path.home() / ".cache/personalize/bench")))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/train_speed.json"))
+    p.add_argument("--worker", choices=["ours", "reference", "lever"], help=argparse.SUPPRESS)
+    p.add_argument("--lever", help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.worker:
+        import torch
+
+        if a.mixed_precision == "auto":
+            a.mixed_precision = "fp16" if torch.cuda.is_available() else "bf16"
+        res = worker_ours(a) if a.worker == "ours" else worker_reference(a, a.lever)
+        print(json.dumps(res))
+        return 0
+
+    import torch
+
+    cache = Path(a.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    settings = {k: getattr(a, k) for k in ("resolution", "prior", "steps", "warmup", "class_images", "class_image_steps",
+                                           "mixed_precision", "gradient_checkpointing", "use_8bit_adam")}
+    results = []
+    levers = LEVERS if a.levers == "all" else [x for x in a.levers.split(",") if x]
+    for model in a.models.split(","):
+        t0 = time.perf_counter()
+        base = bench_pipeline(model, cache)
+        print(f"[{model}] pipeline ready in {time.perf_counter() - t0:.1f}s: {base}", file=sys.stderr)
+        for method in a.methods.split(","):
+            plan = [("ours", None), ("reference", None)] + [("lever", lv) for lv in levers]
+            for kind, lever in plan:
+                with tempfile.TemporaryDirectory() as work:
+                    env = {**os.environ, "PERSONALIZE_CACHE": str(Path(work) / "cache"), "HF_HUB_OFFLINE": "1"}
+                    args = ["--worker", kind, "--base", str(base), "--method", method, "--workdir", work,
+                            "--resolution", str(a.resolution), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                            "--class-images", str(a.class_images), "--class-image-steps", str(a.class_image_steps),
+                            "--mixed-precision", a.mixed_precision,
+                            "--prior" if a.prior else "--no-prior",
+                            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
+                    if lever:
+                        args += ["--lever", lever]
+                    if a.use_8bit_adam and kind == "ours":
+                        args += ["--use-8bit-adam"]
+                    print(f"[{model}] {method} {kind} {lever or ''} ...", file=sys.stderr)
+                    r = run_worker(args, env)
+                results.append({"model": model, "method": method, "impl": kind if not lever else f"reference+{lever}",
+                                **r})
+    print_table(results)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device, "torch": torch.__version__, "settings": settings, "results": results,
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def print_table(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="DreamBooth training step")
+    for c in ("model", "method", "impl", "s/step", "x ref", "peak MB", "x ref", "load s", "cache s", "class img s"):
+        t.add_column(c)
+    ref = {(r["model"], r["method"]): r for r in results if r["impl"] == "reference" and "error" not in r}
+    for r in results:
+        if "error" in r:
+            t.add_row(r["model"], r["method"], r["impl"], "error: " + r["error"][:60], *[""] * 6)
+            continue
+        b = ref.get((r["model"], r["method"]))
+
+        def fmt(x, d=2):
+            return "" if x is None else f"{x:.{d}f}"
+
+        t.add_row(r["model"], r["method"], r["impl"], fmt(r["s_per_step"], 3),
+                  fmt(r["s_per_step"] / b["s_per_step"]) if b else "", fmt(r["peak_mb"], 0),
+                  fmt(r["peak_mb"] / b["peak_mb"]) if b else "", fmt(r["load_s"]), fmt(r["cache_s"]),
+                  fmt(r["class_image_s_per_image"]))
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
