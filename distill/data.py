@@ -132,9 +132,17 @@ def pick_columns(ds, spec: DataSpec) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- preprocessing
 def preprocess_image(image, resolution: int, center_crop: bool, flip: bool, crop_seed: int) -> torch.Tensor:
     """PIL image -> float32 CHW tensor in [-1, 1], BK-SDM recipe transforms (see module doc)."""
+    import io
+
     from PIL import Image
 
-    if not isinstance(image, Image.Image):
+    if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    elif isinstance(image, str):
+        image = Image.open(image)
+    elif not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
     image = image.convert("RGB")
     w, h = image.size

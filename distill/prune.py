@@ -35,6 +35,9 @@ def teacher_unet_config(teacher: str) -> dict:
 def resolve_teacher(teacher: str) -> Path:
     from personalize.backbones import resolve_base
 
+    if teacher.startswith(("/", "./", "../", "~")) and not Path(teacher).expanduser().exists():
+        # would otherwise be taken for a hub id and fail with a confusing cache message
+        raise UserError(f"teacher {teacher}: no such directory")
     try:
         return resolve_base(teacher).path
     except UserError as e:

@@ -110,10 +110,10 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
             plan = [Example(i, False, 0, i) for i in idx]
             b = _collate(rows, plan, batches.image_col, batches.caption_col, spec)
             lat, emb = encode(b["pixel_values"], b["captions"])
-            parts["latent"].append(lat)
-            parts["text_emb"].append(emb)
-            if spec.random_flip:
-                parts["latent_flip"].append(encode(b["pixel_values"].flip(-1), None)[0])
+            parts["latent"].append(lat.cpu())
+            parts["text_emb"].append(emb.cpu())
+            if spec.random_flip:  # flipping pixels then encoding == what the on-the-fly path does
+                parts["latent_flip"].append(encode(b["pixel_values"].flip(-1), None)[0].cpu())
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
         save_file(tensors, str(out / f"shard-{s0 // Precomputed.SHARD:05d}.safetensors"))
         log(f"precomputed {min(n, s0 + Precomputed.SHARD)}/{n}")

@@ -314,7 +314,8 @@ def test_prune_dry_run_prints_counts_and_macs(distill_cli):
 
 @pytest.mark.parametrize("args,msg", [
     (["prune", "--teacher", "sd-v1.4", "--arch", "bk-huge", "--dry-run"], "unknown arch 'bk-huge'"),
-    (["prune", "--teacher", "/nonexistent/teacher", "--arch", "bk-small", "-o", "/tmp/never"], "teacher"),
+    (["prune", "--teacher", "/nonexistent/teacher", "--arch", "bk-small", "-o", "/tmp/never"], "no such directory"),
+    (["prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "-o", "/tmp/never"], "HF_HUB_OFFLINE"),
     (["prune", "--teacher", "no-such-model", "--arch", "bk-small", "--dry-run"], "unknown base"),
 ])
 def test_prune_bad_inputs_give_one_line_and_exit_2(distill_cli, args, msg):
@@ -418,10 +419,13 @@ def test_map_batches_are_a_pure_function_of_the_batch_number(caption_folder):
     assert sorted(epoch0) == [0, 1, 2, 3]  # one epoch = a permutation of the rows
     r0, r1 = (make_batches(spec, batch_size=2, seed=7, rank=r, world=2) for r in (0, 1))
     assert {e.index for e in r0.plan(0)}.isdisjoint({e.index for e in r1.plan(0)})
-    s = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=1), 2, 7)
+    s = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=3), 2, 7)
     first = [s.batch(k)["captions"] for k in range(3)]
-    fresh = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=1), 2, 7)
-    assert fresh.batch(2)["captions"] == first[2]  # seeking (resume) lands on the same rows
+    fresh = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=3), 2, 7)
+    assert fresh.batch(2)["captions"] == first[2]  # seeking (resume) lands on the same rows, across epochs
+    fresh = make_batches(DataSpec(source=str(caption_folder), resolution=32, streaming=True, shuffle_buffer=3), 2, 7)
+    assert fresh.batch(1)["captions"] == first[1]  # ... and within one
+    assert sorted(first[0] + first[1]) == sorted(f"a photo of thing {i}" for i in range(4))
 
 
 def test_personalize_lora_trains_on_a_pruned_student(pruned_tiny, photos, tmp_path):
