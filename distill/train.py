@@ -147,6 +147,9 @@ def train(cfg: DistillConfig, log=print) -> Path:
         raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or choose another -o")
     if not cfg.data.source:
         raise UserError("--data is required")
+    if cfg.precompute and (cfg.data.streaming or not cfg.data.center_crop):
+        # a stream has no row indices to key the cache by; random crops differ every epoch
+        raise UserError("--precompute needs map-style data (no --streaming) and center crop (no --random-crop)")
     student_dir = _check_student_dir(cfg.student)
     teacher_dir = resolve_teacher(cfg.teacher)
 
@@ -155,8 +158,6 @@ def train(cfg: DistillConfig, log=print) -> Path:
     log = log if accelerator.is_main_process else (lambda *a, **k: None)
 
     batches = make_batches(cfg.data, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
-    if cfg.precompute and (cfg.data.streaming or not cfg.data.center_crop):
-        raise UserError("--precompute needs map-style data (no --streaming) and center crop (no --random-crop)")
 
     student = UNet2DConditionModel.from_pretrained(str(student_dir), subfolder="unet")
     teacher = UNet2DConditionModel.from_pretrained(str(teacher_dir), subfolder="unet")
@@ -191,7 +192,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
 
     store = None
     if cfg.precompute:
-        fp = {"student_dir": str(student_dir), "data": asdict(cfg.data)}
+        fp = {"student_dir": str(student_dir), "data": asdict(cfg.data), "dtype": str(wdtype)}
         with accelerator.main_process_first():
             store = precompute(batches, encode, out / PRECOMPUTED_DIR, fp, log=log)
         # the encoders are not needed any more: give their memory to the student and teacher
