@@ -37,7 +37,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("bk-sdm-base-2m", "nota-ai/bk-sdm-base-2m", "sd-v1", 512, "0.58B", "BK-SDM Base, 2.3M LAION pairs"),
         BackboneSpec("bk-sdm-small-2m", "nota-ai/bk-sdm-small-2m", "sd-v1", 512, "0.49B", "BK-SDM Small, 2.3M pairs"),
         BackboneSpec("bk-sdm-tiny-2m", "nota-ai/bk-sdm-tiny-2m", "sd-v1", 512, "0.33B", "BK-SDM Tiny, 2.3M LAION pairs"),
-        BackboneSpec("bk-sdm-v2-base", "nota-ai/bk-sdm-v2-base", "sd-v2", 512, "0.59B", "BK-SDM-v2 Base (SD-v2.1-base)"),
+        BackboneSpec("bk-sdm-v2-base", "nota-ai/bk-sdm-v2-base", "sd-v2", 512, "0.58B", "BK-SDM-v2 Base (SD-v2.1-base)"),
         BackboneSpec("bk-sdm-v2-small", "nota-ai/bk-sdm-v2-small", "sd-v2", 512, "0.49B", "BK-SDM-v2 Small"),
         BackboneSpec("bk-sdm-v2-tiny", "nota-ai/bk-sdm-v2-tiny", "sd-v2", 512, "0.33B", "BK-SDM-v2 Tiny"),
         BackboneSpec("sd-v1.4", "CompVis/stable-diffusion-v1-4", "sd-v1", 512, "0.86B", "Stable Diffusion v1.4 (teacher)"),
