@@ -44,6 +44,15 @@ def tiny_base() -> Path:
     return materialize_tiny(0)
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    """A personalize cache of the test's own (class images, the tiny backbone), for tests that count
+    what gets generated: the session cache holds whatever earlier tests left in it."""
+    root = tmp_path / "personalize-cache"
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
     return write_photos(tmp_path_factory.mktemp("photos") / "my_dog")

@@ -143,12 +143,13 @@ def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch)
     assert la == lb  # the loss log of the resumed run has no duplicated or missing rows
 
 
-def test_class_image_cache_is_shared_by_subjects_of_a_class(dataset, tmp_path, cli):
+def test_class_image_cache_is_shared_by_subjects_of_a_class(dataset, tmp_path, cli, fresh_cache):
     common = ["--data-dir", dataset, *FAST, "--steps", "1", "--validation-images", "0",
               "--class-images", "3", "--resolution", "32"]
     assert cli("lora", "--subject", "dog", "--output-dir", tmp_path / "dog", *common).code == 0
     first = json.loads((tmp_path / "dog" / "run.json").read_text())["class_images"]
     assert first["generated_now"] == 3 and first["count"] == 3
+    assert Path(first["dir"]).is_relative_to(fresh_cache)
     files = sorted(Path(first["dir"]).iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
     assert cli("lora", "--subject", "dog2", "--output-dir", tmp_path / "dog2", *common).code == 0
