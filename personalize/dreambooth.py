@@ -26,11 +26,11 @@ from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
 from .data import load_training_images, make_grid, with_flips
 from .errors import UserError
+from .runs import RUN_JSON, is_finished
 from .pipeline import build_pipeline, generate, load_components, save_png, write_json, write_text
 from .subjects import Subject, fill_prompt, find_subject, list_images, load_prompts
 from .train import FitConfig, fit, list_checkpoints, make_accelerator
 
-RUN_JSON = "run.json"
 VALIDATION_PNG = "validation.png"
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
 
@@ -44,16 +44,6 @@ def native_resolution(base_path: Path) -> int:
     unet = json.loads((Path(base_path) / "unet" / "config.json").read_text())
     vae = json.loads((Path(base_path) / "vae" / "config.json").read_text())
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def is_finished(run_dir: Path) -> bool:
-    f = Path(run_dir) / RUN_JSON
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text()).get("status") == "finished"
-    except json.JSONDecodeError:
-        return False
 
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:

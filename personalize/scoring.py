@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import UserError
 from .metrics import clip_t, mean_cosine_to_set, nanmean, real_vs_real, strip_identifier
+from .runs import RUN_JSON, find_run_dirs, read_run, run_token  # noqa: F401 - re-exported
 
 PROTOCOL = "DreamBooth §4.1 (Ruiz et al. 2023): 25 prompts x N images per subject; DINO, CLIP-I, CLIP-T"
 SCORES_JSON = "scores.json"
@@ -39,7 +40,6 @@ SCORES_IMAGES_CSV = "scores_images.csv"
 SCORES_PROMPTS_CSV = "scores_prompts.csv"
 SCORES_MD = "scores.md"
 EVAL_DIR = "eval"  # inside a run dir: protocol images and scores
-RUN_JSON = "run.json"
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 SCORES_VERSION = 1
@@ -264,39 +264,6 @@ def _scores_markdown(doc: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # One run: generate (or reuse) the protocol images, score, write
 # --------------------------------------------------------------------------------------------
-def read_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_JSON
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no {RUN_JSON}; is this a finished `personalize train` output dir?")
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__})") from None
-    if not isinstance(run, dict) or not isinstance(run.get("subject"), dict) or "name" not in run["subject"]:
-        raise UserError(f"{path}: no subject.name; not a personalize run.json")
-    return run
-
-
-def find_run_dirs(path: Path) -> list[Path]:
-    """`path` itself if it is a run dir, else every run dir below it (sorted)."""
-    path = Path(path)
-    if (path / RUN_JSON).is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"{path}: no such directory")
-    found = sorted(p.parent for p in path.rglob(RUN_JSON)
-                   if not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not found:
-        raise UserError(f"{path}: no {RUN_JSON} in it or below it; pass a `personalize train` output dir")
-    return found
-
-
-def run_token(run: dict) -> str:
-    from .subjects import DEFAULT_TOKEN
-
-    return str(run.get("token") or (run.get("config") or {}).get("token") or DEFAULT_TOKEN)
-
-
 def real_images_for_run(run: dict, data_dir: str | None = None) -> list[Path]:
     """The subject's real photos. Dataset subjects: `--data-dir`, else $PERSONALIZE_DATA, else the
     folder the run was trained on (run.json `subject.image_dir`), else ./data/dreambooth/dataset
@@ -334,10 +301,8 @@ GenerateFn = Callable[..., list[dict]]
 
 
 def _default_generator() -> GenerateFn:
-    try:
-        from .generate import generate_protocol_images
-    except ImportError:
-        raise UserError("generation is not available yet (personalize.generate.generate_protocol_images)") from None
+    from .generate import generate_protocol_images
+
     return generate_protocol_images
 
 

@@ -72,6 +72,34 @@ FAST = ["--base", "tiny", "--steps", "4", "--class-images", "2", "--class-image-
         "--validation-images", "1", "--validation-steps", "2", "--log-every", "2"]
 
 
+def _train(tmp_path_factory, method: str, subject: Path, class_noun: str, *extra) -> Path:
+    from personalize.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / method
+    assert main([method, "--subject", str(subject), "--class-noun", class_noun, "--output-dir", str(out), *FAST,
+                 *map(str, extra)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, photos) -> Path:
+    """A finished LoRA run (dog, live subject) on `tiny`, with a learning rate that visibly moves it."""
+    return _train(tmp_path_factory, "lora", photos, "dog", "--lr", "1e-2")
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, photos) -> Path:
+    return _train(tmp_path_factory, "full", photos, "dog", "--lr", "1e-3")
+
+
+@pytest.fixture(scope="session")
+def lora_run_object(tmp_path_factory) -> Path:
+    """A second LoRA run on `tiny`: another subject (an object), token and seed."""
+    photos = write_photos(tmp_path_factory.mktemp("photos") / "my_backpack", seed=3)
+    return _train(tmp_path_factory, "lora", photos, "backpack", "--lr", "1e-2", "--token", "zwx", "--seed", "7",
+                  "--class-images", "0", "--validation-images", "0")
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -22,26 +22,6 @@ def _gen(pipe, seed=0):
     return pipe("a sks dog", num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, photos):
-    from personalize.cli import main
-
-    out = tmp_path_factory.mktemp("runs") / "lora"
-    assert main(["lora", "--subject", str(photos), "--class-noun", "dog", "--output-dir", str(out),
-                 "--lr", "1e-2", *FAST]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, photos):
-    from personalize.cli import main
-
-    out = tmp_path_factory.mktemp("runs") / "full"
-    assert main(["full", "--subject", str(photos), "--class-noun", "dog", "--output-dir", str(out),
-                 "--lr", "1e-3", *FAST]) == 0
-    return out
-
-
 @pytest.mark.parametrize("method,expected", [("lora", LORA_FILES), ("full", FULL_FILES)])
 def test_run_writes_exactly_the_expected_files(method, expected, request):
     run = request.getfixturevalue(f"{method}_run")
