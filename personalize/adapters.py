@@ -4,10 +4,15 @@ metadata (so alpha != rank, as in the BK-SDM recipe's 16/27, round-trips)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers looks for by default
 
@@ -67,3 +72,136 @@ def save_lora(run_dir: Path, unet, text_encoder) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return run_dir / LORA_WEIGHTS
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a saved adapter, checking it fits a base, and the kohya / A1111 / ComfyUI format
+# --------------------------------------------------------------------------------------------
+# diffusers has written LoRA keys three ways over its releases; all name (component, module, down|up)
+_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(?:lora\.(down|up)|lora_linear_layer\.(down|up)|lora_(A|B))\.weight$")
+
+
+@dataclass
+class LoraLayer:
+    down: "torch.Tensor"  # (rank, in_features[, 1, 1])
+    up: "torch.Tensor"  # (out_features, rank[, 1, 1])
+    alpha: float  # the output is scaled by alpha / rank
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+def _pattern_value(module: str, pattern: dict, default: float) -> float:
+    """peft's rank_pattern / alpha_pattern: a key matches a module name it ends with (as a regex)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(value)
+    return float(default)
+
+
+def read_lora(path: Path) -> dict[tuple[str, str], LoraLayer]:
+    """{(component, module name): LoraLayer} of a diffusers-format LoRA file (ours, or any
+    `save_lora_weights` output). Alphas come from the adapter metadata diffusers writes; a file
+    without it gets alpha = rank, which is what diffusers assumes when loading it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path}: no LoRA weights here (expected {LORA_WEIGHTS})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    config = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    parts: dict[tuple[str, str], dict] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise UserError(f"{path}: unexpected key '{key}'; not a diffusers-format LoRA of a U-Net/text encoder")
+        comp, module = m.group(1), m.group(2)
+        which = m.group(3) or m.group(4) or {"A": "down", "B": "up"}[m.group(5)]
+        parts.setdefault((comp, module), {})[which] = t
+    layers = {}
+    for (comp, module), p in sorted(parts.items()):
+        if set(p) != {"down", "up"}:
+            raise UserError(f"{path}: layer {comp}.{module} lacks its {'up' if 'down' in p else 'down'} weight")
+        rank = int(p["down"].shape[0])
+        alpha = config.get(f"{comp}.lora_alpha", rank)
+        alpha = _pattern_value(module, config.get(f"{comp}.alpha_pattern"), alpha)
+        layers[(comp, module)] = LoraLayer(p["down"], p["up"], alpha)
+    if not layers:
+        raise UserError(f"{path}: holds no LoRA layers")
+    return layers
+
+
+def _find_module(model, name: str):
+    """A module by dotted name; text-encoder names are tried with and without `text_model.`
+    (transformers 5 dropped that level of CLIPTextModel, older releases and kohya files have it)."""
+    modules = dict(model.named_modules())
+    for cand in (name, name.removeprefix("text_model."), "text_model." + name):
+        if cand in modules:
+            return modules[cand]
+    return None
+
+
+def lora_misfits(layers: dict[tuple[str, str], LoraLayer], components: dict) -> list[str]:
+    """Why each LoRA layer would not fit the given `unet` / `text_encoder` (empty: it all fits)."""
+    problems = []
+    for (comp, module), layer in layers.items():
+        target = _find_module(components[comp], module) if components.get(comp) is not None else None
+        if target is None:
+            problems.append(f"{comp}.{module} does not exist there")
+            continue
+        w = getattr(target, "base_layer", target).weight  # a module already wrapped by peft
+        want_in, want_out = int(layer.down.shape[1]), int(layer.up.shape[0])
+        if (int(w.shape[1]), int(w.shape[0])) != (want_in, want_out):
+            problems.append(f"{comp}.{module} is {w.shape[1]}->{w.shape[0]}, the adapter expects {want_in}->{want_out}")
+    return problems
+
+
+def _kohya_name(comp: str, module: str) -> str:
+    if comp == "unet":
+        return "lora_unet_" + module.replace(".", "_")
+    # kohya names the text encoder by the original CLIP module path, which has text_model.
+    if not module.startswith("text_model."):
+        module = "text_model." + module
+    return "lora_te_" + module.replace(".", "_")
+
+
+def to_kohya(layers: dict[tuple[str, str], LoraLayer]) -> dict[str, "torch.Tensor"]:
+    """The `lora_unet_*` / `lora_te_*` key format of kohya's sd-scripts, which AUTOMATIC1111,
+    ComfyUI and diffusers' own loader read: per layer `lora_down.weight`, `lora_up.weight` and a
+    scalar `alpha` (the layer's output is scaled by alpha / rank, as in our diffusers file)."""
+    import torch
+
+    layers = dict(layers)
+    te = [(m, x) for (c, m), x in layers.items() if c == "text_encoder"]
+    if te and not any(m.endswith("out_proj") for m, _ in te):
+        # diffusers (0.42) recognises a kohya text-encoder part only by an out_proj layer in it; a
+        # zero-valued one (up = 0: it adds exactly nothing) lets its loader read q/v-only adapters
+        module, x = te[0]
+        width = int(x.down.shape[1])  # q/k/v/out projections of CLIP are all width x width
+        out_proj = module.rsplit(".", 1)[0] + ".out_proj"
+        layers[("text_encoder", out_proj)] = LoraLayer(x.down.new_zeros((x.rank, width)),
+                                                       x.up.new_zeros((width, x.rank)), x.alpha)
+    out = {}
+    for (comp, module), layer in layers.items():
+        name = _kohya_name(comp, module)
+        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
+    return out
+
+
+def kohya_metadata(layers: dict[tuple[str, str], LoraLayer], family: str | None) -> dict[str, str]:
+    """The sd-scripts training metadata keys that UIs read to describe a LoRA (all strings)."""
+    unet = [x for (c, _), x in layers.items() if c == "unet"] or list(layers.values())
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet[0].rank),
+            "ss_network_alpha": f"{unet[0].alpha:g}", "ss_v2": str(family == "sd-v2"),
+            "ss_base_model_version": "sd_v2" if family == "sd-v2" else "sd_v1"}
+    return meta

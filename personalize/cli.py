@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "personalize.commands.info",
     "personalize.commands.batch",
     "personalize.commands.evaluate",
+    "personalize.commands.generate",
     # -- further command modules register here --
 ]
 
@@ -63,6 +64,8 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+    # several adapters in one pipeline is what `generate --adapter A --adapter B` is for
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog

@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 from _metric_fixtures import (  # noqa: F401 - pytest fixtures
     _one_torch_thread,
@@ -198,14 +198,6 @@ def test_evaluate_run_uses_trained_on_photos_without_data_dir(embedders, tmp_pat
     assert doc["prompts"][0]["clip_prompt"] == strip_identifier(doc["prompts"][0]["prompt"], "sks")
 
 
-def test_generation_not_available_is_user_error(embedders, tmp_path, dataset_dir, monkeypatch):
-    dino, clip = embedders
-    monkeypatch.setitem(sys.modules, "personalize.generate", None)  # import now raises ImportError
-    run_dir = make_run(tmp_path / "runs", method="lora", base="tiny")
-    with pytest.raises(UserError, match="generation is not available yet"):
-        evaluate_run(run_dir, dino=dino, clip=clip, data_dir=str(dataset_dir))
-
-
 def test_eval_command_missing_evaluator_is_one_line(tmp_path, capsys, monkeypatch):
     from personalize.cli import main
 
@@ -260,3 +252,38 @@ def test_report_without_scores_is_user_error(tmp_path):
     make_run(tmp_path / "runs", method="lora", base="tiny")
     with pytest.raises(UserError, match="personalize eval"):
         build_report(tmp_path / "runs")
+
+
+# ------------------------------------------------------------------ end to end on a real tiny run
+def test_eval_and_report_end_to_end_on_a_tiny_run(lora_run_object, tiny_model_dirs, tmp_path, cli):
+    """`personalize eval` generates the 25 protocol prompts x N images with the run's LoRA, scores
+    them, reuses them on a second call; `personalize report` gathers it."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    run = runs / "lora" / "tiny" / "backpack"
+    shutil.copytree(lora_run_object, run)
+    flags = ["--dino", tiny_model_dirs["dino"], "--clip", tiny_model_dirs["clip"], "--images-per-prompt", "2",
+             "--steps", "2", "--device", "cpu"]
+    r = cli("eval", run, *flags)
+    assert r.code == 0, r.err
+    images = sorted((run / EVAL_DIR / "images").glob("*.png"))
+    assert len(images) == 50
+    prompts = read_csv(run / EVAL_DIR / "scores_prompts.csv")
+    assert len(prompts) == 25 and {int(p["n_images"]) for p in prompts} == {2}
+    assert prompts[0]["prompt"].startswith("a zwx backpack") and "zwx" not in prompts[0]["clip_prompt"]
+    doc = json.loads((run / EVAL_DIR / "scores.json").read_text())
+    assert doc["scores"]["n_images"] == 50 and doc["run"] == {"method": "lora", "base": "tiny"}
+    assert all(-1 <= doc["scores"][m] <= 1 for m in ("dino", "clip_i", "clip_t"))
+    with Image.open(images[0]) as im:  # the generator's metadata says which adapter drew it
+        assert json.loads(im.text["personalize"])["adapters"][0]["subject"] == "my_backpack"
+
+    stamps = [p.stat().st_mtime_ns for p in images]
+    assert cli("eval", run, *flags).code == 0
+    assert [p.stat().st_mtime_ns for p in images] == stamps  # same settings: nothing regenerated
+    assert json.loads((run / EVAL_DIR / "scores.json").read_text())["scores"] == doc["scores"]
+
+    assert cli("report", runs).code == 0
+    rows = read_csv(runs / "report.csv")
+    assert [r["row"] for r in rows] == ["run", "mean", "real"] and rows[0]["subject"] == "my_backpack"
+    assert {p.name for p in runs.iterdir()} >= {"report.md", "report.csv", "report.png"}

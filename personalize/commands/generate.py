@@ -1,0 +1,87 @@
+"""`personalize generate` and `personalize export`: flags -> personalize.generate / personalize.export."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _generate(args) -> int:
+    from ..generate import collect_prompts, generate_to_dir, resolve_source
+
+    src = resolve_source(args.run_dir, args.adapter or [], args.adapter_weights, args.base, args.lora_scale,
+                         args.scheduler)
+    templates = collect_prompts(src, args.prompt, args.prompts, args.protocol)
+    out, jobs, made = generate_to_dir(
+        src, templates, args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, resolution=args.resolution,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    reused = len(jobs) - made
+    print(f"{len(jobs)} image(s) in {out}" + (f" ({reused} already there with the same settings)" if reused else ""))
+    return 0
+
+
+def _export(args) -> int:
+    from ..export import export_kohya, export_merged
+
+    if args.format == "kohya":
+        out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite)
+    else:
+        out = export_merged(args.run_dir, args.out, lora_scale=args.lora_scale, base=args.base,
+                            overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    print(out)
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..generate import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
+    from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS
+
+    p = sub.add_parser("generate", help="draw images with a personalized model (LoRA, full, several adapters)",
+                       description="Generate images with a run's LoRA on its base, a full run's pipeline, or several "
+                                   "LoRA adapters mixed. {token} and {class} in prompts fill in from the run.")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a finished lora or full run")
+    p.add_argument("--adapter", action="append", type=Path, metavar="RUN_DIR",
+                   help="a LoRA run to load (repeat to mix several)")
+    p.add_argument("--adapter-weights", type=_floats, default=None, metavar="W1,W2",
+                   help="one weight per adapter, RUN_DIR first (default 1 each)")
+    p.add_argument("--base", default=None, help="generate on this base instead of the one the adapters were trained on")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable), e.g. 'a {token} {class} in the snow'")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="a file with one prompt per line")
+    p.add_argument("--protocol", action="store_true", help="the subject's 25 DreamBooth evaluation prompts")
+    p.add_argument("-n", "--images-per-prompt", type=int, default=1, help="images per prompt; image j uses seed+j")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
+                   help=f"sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++, as the BK-SDM generation scripts)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--resolution", type=int, default=None, help="px (default: the run's training resolution)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"first seed (default {DEFAULT_SEED})")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies every adapter's weight (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default 8 CUDA, 2 CPU)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("-o", "--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<time>)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt weights (trusted sources only)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("export", help="export a LoRA run: kohya file (A1111/ComfyUI) or merged pipeline",
+                       description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas. "
+                                   "merged: the LoRA fused into a complete diffusers pipeline directory.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished LoRA run")
+    p.add_argument("--format", required=True, choices=["kohya", "merged"])
+    p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya) or directory (merged)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="merged: scale the adapter is fused at")
+    p.add_argument("--base", default=None, help="merged: fuse into this base instead of the training base")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt base weights")
+    p.set_defaults(func=_export)
