@@ -5,8 +5,10 @@ Sources (`DataSpec.source`):
 - a local folder of images plus ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + a
   caption column), read with the ``imagefolder`` builder, as the BK-SDM scripts do for LAION
   subsets;
-- any `datasets` dataset (hub id or local dataset dir) with an image and a text column; with
-  ``streaming=True`` it is never materialised on disk (LAION-scale sets).
+- a local folder of data files that `datasets` reads by extension (parquet, arrow, or
+  webdataset ``.tar`` shards as written by img2dataset for LAION subsets);
+- any `datasets` dataset (hub id or a ``save_to_disk`` dir) with an image and a text column;
+  with ``streaming=True`` it is never materialised on disk (LAION-scale sets).
 
 Batches are addressed by number, not drawn from an iterator: batch ``k`` of process ``rank`` is a
 pure function of (seed, k, rank), for map-style data. That is what makes `fit`'s resume exact
@@ -30,6 +32,7 @@ import torch
 from personalize.errors import UserError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DATA_FILE_EXTS = {".parquet", ".arrow", ".tar"}  # shard formats `datasets` reads from a plain folder
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "png", "pixel_values")
 CAPTION_COLUMN_GUESSES = ("text", "caption", "captions", "prompt", "txt", "sentences")
@@ -64,18 +67,32 @@ def _image_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
 
 
+def _data_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.suffix.lower() in DATA_FILE_EXTS and p.is_file()]
+
+
 def open_dataset(spec: DataSpec):
     """Load `spec.source` as a `datasets.Dataset` (or `IterableDataset` when streaming); returns
     ``(dataset, image_column, caption_column)``. Every failure is a one-line UserError."""
     import datasets
 
     root = Path(spec.source).expanduser()
-    if root.is_dir() and not (root / "dataset_info.json").exists() and not (root / "dataset_dict.json").exists():
-        n = len(_image_files(root))
-        if n == 0:
-            raise UserError(f"--data {spec.source}: no image files ({', '.join(sorted(IMAGE_EXTS))}) in the folder")
+    if spec.source.startswith(("/", "./", "../", "~")) and not root.exists():
+        # would otherwise be taken for a hub dataset name and fail with a confusing message
+        raise UserError(f"--data {spec.source}: no such folder")
+    saved = (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()
+    n_images = len(_image_files(root)) if root.is_dir() and not saved else 0  # one walk: folders can be huge
+    if root.is_dir() and not saved and not n_images and _data_files(root):
+        try:
+            ds = datasets.load_dataset(str(root), split=spec.split, streaming=spec.streaming)
+        except Exception as e:  # noqa: BLE001 - mixed formats, corrupt shards, no such split
+            raise UserError(f"--data {spec.source}: cannot read the data files ({_one_line(e)})") from None
+    elif root.is_dir() and not saved:
+        if n_images == 0:
+            raise UserError(f"--data {spec.source}: no image files ({', '.join(sorted(IMAGE_EXTS))}) and no data "
+                            f"files ({', '.join(sorted(DATA_FILE_EXTS))}) in the folder")
         if not any(any(root.rglob(m)) for m in METADATA_FILES):
-            raise UserError(f"--data {spec.source}: {n} images but no captions; add metadata.jsonl or metadata.csv "
+            raise UserError(f"--data {spec.source}: {n_images} images but no captions; add metadata.jsonl or metadata.csv "
                             f"with a file_name column and a caption column (e.g. text)")
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=spec.split, streaming=spec.streaming)

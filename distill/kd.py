@@ -61,6 +61,10 @@ def feature_pairs(teacher_cfg: dict, student_cfg: dict) -> list[FeaturePair]:
         raise ValueError(f"student has {n_s} stages, teacher {n_t}: not a BK-SDM student of this teacher")
     if list(s["block_out_channels"]) != list(t["block_out_channels"])[:n_s]:
         raise ValueError(f"student widths {s['block_out_channels']} are not the teacher's {t['block_out_channels']}")
+    # both U-Nets see the same noisy latent and the same text embedding (the student's encoder)
+    for k in ("in_channels", "out_channels", "cross_attention_dim"):
+        if s[k] != t[k] and not (k == "cross_attention_dim" and _per_stage(s[k], n_s) == _per_stage(t[k], n_s)):
+            raise ValueError(f"student {k} {s[k]} differs from the teacher's {t[k]} (another SD family?)")
     pairs = []
     for i in range(n_s):
         if offset and i == n_s - 1:
@@ -70,6 +74,11 @@ def feature_pairs(teacher_cfg: dict, student_cfg: dict) -> list[FeaturePair]:
     for i in range(n_s):
         pairs.append(FeaturePair(f"up_blocks.{i}", f"up_blocks.{i + offset}"))
     return pairs
+
+
+def _per_stage(v, n: int) -> list:
+    """A per-stage config value as a list over the first `n` stages (ints are the same everywhere)."""
+    return list(v)[:n] if isinstance(v, (list, tuple)) else [v] * n
 
 
 def stage_output(out) -> torch.Tensor:

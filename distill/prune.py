@@ -48,21 +48,49 @@ def _read_unet_config(pipeline_dir: Path) -> dict:
     f = pipeline_dir / "unet" / "config.json"
     if not f.is_file():
         raise UserError(f"{pipeline_dir}: no unet/config.json")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f}: not valid JSON ({e})") from None
+
+
+def checked_student_config(tcfg: dict, arch: StudentArch, teacher: str) -> dict:
+    """`student_config`, with a teacher the recipe cannot prune reported as a one-line UserError."""
+    try:
+        return student_config(tcfg, arch)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"teacher {teacher}: cannot build {arch.name} from its U-Net config ({e})") from None
 
 
 def dry_run(teacher: str, arch_name: str, resolution: int = 512) -> tuple[ArchReport, ArchReport]:
     """Parameter counts and U-Net MACs per denoising step of teacher and student (meta device)."""
     arch = get_arch(arch_name)
     tcfg = teacher_unet_config(teacher)
-    return report(tcfg, "teacher", resolution), report(student_config(tcfg, arch), arch.name, resolution)
+    scfg = checked_student_config(tcfg, arch, teacher)
+    return report(tcfg, "teacher", resolution), report(scfg, arch.name, resolution)
+
+
+def check_output(out: Path, overwrite: bool, flag: str = "-o") -> Path:
+    """Refuse an output that is a file, or a non-empty directory unless `overwrite` (cheap; run first)."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; choose another {flag} or pass --overwrite")
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp sibling + rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """`pipeline.save_pretrained` (safetensors) into a temp sibling of `out`, then rename into place."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
+    out = check_output(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -81,11 +109,44 @@ def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None
     return out
 
 
-def load_pipeline(path: Path, **components):
-    """The diffusers pipeline at `path` (fp32 as stored; no safety checker needed to distill)."""
+def load_pipeline(path: Path, allow_pickle: bool = False, **components):
+    """The diffusers pipeline at `path` (fp32 as stored), from safetensors only unless `allow_pickle`."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(str(path), **components)
+    from personalize.pipeline import check_safetensors
+
+    check_safetensors(path, allow_pickle)
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=_use_safetensors(allow_pickle), **components)
+    except (OSError, ValueError) as e:  # a component without safetensors, a broken model_index.json
+        raise UserError(f"{path}: cannot load the pipeline ({_one_line(e)})") from None
+
+
+def load_unet(pipeline_dir: Path, allow_pickle: bool = False, dtype=None):
+    """The U-Net of a pipeline dir, safetensors only unless `allow_pickle`, loaded straight into
+    `dtype` (personalize's streaming loader: no fp32 copy of a half-precision teacher)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from personalize.pipeline import check_safetensors, load_cast
+
+    check_safetensors(pipeline_dir, allow_pickle)
+    try:
+        return load_cast(UNet2DConditionModel, Path(pipeline_dir) / "unet", dtype or torch.float32,
+                         use_safetensors=_use_safetensors(allow_pickle))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{pipeline_dir}/unet: cannot load the U-Net ({_one_line(e)})") from None
+
+
+def _use_safetensors(allow_pickle: bool) -> bool | None:
+    # None, not False: False makes diffusers/transformers look for pickles *only*, and a pipeline
+    # mixing both formats would then fail on its safetensors components
+    return None if allow_pickle else True
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -107,19 +168,17 @@ def provenance(teacher: str, teacher_path: Path, arch: StudentArch, tcfg: dict, 
     }
 
 
-def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, log=print) -> PruneResult:
+def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allow_pickle: bool = False,
+          log=print) -> PruneResult:
     """Write the `arch_name` student of `teacher` as a pipeline directory at `out`."""
-    from diffusers import UNet2DConditionModel
-
     from .mapping import init_student_from_teacher
 
     arch = get_arch(arch_name)
-    out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
+    out = check_output(out, overwrite)
     tpath = resolve_teacher(teacher)
     log(f"teacher {teacher} -> {tpath}")
-    teacher_unet = UNet2DConditionModel.from_pretrained(str(tpath), subfolder="unet")
+    checked_student_config(_read_unet_config(tpath), arch, teacher)  # before reading any weights
+    teacher_unet = load_unet(tpath, allow_pickle)
     tcfg = dict(teacher_unet.config)
     student, cov = init_student_from_teacher(teacher_unet, arch)
     del teacher_unet  # SD-size teachers: keep peak memory to one U-Net plus the student
@@ -127,7 +186,7 @@ def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, log=
     log(rt.line())
     log(rs.line(rt))
     log(f"every student tensor initialised from the teacher; {len(cov.unused_teacher_keys)} teacher tensors dropped")
-    pipe = load_pipeline(tpath, unet=student)
+    pipe = load_pipeline(tpath, allow_pickle, unet=student)
     meta = provenance(teacher, tpath, arch, tcfg, unet_params=rs.params, teacher_unet_params=rt.params,
                       unet_macs_512=rs.macs.total, teacher_unet_macs_512=rt.macs.total)
     final = save_pipeline_atomic(pipe, out, {PROVENANCE_FILE: json.dumps(meta, indent=1)}, overwrite=overwrite)

@@ -26,7 +26,9 @@ from personalize.errors import UserError
 
 from .data import DataSpec, MapBatches, make_batches
 from .kd import Distiller, KDWeights, feature_pairs
-from .prune import PROVENANCE_FILE, load_pipeline, resolve_teacher, save_pipeline_atomic
+from .prune import (
+    PROVENANCE_FILE, check_output, load_pipeline, load_unet, resolve_teacher, save_pipeline_atomic, write_text_atomic,
+)
 
 STUDENT_DIR = "student"
 PRECOMPUTED_DIR = "precomputed"
@@ -50,6 +52,7 @@ class DistillConfig:
     checkpoint_every: int = 5000  # kd_train.sh: --checkpointing_steps 5000
     log_every: int = 10
     precompute: bool = False  # cache latents + text embeddings (map-style data, center crop only)
+    allow_pickle: bool = False  # project rule: safetensors weights only unless the user says so
     resume: bool = False
 
     def to_json(self) -> dict:
@@ -73,7 +76,10 @@ class Precomputed:
     @staticmethod
     def valid(root: Path, fingerprint: dict) -> bool:
         f = root / "meta.json"
-        return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fingerprint
+        try:
+            return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fingerprint
+        except (json.JSONDecodeError, AttributeError):  # unreadable cache: recompute it
+            return False
 
     def _shard(self, i: int):
         from safetensors import safe_open
@@ -117,7 +123,8 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
         save_file(tensors, str(out / f"shard-{s0 // Precomputed.SHARD:05d}.safetensors"))
         log(f"precomputed {min(n, s0 + Precomputed.SHARD)}/{n}")
-    (out / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "n": n}))
+    # written last and atomically: its presence is what marks the shards as complete
+    write_text_atomic(out / "meta.json", json.dumps({"fingerprint": fingerprint, "n": n}))
     return Precomputed(out)
 
 
@@ -131,20 +138,30 @@ def _check_student_dir(path: str) -> Path:
     return p.resolve()
 
 
+def micro_batch_number(step: int, micro: int, gradient_accumulation_steps: int) -> int:
+    """Which batch of the data a micro-step reads: consecutive and distinct over the whole run
+    (step counts from 1), so every micro-step of an accumulated step sees new rows."""
+    return (step - 1) * gradient_accumulation_steps + micro
+
+
 def _weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def train(cfg: DistillConfig, log=print) -> Path:
     """Run BK-SDM KD training; returns the written student pipeline directory."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from personalize.train import FitConfig, fit, list_checkpoints, make_accelerator
 
     out = Path(cfg.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory")
     if not cfg.resume and list_checkpoints(out):
         raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or choose another -o")
+    if (out / STUDENT_DIR).exists():
+        check_output(out / STUDENT_DIR, overwrite=cfg.resume)  # a finished run's student is never overwritten silently
     if not cfg.data.source:
         raise UserError("--data is required")
     if cfg.precompute and (cfg.data.streaming or not cfg.data.center_crop):
@@ -159,8 +176,9 @@ def train(cfg: DistillConfig, log=print) -> Path:
 
     batches = make_batches(cfg.data, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
 
-    student = UNet2DConditionModel.from_pretrained(str(student_dir), subfolder="unet")
-    teacher = UNet2DConditionModel.from_pretrained(str(teacher_dir), subfolder="unet")
+    student = load_unet(student_dir, cfg.allow_pickle)
+    # frozen: loaded straight into the compute dtype, never an fp32 copy on the side
+    teacher = load_unet(teacher_dir, cfg.allow_pickle, dtype=wdtype)
     try:
         pairs = feature_pairs(dict(teacher.config), dict(student.config))
     except ValueError as e:
@@ -168,11 +186,11 @@ def train(cfg: DistillConfig, log=print) -> Path:
     student.requires_grad_(True)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    teacher.to(device, dtype=wdtype)
+    teacher.to(device)
     scheduler = DDPMScheduler.from_pretrained(str(student_dir), subfolder="scheduler")
     distiller = Distiller(student, teacher, scheduler, pairs, cfg.kd)
 
-    pipe = load_pipeline(student_dir, unet=student, safety_checker=None, feature_extractor=None,
+    pipe = load_pipeline(student_dir, cfg.allow_pickle, unet=student, safety_checker=None, feature_extractor=None,
                          requires_safety_checker=False)
     vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (vae, text_encoder):
@@ -200,7 +218,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
         text_encoder.to("cpu")
 
     def loss_fn(models: dict, step: int, micro: int, generator: torch.Generator) -> dict:
-        k = (step - 1) * cfg.gradient_accumulation_steps + micro
+        k = micro_batch_number(step, micro, cfg.gradient_accumulation_steps)
         if store is not None:
             plan = batches.plan(k)
             got = [store.get(e.index, e.flip) for e in plan]
@@ -223,7 +241,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
                 "feature_pairs": [asdict(p) for p in pairs], "fit": asdict(run_cfg),
                 "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
-        (out / PROVENANCE_FILE).write_text(json.dumps(resolved, indent=1))
+        write_text_atomic(out / PROVENANCE_FILE, json.dumps(resolved, indent=1))
     log(f"KD: {len(pairs)} feature pairs, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"
         f" x {accelerator.num_processes} process(es), {cfg.steps} steps, {accelerator.mixed_precision} precision")
     result = fit(accelerator, {"unet": student}, loss_fn, run_cfg, out, resume=cfg.resume,
@@ -233,14 +251,15 @@ def train(cfg: DistillConfig, log=print) -> Path:
     final = out / STUDENT_DIR
     if accelerator.is_main_process:
         trained = result.models["unet"].to("cpu", torch.float32)
-        final_pipe = load_pipeline(student_dir, unet=trained)
+        final_pipe = load_pipeline(student_dir, cfg.allow_pickle, unet=trained)
         resolved["final_losses"] = result.losses
         prov = student_dir / PROVENANCE_FILE
         if prov.is_file():
             resolved["pruned_from"] = json.loads(prov.read_text())
         text = json.dumps(resolved, indent=1)
         save_pipeline_atomic(final_pipe, final, {PROVENANCE_FILE: text}, overwrite=True)
-        (out / PROVENANCE_FILE).write_text(text)
+        write_text_atomic(out / PROVENANCE_FILE, text)
         log(f"wrote {final} (use it as `personalize ... --base {final}`)")
-    accelerator.wait_for_everyone()
+    # no barrier here: fit's end_training() has already torn down the process group, and the
+    # other ranks have nothing left to do (the launcher waits for the main one to finish writing)
     return final

@@ -147,6 +147,9 @@ def _equal(student, teacher, s_prefix, t_prefix) -> bool:
 def test_init_copies_the_right_teacher_tensors(teacher_unet, arch):
     student, _ = init_student_from_teacher(teacher_unet, ARCHS[arch])
     assert not any(p.is_meta for p in student.parameters())
+    # one residual+attention pair per down stage, two per up stage
+    assert [len(b.resnets) for b in student.down_blocks] == [1] * len(student.down_blocks)
+    assert [len(b.resnets) for b in student.up_blocks] == [2] * len(student.up_blocks)
     for i in range(len(student.down_blocks)):  # down stages keep the teacher's first pair
         assert _equal(student, teacher_unet, f"down_blocks.{i}.resnets.0.", f"down_blocks.{i}.resnets.0.")
     off = 1 if arch == "bk-tiny" else 0
@@ -180,14 +183,30 @@ def test_kd_loss_is_exactly_zero_for_the_teachers_full_copy(teacher_unet, tcfg, 
 
 def test_kd_loss_is_positive_for_a_pruned_student(teacher_unet, tcfg, tiny):
     student, _ = init_student_from_teacher(teacher_unet, ARCHS["bk-small"])
-    d = Distiller(student, teacher_unet, tiny["scheduler"], feature_pairs(tcfg, dict(student.config)),
+    teacher = copy.deepcopy(teacher_unet).train().requires_grad_(True)  # as a caller might hand it over
+    d = Distiller(student, teacher, tiny["scheduler"], feature_pairs(tcfg, dict(student.config)),
                   KDWeights(lambda_sd=0.0, lambda_kd_out=2.0, lambda_kd_feat=3.0))
     x, emb = _inputs(teacher_unet)
     out = d(student, x, emb, torch.Generator().manual_seed(0))
     d.remove_hooks()
     assert out["loss_kd_out"] > 0 and out["loss_kd_feat"] > 0
     torch.testing.assert_close(out["loss"], 2 * out["loss_kd_out"] + 3 * out["loss_kd_feat"])
-    assert out["loss"].requires_grad and not teacher_unet.conv_in.weight.requires_grad
+    # the teacher runs frozen: eval mode (no dropout), no parameter asks for a gradient
+    assert out["loss"].requires_grad and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    out["loss"].backward()  # the gradient reaches the student only
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.conv_in.weight.grad is not None and student.up_blocks[0].resnets[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_feature_pairs_refuse_a_student_of_another_teacher(tcfg):
+    other = student_config({**tcfg, "cross_attention_dim": 2 * tcfg["cross_attention_dim"]}, ARCHS["bk-small"])
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        feature_pairs(tcfg, other)
+    wider = student_config({**tcfg, "block_out_channels": [2 * c for c in tcfg["block_out_channels"]]},
+                           ARCHS["bk-small"])
+    with pytest.raises(ValueError, match="widths"):
+        feature_pairs(tcfg, wider)
 
 
 def test_feature_pairs_of_bk_tiny_skip_the_removed_stage(tcfg):
@@ -270,13 +289,34 @@ def test_real_sd_param_counts_match_the_model_cards(family):
         check_coverage(weight_mapping(cfg, ARCHS[arch]), shapes(build_unet(scfg)), shapes(teacher))
 
 
-def test_real_sd_v1_macs_match_the_paper():
+@pytest.fixture(scope="module")
+def real_macs() -> dict:
+    """MACs per step at 512 px of every (family, arch), measured once (meta-device forward, ~0.6 s each)."""
+    return {(fam, a): count_macs(student_config(cfg, ARCHS[a]))
+            for fam, (cfg, _, _) in REAL_COUNTS.items() for a in ["full", *STUDENT_ARCHS]}
+
+
+def test_real_sd_v1_macs_match_the_paper(real_macs):
     # BK-SDM paper, Table 1 (thop, conv+linear): 339G / 224G / 218G / 205G per step at 512 px
-    got = {a: count_macs(student_config(SD_V1_UNET_CONFIG, ARCHS[a])) for a in ["full", *STUDENT_ARCHS]}
     paper = {"full": 339, "bk-base": 224, "bk-small": 218, "bk-tiny": 205}
     for a, g in paper.items():
-        assert abs(got[a].conv_linear / 1e9 - g) < 0.6, (a, got[a])
-    assert got["full"].attention > got["bk-base"].attention > 0
+        assert abs(real_macs["v1", a].conv_linear / 1e9 - g) < 0.6, (a, real_macs["v1", a])
+    assert real_macs["v1", "full"].attention > real_macs["v1", "bk-base"].attention > 0
+
+
+def test_readme_table_holds_the_numbers_the_code_measures(real_macs):
+    readme = (Path(__file__).resolve().parents[1] / "distill" / "README.md").read_text()
+    family = {"SD-v1.4": "v1", "SD-v2.1-base": "v2"}
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in readme.splitlines()
+            if line.startswith("| SD-")]
+    assert len(rows) == 8
+    for teacher, arch, params, conv_linear, attention, total in rows:
+        fam, a = family[teacher], "full" if arch == "teacher" else arch
+        cfg = student_config(REAL_COUNTS[fam][0], ARCHS[a])
+        m = real_macs[fam, a]
+        assert params == f"{count_params(cfg) / 1e6:.1f}M", (teacher, arch)
+        assert [conv_linear, attention, total] == [
+            f"{v / 1e9:.1f}G" for v in (m.conv_linear, m.attention, m.total)], (teacher, arch)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -312,8 +352,34 @@ def test_prune_dry_run_prints_counts_and_macs(distill_cli):
     assert "859.5M" in out and "482.3M" in out and "MACs" in out and "217.6G" in out and "338.6G" in out
 
 
+def test_prune_dry_run_of_a_local_teacher_writes_nothing(distill_cli, teacher_dir, tcfg, tmp_path):
+    code, out, _ = distill_cli("prune", "--teacher", teacher_dir, "--arch", "bk-tiny", "--dry-run",
+                               "--resolution", "64", "-o", tmp_path / "never")
+    assert code == 0 and not (tmp_path / "never").exists()
+    teacher_line, student_line = out.strip().splitlines()[-2:]
+    assert teacher_line.startswith("teacher") and student_line.startswith("bk-tiny")
+    assert f"{count_params(student_config(tcfg, ARCHS['bk-tiny'])) / 1e6:.1f}M" in student_line
+
+
+def test_every_flag_has_help_text(capsys):
+    import argparse
+
+    from distill.cli import build_parser, main
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"prune", "train"}
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "--lambda-kd-feat" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,msg", [
     (["prune", "--teacher", "sd-v1.4", "--arch", "bk-huge", "--dry-run"], "unknown arch 'bk-huge'"),
+    (["prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "--dry-run", "--resolution", "500"], "multiple of 8"),
     (["prune", "--teacher", "/nonexistent/teacher", "--arch", "bk-small", "-o", "/tmp/never"], "no such directory"),
     (["prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "-o", "/tmp/never"], "HF_HUB_OFFLINE"),
     (["prune", "--teacher", "no-such-model", "--arch", "bk-small", "--dry-run"], "unknown base"),
@@ -321,6 +387,57 @@ def test_prune_dry_run_prints_counts_and_macs(distill_cli):
 def test_prune_bad_inputs_give_one_line_and_exit_2(distill_cli, args, msg):
     code, _, err = distill_cli(*args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err and err.startswith("error: ")
+
+
+def test_prune_refuses_an_occupied_output_before_loading(distill_cli, teacher_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, err = distill_cli("prune", "--teacher", teacher_dir, "--arch", "bk-tiny", "-o", afile)
+    assert code == 2 and "not a directory" in err and afile.read_text() == "mine"
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    code, _, err = distill_cli("prune", "--teacher", teacher_dir, "--arch", "bk-tiny", "-o", full)
+    assert code == 2 and "--overwrite" in err and (full / "keep.txt").read_text() == "mine"
+
+
+def test_pickled_teacher_weights_are_refused_unless_allowed(distill_cli, teacher_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled-teacher"
+    shutil.copytree(teacher_dir, pickled)
+    st = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), st.with_suffix(".bin"))
+    st.unlink()
+    code, _, err = distill_cli("prune", "--teacher", pickled, "--arch", "bk-tiny", "-o", tmp_path / "s")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--allow-pickle" in err
+    assert not (tmp_path / "s").exists()
+    code, _, err = distill_cli("prune", "--teacher", pickled, "--arch", "bk-tiny", "-o", tmp_path / "s",
+                               "--allow-pickle")
+    assert code == 0, err
+    assert (tmp_path / "s" / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # written as safetensors
+
+
+def test_a_failed_save_leaves_the_output_as_it_was(tmp_path):
+    from distill.prune import save_pipeline_atomic
+
+    class DiesHalfway:
+        def save_pretrained(self, d, **_):
+            (Path(d) / "unet").mkdir()
+            (Path(d) / "unet" / "part.safetensors").write_bytes(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_pipeline_atomic(DiesHalfway(), tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temp dir
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model_index.json").write_text("{}")
+    with pytest.raises(OSError):
+        save_pipeline_atomic(DiesHalfway(), old, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "model_index.json").read_text() == "{}"
 
 
 def test_train_bad_inputs_give_one_line_and_exit_2(distill_cli, teacher_dir, pruned_tiny, tmp_path):
@@ -336,6 +453,13 @@ def test_train_bad_inputs_give_one_line_and_exit_2(distill_cli, teacher_dir, pru
     code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", tmp_path, "--data", nocap,
                                "-o", tmp_path / "run")
     assert code == 2 and "not a pipeline directory" in err
+    ok = ["train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data", nocap, "-o", tmp_path / "run"]
+    for extra, msg in [(["--data", tmp_path / "missing"], "no such folder"),
+                       (["--lambda-kd-feat", "-1"], "--lambda-kd-feat must be >= 0"),
+                       (["--resolution", "60"], "multiple of 8"), (["--lr", "0"], "--lr 0.0: must be > 0")]:
+        code, _, err = distill_cli(*ok, *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, (extra, err)
+    assert not (tmp_path / "run").exists()
 
 
 TRAIN_FAST = ["--resolution", "64", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--log-every", "1"]
@@ -380,6 +504,29 @@ def test_train_writes_student_config_and_separate_loss_columns(kd_run, pruned_ti
     assert not torch.equal(pipe.unet.conv_in.weight, before.conv_in.weight)  # it trained
     assert (out / "student" / "distill.json").is_file()
     assert (out / "logs").is_dir() and (out / "checkpoints").is_dir()
+
+
+def test_train_logs_every_loss_part_to_tensorboard(kd_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (kd_run / "logs").rglob("events.out.tfevents*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    parts = ["loss", "loss_sd", "loss_kd_out", "loss_kd_feat"]
+    assert {f"train/{k}" for k in parts} <= set(acc.Tags()["scalars"])
+    csv_rows = [r.split(",") for r in (kd_run / "logs" / "loss.csv").read_text().splitlines()[1:]]
+    for i, k in enumerate(parts, start=1):  # the same values as the CSV, step by step
+        tb = [(e.step, e.value) for e in acc.Scalars(f"train/{k}")]
+        assert [s for s, _ in tb] == [int(r[0]) for r in csv_rows]
+        assert all(abs(v - float(r[i])) <= 1e-5 * max(1.0, abs(v)) for (_, v), r in zip(tb, csv_rows))
+
+
+def test_micro_steps_read_consecutive_distinct_batches():
+    from distill.train import micro_batch_number
+
+    ks = [micro_batch_number(step, micro, 4) for step in range(1, 4) for micro in range(4)]
+    assert ks == list(range(12))
 
 
 def test_train_resume_equals_uninterrupted(kd_run, distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path):
@@ -428,11 +575,13 @@ def test_map_batches_are_a_pure_function_of_the_batch_number(caption_folder):
     assert sorted(first[0] + first[1]) == sorted(f"a photo of thing {i}" for i in range(4))
 
 
-def test_personalize_lora_trains_on_a_pruned_student(pruned_tiny, photos, tmp_path):
+@pytest.mark.parametrize("which", ["pruned", "distilled"])
+def test_personalize_lora_trains_on_a_student(which, request, photos, tmp_path):
     from personalize.cli import main
 
+    base = request.getfixturevalue("pruned_tiny") if which == "pruned" else request.getfixturevalue("kd_run") / "student"
     out = tmp_path / "lora"
-    assert main(["lora", "--subject", str(photos), "--class-noun", "dog", "--base", str(pruned_tiny),
+    assert main(["lora", "--subject", str(photos), "--class-noun", "dog", "--base", str(base),
                  "--output-dir", str(out), "--steps", "2", "--resolution", "64", "--class-images", "0",
                  "--validation-images", "0"]) == 0
     assert (out / "pytorch_lora_weights.safetensors").is_file()
