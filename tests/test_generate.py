@@ -213,3 +213,19 @@ def test_unfinished_run_is_refused(lora_run, tmp_path, cli):
     for cmd in (["generate", run], ["export", run, "--format", "kohya", "-o", tmp_path / "k.safetensors"]):
         r = cli(*cmd)
         assert r.code == 2 and "has not finished" in r.err and "--resume" in r.err
+
+
+def test_prompt_sources(lora_run, lora_run_object, tmp_path):
+    from personalize.generate import collect_prompts, resolve_source
+    from personalize.subjects import load_prompts
+
+    src = resolve_source(lora_run)
+    assert collect_prompts(src) == ["a sks dog"]  # nothing given: the run's instance prompt
+    assert collect_prompts(src, protocol=True) == load_prompts("live") and len(load_prompts("live")) == 25
+    obj = resolve_source(lora_run_object)
+    assert collect_prompts(obj, protocol=True) == load_prompts("object") != load_prompts("live")
+    f = tmp_path / "prompts.txt"
+    f.write_text("# my prompts\na {token} {class} at night\n\n  a {class} in a box  \n")
+    assert collect_prompts(src, ["first"], f) == ["first", "a {token} {class} at night", "a {class} in a box"]
+    assert [obj.fill(t) for t in collect_prompts(obj, prompts_file=f)] == ["a zwx backpack at night",
+                                                                             "a backpack in a box"]
