@@ -99,7 +99,8 @@ def _add_train(sub):
                    help="weight of the output KD loss (default 1)")
     g.add_argument("--lambda-kd-feat", type=float, default=k.lambda_kd_feat,
                    help="weight of the feature KD loss (default 1)")
-    g.add_argument("--seed", type=int, default=c.seed, help="seed of data order, noise and timesteps (default %(default)s)")
+    g.add_argument("--seed", type=int, default=c.seed,
+                   help="seed of data order, noise and timesteps (default %(default)s)")
     g.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every,
                    help="save a resumable checkpoint every N steps (default %(default)s; the last step always)")
     g.add_argument("--log-every", type=int, default=c.log_every,

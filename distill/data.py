@@ -92,8 +92,8 @@ def open_dataset(spec: DataSpec):
             raise UserError(f"--data {spec.source}: no image files ({', '.join(sorted(IMAGE_EXTS))}) and no data "
                             f"files ({', '.join(sorted(DATA_FILE_EXTS))}) in the folder")
         if not any(any(root.rglob(m)) for m in METADATA_FILES):
-            raise UserError(f"--data {spec.source}: {n_images} images but no captions; add metadata.jsonl or metadata.csv "
-                            f"with a file_name column and a caption column (e.g. text)")
+            raise UserError(f"--data {spec.source}: {n_images} images but no captions; add metadata.jsonl or "
+                            f"metadata.csv with a file_name column and a caption column (e.g. text)")
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=spec.split, streaming=spec.streaming)
         except Exception as e:  # noqa: BLE001 - malformed metadata, unreadable files: one line for the user

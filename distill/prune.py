@@ -117,7 +117,8 @@ def load_pipeline(path: Path, allow_pickle: bool = False, **components):
 
     check_safetensors(path, allow_pickle)
     try:
-        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=_use_safetensors(allow_pickle), **components)
+        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=_use_safetensors(allow_pickle),
+                                                 **components)
     except (OSError, ValueError) as e:  # a component without safetensors, a broken model_index.json
         raise UserError(f"{path}: cannot load the pipeline ({_one_line(e)})") from None
 

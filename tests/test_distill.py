@@ -551,6 +551,23 @@ def test_precomputed_latents_train_like_on_the_fly(kd_run, distill_cli, teacher_
         assert abs(float(x) - float(y)) < 1e-4 * max(1.0, abs(float(x)))
 
 
+def test_train_streams_data_under_bf16_mixed_precision(distill_cli, teacher_dir, pruned_tiny, caption_folder,
+                                                       tmp_path):
+    from safetensors.torch import load_file
+
+    out = _train(distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path / "bf16", 1,
+                 "--streaming", "--shuffle-buffer", "2", "--mixed-precision", "bf16",
+                 "--gradient-accumulation-steps", "1")
+    meta = json.loads((out / "distill.json").read_text())
+    assert meta["mixed_precision"] == "bf16" and meta["config"]["data"]["streaming"]
+    parts = [float(v) for v in (out / "logs" / "loss.csv").read_text().splitlines()[1].split(",")[1:]]
+    assert all(0 < v < float("inf") for v in parts)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    trained, pruned = load_file(out / "student" / name), load_file(pruned_tiny / name)
+    assert all(t.dtype == torch.float32 for t in trained.values())  # saved full precision, as pruned
+    assert not torch.equal(trained["conv_in.weight"], pruned["conv_in.weight"])
+
+
 # ---------------------------------------------------------------------------- data
 def test_map_batches_are_a_pure_function_of_the_batch_number(caption_folder):
     from distill.data import DataSpec, make_batches
@@ -579,7 +596,8 @@ def test_map_batches_are_a_pure_function_of_the_batch_number(caption_folder):
 def test_personalize_lora_trains_on_a_student(which, request, photos, tmp_path):
     from personalize.cli import main
 
-    base = request.getfixturevalue("pruned_tiny") if which == "pruned" else request.getfixturevalue("kd_run") / "student"
+    base = request.getfixturevalue("pruned_tiny" if which == "pruned" else "kd_run")
+    base = base if which == "pruned" else base / "student"
     out = tmp_path / "lora"
     assert main(["lora", "--subject", str(photos), "--class-noun", "dog", "--base", str(base),
                  "--output-dir", str(out), "--steps", "2", "--resolution", "64", "--class-images", "0",
