@@ -50,15 +50,49 @@ class DistillConfig:
     max_grad_norm: float = 1.0  # kd_train.sh: --max_grad_norm 1
     seed: int = 1234  # kd_train.sh: --seed 1234
     checkpoint_every: int = 5000  # kd_train.sh: --checkpointing_steps 5000
-    log_every: int = 10
+    log_every: int = 10  # loss.csv resolution vs one host sync per window (fit's hot loop never syncs)
     precompute: bool = False  # cache latents + text embeddings (map-style data, center crop only)
     allow_pickle: bool = False  # project rule: safetensors weights only unless the user says so
-    resume: bool = False
+    resume: bool = False  # an existing run dir is continued only when asked
+
+    # may change between an interrupted run and its resume without changing what is trained
+    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "resume", "allow_pickle")
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("resume")
         return d
+
+
+def _normalised(config: dict) -> dict:
+    """The same paths spelled differently (relative, ~) compare equal; the run dir is the one resumed."""
+    def norm(v):
+        p = Path(v).expanduser() if isinstance(v, str) and v else None
+        return str(p.resolve()) if p is not None and p.exists() else v
+
+    out = {k: norm(v) if k in ("teacher", "student") else v for k, v in config.items() if k != "output"}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {**out["data"], "source": norm(out["data"].get("source"))}
+    return out
+
+
+def check_resume_config(cfg: DistillConfig, run_dir: Path) -> None:
+    """Exact resume needs the same run: refuse a --resume whose settings differ from the ones
+    recorded in ``run_dir/distill.json`` (more --steps is fine)."""
+    f = run_dir / PROVENANCE_FILE
+    if not f.is_file():
+        return
+    try:
+        before = json.loads(f.read_text())["config"]
+    except (json.JSONDecodeError, KeyError):
+        raise UserError(f"{f}: unreadable; cannot check that --resume continues the same run") from None
+    now = _normalised(cfg.to_json())
+    before = _normalised(before)
+    diff = [k for k in now if k not in DistillConfig.RESUMABLE_CHANGES and before.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"--resume with other settings than the run in {run_dir}: {k} was {before.get(k)!r}, now "
+                        f"{now[k]!r}; use the same flags (only --steps, --checkpoint-every, --log-every may change)")
 
 
 # ---------------------------------------------------------------------------- precomputation
@@ -160,6 +194,8 @@ def train(cfg: DistillConfig, log=print) -> Path:
         raise UserError(f"-o {out}: exists and is not a directory")
     if not cfg.resume and list_checkpoints(out):
         raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or choose another -o")
+    if cfg.resume:
+        check_resume_config(cfg, out)
     if (out / STUDENT_DIR).exists():
         check_output(out / STUDENT_DIR, overwrite=cfg.resume)  # a finished run's student is never overwritten silently
     if not cfg.data.source:

@@ -199,6 +199,27 @@ def test_kd_loss_is_positive_for_a_pruned_student(teacher_unet, tcfg, tiny):
     assert student.conv_in.weight.grad is not None and student.up_blocks[0].resnets[0].conv1.weight.grad.abs().sum() > 0
 
 
+def test_gradient_checkpointing_keeps_the_kd_gradients(teacher_unet, tcfg, tiny):
+    # the hooks fire again when checkpointed blocks are recomputed in the backward pass; the loss
+    # and its gradient must not notice
+    grads = []
+    for checkpointing in (False, True):
+        student, _ = init_student_from_teacher(teacher_unet, ARCHS["bk-small"])
+        student.train()
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        d = Distiller(student, teacher_unet, tiny["scheduler"], feature_pairs(tcfg, dict(student.config)), KDWeights())
+        x, emb = _inputs(teacher_unet)
+        out = d(student, x, emb, torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        d.remove_hooks()
+        grads.append((out["loss"].detach(), [p.grad.clone() for p in student.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l0, l1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_feature_pairs_refuse_a_student_of_another_teacher(tcfg):
     other = student_config({**tcfg, "cross_attention_dim": 2 * tcfg["cross_attention_dim"]}, ARCHS["bk-small"])
     with pytest.raises(ValueError, match="cross_attention_dim"):
@@ -536,6 +557,9 @@ def test_train_resume_equals_uninterrupted(kd_run, distill_cli, teacher_dir, pru
     code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data", caption_folder,
                                "-o", b, "--steps", 3, *TRAIN_FAST)
     assert code == 2 and "--resume" in err  # an earlier run is never silently restarted
+    code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data", caption_folder,
+                               "-o", b, "--steps", 3, *TRAIN_FAST, "--resume", "--lr", "1e-4")
+    assert code == 2 and "lr was 5e-05, now 0.0001" in err  # nor continued with other settings
     _train(distill_cli, teacher_dir, pruned_tiny, caption_folder, b, 3, "--resume")
     wa, wb = (load_file(p / "student" / "unet" / "diffusion_pytorch_model.safetensors") for p in (kd_run, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
