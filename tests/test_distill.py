@@ -373,8 +373,10 @@ def test_prune_dry_run_prints_counts_and_macs(distill_cli):
     assert "859.5M" in out and "482.3M" in out and "MACs" in out and "217.6G" in out and "338.6G" in out
 
 
-def test_prune_dry_run_of_a_local_teacher_writes_nothing(distill_cli, teacher_dir, tcfg, tmp_path):
-    code, out, _ = distill_cli("prune", "--teacher", teacher_dir, "--arch", "bk-tiny", "--dry-run",
+@pytest.mark.parametrize("source", ["dir", "registry"])
+def test_prune_dry_run_of_a_teacher_dir_or_registry_name_writes_nothing(source, distill_cli, teacher_dir, tcfg, tmp_path):
+    teacher = teacher_dir if source == "dir" else "tiny"  # registry name of the same in-code backbone
+    code, out, _ = distill_cli("prune", "--teacher", teacher, "--arch", "bk-tiny", "--dry-run",
                                "--resolution", "64", "-o", tmp_path / "never")
     assert code == 0 and not (tmp_path / "never").exists()
     teacher_line, student_line = out.strip().splitlines()[-2:]
