@@ -190,8 +190,13 @@ class Distiller:
         # inference tensors cannot be saved for backward
         with torch.no_grad():
             teacher_pred = self.teacher(noisy.to(tdtype), t, text_emb.to(tdtype)).sample
-        return kd_loss(student_pred, teacher_pred, target, self.student_feats, self.teacher_feats, self.pairs,
-                       self.weights)
+        losses = kd_loss(student_pred, teacher_pred, target, self.student_feats, self.teacher_feats, self.pairs,
+                         self.weights)
+        # the autograd graph keeps what backward needs; holding the stage outputs here as well
+        # would pin a batch of activations (~0.5 GB at 64 x 512 px) until the next step
+        self.student_feats.clear()
+        self.teacher_feats.clear()
+        return losses
 
     def remove_hooks(self):
         self.student_feats.remove()

@@ -176,6 +176,7 @@ def test_kd_loss_is_exactly_zero_for_the_teachers_full_copy(teacher_unet, tcfg, 
     d = Distiller(student, copy.deepcopy(teacher_unet), tiny["scheduler"], pairs, KDWeights())
     x, emb = _inputs(teacher_unet)
     out = d(student, x, emb, torch.Generator().manual_seed(0))
+    assert not d.student_feats.features and not d.teacher_feats.features  # activations not pinned between steps
     d.remove_hooks()
     assert out["loss_kd_out"].item() == 0.0 and out["loss_kd_feat"].item() == 0.0
     assert out["loss_sd"].item() > 0 and torch.equal(out["loss"], out["loss_sd"])
