@@ -7,43 +7,62 @@ import argparse
 from ..evaluators import DEFAULT_CLIP, DEFAULT_DINO
 from .train import add_flags, config_from_args
 
+DESCRIPTION = """\
+Personalize every subject of the DreamBooth dataset (or --subjects), for every base in --bases and
+method in --methods, each into its own run directory <batch-dir>/<base>/<method>/<subject>.
+Each base is loaded once per process and reused across subjects.
+
+Rerun the same command to continue: finished subjects are skipped, an interrupted one resumes from
+its last checkpoint, failed ones are retried. A subject that fails (bad photo, NaN loss, out of
+memory) is recorded in <batch-dir>/summary.md and summary.json and the batch goes on.
+Several GPUs: `accelerate launch --num_processes N -m personalize batch ...` (or --shard i/n per
+process) gives each process its own share of the subjects, one at a time on its own GPU.
+Exit code: 0 when all finished, 1 when any subject (or its --eval) failed, 2 on bad input."""
+
+EXAMPLES = """\
+examples:
+  personalize batch --method lora --base bk-sdm-base
+  personalize batch --subjects 'dog*,cat2' --eval
+  personalize batch --bases bk-sdm-base,bk-sdm-small,bk-sdm-tiny --methods lora,full"""
+
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import _split, default_batch_dir, parse_shard, print_summary, run_batch, select_subjects
+    from ..batch import (default_batch_dir, evaluator, exit_code, parse_shard, print_summary, run_batch,
+                         select_subjects, split_list)
 
-    shard = parse_shard(args.shard)
-    template = config_from_args(args, (args.methods or args.method).split(",")[0], subject="batch")
-    bases = _split(args.bases or args.base)
-    methods = _split(args.methods or args.method)
+    shard = parse_shard(args.shard)  # first: under accelerate launch it picks this process's GPU
+    bases, methods = split_list(args.bases, "--bases"), split_list(args.methods, "--methods")
+    template = config_from_args(args, methods[0], subject="batch")
     subjects = select_subjects(args.subjects, args.data_dir)
-    evaluate = None
-    if args.eval:
-        # evaluators load once, before any training, so a missing model fails in seconds
-        from ..evaluators import ClipEmbedder, DinoEmbedder
-        from ..scoring import evaluate_run
-
-        dino, clip = DinoEmbedder.from_name_or_path(args.dino), ClipEmbedder.from_name_or_path(args.clip)
-
-        def evaluate(run_dir):
-            return evaluate_run(run_dir, dino=dino, clip=clip, data_dir=args.data_dir,
-                                images_per_prompt=args.images_per_prompt)
-    summary = run_batch(template, bases, methods, subjects, args.batch_dir or default_batch_dir(), shard, evaluate)
+    make_eval = evaluator(args.dino, args.clip, args.data_dir, args.images_per_prompt) if args.eval else None
+    summary = run_batch(template, bases, methods, subjects, args.batch_dir or default_batch_dir(), shard, make_eval)
     print_summary(summary)
-    return 1 if summary["counts"]["failed"] else 0
+    return exit_code(summary)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("batch", help="personalize many subjects (x bases x methods), resumable, failure-isolated",
-                       description="Train every subject of the dataset (or --subjects) into its own run directory.")
-    p.add_argument("--method", default="lora", choices=["lora", "full"], help="method (default: lora)")
-    p.add_argument("--methods", default=None, help="comma list, e.g. lora,full (overrides --method)")
-    p.add_argument("--bases", default=None, help="comma list of bases, e.g. bk-sdm-base,bk-sdm-small (overrides --base)")
-    p.add_argument("--subjects", default=None, help="comma list of subject names and globs (default: all with photos)")
-    p.add_argument("--batch-dir", default=None, help="where runs go: <batch-dir>/<base>/<method>/<subject> (default runs/batch)")
-    p.add_argument("--shard", default=None, help="i/n: train only jobs k with k %% n == i (default: from accelerate launch)")
-    p.add_argument("--eval", action="store_true", help="score each subject after training (personalize eval)")
-    p.add_argument("--dino", default=DEFAULT_DINO, help="DINO evaluator (hub id or local dir) for --eval")
-    p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP evaluator for --eval")
-    p.add_argument("--images-per-prompt", type=int, default=4, help="protocol images per prompt for --eval")
-    add_flags(p, skip={"subject", "output_dir", "resume", "overwrite"})
+                       usage="personalize batch [--methods M[,M]] [--bases B[,B]] [--subjects NAMES]\n"
+                             "                         [--batch-dir DIR] [--shard I/N] [--eval] [training flags]",
+                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("batch")
+    g.add_argument("--methods", "--method", dest="methods", default="lora", metavar="M[,M]",
+                   help="lora, full or lora,full (default: lora)")
+    g.add_argument("--bases", "--base", dest="bases", default="bk-sdm-base", metavar="BASE[,BASE]",
+                   help="comma list of backbones: registry names (`personalize backbones`), hub ids or local "
+                        "pipeline dirs (default: bk-sdm-base)")
+    g.add_argument("--subjects", default=None, metavar="NAMES",
+                   help="comma list of subject names and globs, e.g. 'dog*,cat2' (default: all with photos)")
+    g.add_argument("--batch-dir", default=None, help="where the runs and the summary go (default: runs/batch, "
+                                                     "or $PERSONALIZE_BATCH_DIR)")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="train only share I (counted from 0) of N equal shares of the jobs "
+                        "(default: one share per process under accelerate launch, else all)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", action="store_true", help="score each subject after training, as `personalize eval`")
+    e.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO evaluator: hub id or local dir (default: {DEFAULT_DINO})")
+    e.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP evaluator: hub id or local dir (default: {DEFAULT_CLIP})")
+    e.add_argument("--images-per-prompt", type=int, default=4, help="protocol images per prompt (default: 4)")
+    add_flags(p.add_argument_group("training (every subject)"),
+              skip={"subject", "base", "class_noun", "output_dir", "resume", "overwrite"})
     p.set_defaults(func=run)
