@@ -368,10 +368,15 @@ def test_prune_writes_a_loadable_safetensors_pipeline(pruned_tiny, teacher_unet)
     assert img.shape == (1, 64, 64, 3)
 
 
-def test_prune_dry_run_prints_counts_and_macs(distill_cli):
+def test_prune_dry_run_prints_counts_and_macs(distill_cli, real_macs):
     code, out, _ = distill_cli("prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "--dry-run")
-    assert code == 0
-    assert "859.5M" in out and "482.3M" in out and "MACs" in out and "217.6G" in out and "338.6G" in out
+    assert code == 0 and "512px" in out
+    teacher_line, student_line = out.strip().splitlines()[-2:]
+    for line, a in ((teacher_line, "full"), (student_line, "bk-small")):
+        macs, params = real_macs["v1", a], count_params(student_config(SD_V1_UNET_CONFIG, ARCHS[a]))
+        assert f"{params / 1e6:.1f}M params" in line, line  # pinned to the model cards above
+        assert f"{macs.conv_linear / 1e9:.1f}G conv+linear" in line, line
+        assert line.split("=")[1].split()[0] == f"{macs.total / 1e9:.1f}G", line
 
 
 @pytest.mark.parametrize("source", ["dir", "registry"])
