@@ -170,11 +170,13 @@ def test_killed_batch_rerun_equals_uninterrupted(finished_batch, data, tmp_path,
     assert _summary(tmp_path)["counts"] == {"finished": 1, "failed": 0, "pending": 1}
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     monkeypatch.setattr(card, "model_card", die_writing_outputs)
-    assert cli(*args).code == 130
+    r = cli(*args)
+    assert r.code == 130 and "step 2/3" in r.out  # resumed, not restarted
     assert (tmp_path / "tiny" / "lora" / "dog2" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "tiny" / "lora" / "dog2" / "run.json").exists()
     monkeypatch.setattr(card, "model_card", real_card)
-    assert cli(*args).code == 0
+    r = cli(*args)
+    assert r.code == 0 and "step 3/3" in r.out
     ours, ref = _adapters(tmp_path, ["dog", "dog2"]), _adapters(out, ["dog", "dog2"])
     for s in ("dog", "dog2"):
         assert _same(ours[s], ref[s]), s
