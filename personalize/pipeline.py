@@ -110,7 +110,8 @@ def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dt
 
     base_path = Path(base_path)
     check_safetensors(base_path, allow_pickle)
-    st = not allow_pickle
+    # None, not False: False would mean "pickles only" to diffusers/transformers
+    st = None if allow_pickle else True
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer"),
         "text_encoder": load_cast(CLIPTextModel, base_path / "text_encoder", dtype, use_safetensors=st),

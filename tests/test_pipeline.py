@@ -58,3 +58,20 @@ def test_pickle_only_base_is_refused_unless_allowed(tiny_base, tmp_path):
     with pytest.raises(UserError, match="only pickle weights .* --allow-pickle"):
         check_safetensors(base, allow_pickle=False)
     check_safetensors(base, allow_pickle=True)
+
+
+def test_allow_pickle_loads_pickled_and_safetensors_pipelines(tiny_base, tmp_path):
+    """--allow-pickle permits pickles; it must not turn into "pickles only" for a safetensors base."""
+    from diffusers import StableDiffusionPipeline
+
+    from personalize.pipeline import load_components
+
+    pickled = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(tiny_base).save_pretrained(pickled, safe_serialization=False)
+    # transformers 5 always writes safetensors: a mixed pipeline, pickled U-Net and VAE
+    assert not list((pickled / "unet").glob("*.safetensors")) and list((pickled / "unet").glob("*.bin"))
+    with pytest.raises(UserError, match="--allow-pickle"):
+        load_components(pickled)
+    a = load_components(pickled, allow_pickle=True)["unet"].state_dict()
+    b = load_components(tiny_base, allow_pickle=True)["unet"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
