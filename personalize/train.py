@@ -342,7 +342,10 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                     save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
                                     cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # trackers only: `end_training()` would also destroy the process group, and the caller still
+    # needs it under `accelerate launch` (rank 0 writes the outputs while the others wait)
+    for tracker in accelerator.trackers:
+        tracker.finish()
     unwrapped = {k: accelerator.unwrap_model(m) for k, m in prepared_models.items()}
     accelerator.free_memory()  # drop the accelerator's references: a batch reuses the modules
     total = time.perf_counter() - t0
