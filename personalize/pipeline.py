@@ -7,13 +7,14 @@ chunks, to a temp file first and then renamed.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .fileio import write_atomic, write_json, write_text  # noqa: F401 - re-exported
 
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 # DPM-Solver++ with 25 steps, as the BK-SDM generation scripts
@@ -165,24 +166,6 @@ def save_png(img, path: Path, metadata: dict) -> Path:
     for k, v in metadata.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     info.add_text("personalize", json.dumps(metadata))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: Path, obj) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return write_atomic(path, buf.getvalue())

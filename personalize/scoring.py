@@ -24,13 +24,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import UserError
+from .fileio import write_atomic
 from .metrics import clip_t, mean_cosine_to_set, nanmean, real_vs_real, strip_identifier
 from .runs import RUN_JSON, find_run_dirs, read_run, run_token  # noqa: F401 - re-exported
 
@@ -140,21 +140,6 @@ def score_subject(real_images: Sequence[Path], generated: Sequence[GeneratedImag
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6f}"
@@ -227,11 +212,11 @@ def write_scores(out_dir: Path, scores: SubjectScores, *, settings: dict, evalua
         "real_images": real,
     }
     paths = {
-        "images_csv": _write_atomic(out_dir / SCORES_IMAGES_CSV, _csv_text(images, IMAGE_COLUMNS)),
-        "prompts_csv": _write_atomic(out_dir / SCORES_PROMPTS_CSV, _csv_text(scores.prompts, PROMPT_COLUMNS)),
-        "markdown": _write_atomic(out_dir / SCORES_MD, _scores_markdown(doc)),
+        "images_csv": write_atomic(out_dir / SCORES_IMAGES_CSV, _csv_text(images, IMAGE_COLUMNS)),
+        "prompts_csv": write_atomic(out_dir / SCORES_PROMPTS_CSV, _csv_text(scores.prompts, PROMPT_COLUMNS)),
+        "markdown": write_atomic(out_dir / SCORES_MD, _scores_markdown(doc)),
     }
-    paths["json"] = _write_atomic(out_dir / SCORES_JSON, json.dumps(_json_safe(doc), indent=2) + "\n")
+    paths["json"] = write_atomic(out_dir / SCORES_JSON, json.dumps(_json_safe(doc), indent=2) + "\n")
     return paths
 
 
@@ -482,9 +467,9 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> dict[str, Path]
     means, real = summarize(rows)
     out_dir = Path(out_dir) if out_dir else runs_dir
     return {
-        "csv": _write_atomic(out_dir / REPORT_CSV, _csv_text(rows + means + [real], REPORT_COLUMNS)),
-        "markdown": _write_atomic(out_dir / REPORT_MD, _report_markdown(rows, means, real)),
-        "png": _write_atomic(out_dir / REPORT_PNG, _report_png(means, real)),
+        "csv": write_atomic(out_dir / REPORT_CSV, _csv_text(rows + means + [real], REPORT_COLUMNS)),
+        "markdown": write_atomic(out_dir / REPORT_MD, _report_markdown(rows, means, real)),
+        "png": write_atomic(out_dir / REPORT_PNG, _report_png(means, real)),
     }
 
 
