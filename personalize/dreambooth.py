@@ -32,6 +32,9 @@ from .subjects import Subject, fill_prompt, find_subject, list_images, load_prom
 from .train import FitConfig, fit, list_checkpoints, make_accelerator
 
 VALIDATION_PNG = "validation.png"
+# what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
+OUTPUT_NAMES = {LORA_WEIGHTS, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
+                "tokenizer", "scheduler", "feature_extractor", "safety_checker"}
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
 
 
@@ -60,7 +63,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     if ckpts and not cfg.resume:
         raise UserError(f"{run_dir} holds an unfinished run (checkpoint at step {ckpts[-1][0]}); pass --resume "
                         f"to continue it or --overwrite to start over")
-    ours = {"checkpoints", "logs"}
+    # a run killed while writing its final outputs has some of them beside its checkpoints
+    ours = {"checkpoints", "logs"} | (OUTPUT_NAMES if ckpts else set())
     foreign = [p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(".")]
     if foreign:
         raise UserError(f"{run_dir} exists and is not a personalize run (holds {foreign[0]}); pass --overwrite "

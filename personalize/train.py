@@ -267,12 +267,14 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     for m in models.values():
         m.to(accelerator.device)
 
-    start, carried = 0, {}
+    start, carried, last_logged = 0, {}, {}
     if resume:
         ckpts = list_checkpoints(run_dir)
         if ckpts:
             state = load_checkpoint(ckpts[-1][1], params, optimizer)
             start, carried = state["step"], state.get("loss_window", {})
+            # a run resumed at its last step still reports the losses it ended with
+            last_logged = state.get("losses") or {}
             log(f"resuming from {ckpts[-1][1]} (step {start}/{cfg.steps})")
     warm = cfg.lr_warmup_steps
     # the schedule is a pure function of the global step, so resuming only offsets it
@@ -293,7 +295,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     # a logging window cut by a checkpoint carries on after resume, so loss.csv matches an
     # uninterrupted run row for row
     sums = {k: torch.tensor(v, device=accelerator.device) for k, v in carried.get("sums", {}).items()}
-    window, last, timed = carried.get("window", 0), {}, 0
+    window, last, timed = carried.get("window", 0), last_logged, 0
     t0, t_window, sps = time.perf_counter(), time.perf_counter(), float("nan")
     step = start
     step_seconds: list[float] = []

@@ -205,3 +205,26 @@ def test_text_embeddings_are_cached_when_the_text_encoder_is_frozen(train_te, fo
     assert calls["n"] == forwards
     sd = load_file(tmp_path / "r" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.") for k in sd) == train_te
+
+
+def test_run_killed_while_writing_outputs_resumes(photos, tmp_path, cli, monkeypatch):
+    """Killed after the adapter was written but before the run finished: --resume takes the files
+    it left as its own, trains no further, and still reports the losses it ended with."""
+    import personalize.dreambooth as db
+
+    args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--steps", "2", "--class-images", "0",
+            "--output-dir", tmp_path / "r"]
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(db, "write_validation", die)
+    assert cli(*args).code == 130
+    assert (tmp_path / "r" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "r" / "run.json").exists()
+    monkeypatch.undo()
+    r = cli(*args, "--resume")
+    assert r.code == 0, r.err
+    meta = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert meta["status"] == "finished" and set(meta["stats"]["final_losses"]) == {"loss", "loss_instance"}
+    assert (tmp_path / "r" / "validation.png").is_file()
