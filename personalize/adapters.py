@@ -11,8 +11,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers looks for by default
 

@@ -8,7 +8,6 @@ existing destination unless told to overwrite it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
