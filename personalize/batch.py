@@ -22,7 +22,6 @@ import fnmatch
 import json
 import os
 import re
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from typing import Callable
 
 from .config import METHODS, TrainConfig
 from .errors import UserError
+from .fileio import write_atomic, write_json
 from .subjects import data_dir as resolve_data_dir
 from .subjects import load_subjects, photos_present
 
@@ -223,8 +223,8 @@ def run_batch(template: TrainConfig, bases: list[str], methods: list[str], subje
             or evaluator is not None and not _scores_file(j.run_dir(batch_dir)).is_file()]
     evaluate = evaluator() if evaluator is not None and todo else None
     (batch_dir / STATUS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_atomic(batch_dir / BATCH_JSON, json.dumps({"bases": bases, "methods": methods, "subjects": subjects,
-                                                      "config": template.to_json()}, indent=2, default=str))
+    write_json(batch_dir / BATCH_JSON, {"bases": bases, "methods": methods, "subjects": subjects,
+                                        "config": template.to_json()})
     held = _Bases()
     # the overall bar; each subject's step bar (train.fit) nests below it
     with Progress(TextColumn("[bold]batch[/] {task.fields[current]}"), BarColumn(), MofNCompleteColumn(),
@@ -270,14 +270,14 @@ def _run_job(job: Job, template: TrainConfig, batch_dir: Path, held: _Bases, eva
             _free_accelerator_memory()
     status.pop("eval_error", None)
     status["job"] = job.__dict__
-    _write_atomic(status_file, json.dumps(status, indent=2, default=str))
+    write_json(status_file, status)
     if status["status"] == "finished" and evaluate is not None:
         try:
             evaluate(run_dir)
         except Exception as e:  # noqa: BLE001 - scoring failures are reported, not fatal
             status["eval_error"] = describe_error(e)
             log(f"eval failed: {job.label()}: {status['eval_error']}")
-            _write_atomic(status_file, json.dumps(status, indent=2, default=str))
+            write_json(status_file, status)
 
 
 def _drop_partial_outputs(run_dir: Path) -> None:
@@ -312,19 +312,6 @@ def _free_accelerator_memory() -> None:
 
 
 # ------------------------------------------------------------------------------------ summary
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename; the temp name is unique, so shards writing the same file never clash."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(Path(path).read_text())
@@ -382,8 +369,8 @@ def write_summary(batch_dir: Path, jobs: list[Job]) -> dict:
         rows = [job_status(j, batch_dir) for j in jobs]
         counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "pending")}
         summary = {"counts": counts, "eval_errors": sum(bool(r.get("eval_error")) for r in rows), "jobs": rows}
-        _write_atomic(batch_dir / SUMMARY_JSON, json.dumps(summary, indent=2, default=str))
-        _write_atomic(batch_dir / SUMMARY_MD, summary_markdown(summary))
+        write_json(batch_dir / SUMMARY_JSON, summary)
+        write_atomic(batch_dir / SUMMARY_MD, summary_markdown(summary))
     return summary
 
 
