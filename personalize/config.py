@@ -48,7 +48,12 @@ class TrainConfig:
     lora_unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
     lora_text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
-    gradient_checkpointing: bool = True  # BK-SDM: --gradient_checkpointing (memory over speed)
+    # None = auto: on for GPUs under 40 GiB (BK-SDM turns it on to fit a 24 GB card), off on CPU,
+    # where RAM is rarely the limit and recomputation costs step time (benchmarks/RESULTS.md)
+    gradient_checkpointing: bool | None = None
+    # LoRA on CPU: frozen base weights stored in fp16, computed in fp32 (half_storage.py); saves 2
+    # bytes a weight for ~20-30% step time, so off unless memory is short (benchmarks/RESULTS.md)
+    cpu_half_weights: bool = False
     mixed_precision: str = "auto"  # fp16 on CUDA (BK-SDM), fp32 on CPU; bf16 is an option on both
     seed: int = 1234  # BK-SDM: seed 1234
 
@@ -61,6 +66,16 @@ class TrainConfig:
     allow_pickle: bool = False  # only safetensors weights are loaded unless the user says so
     resume: bool = False
     overwrite: bool = False
+
+    def resolved_gradient_checkpointing(self, device) -> bool:
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        import torch
+
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        return torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
 
     def resolved_lr(self) -> float:
         if self.lr is not None:

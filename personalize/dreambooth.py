@@ -27,9 +27,9 @@ from .config import TrainConfig
 from .data import load_training_images, make_grid, with_flips
 from .errors import UserError
 from .runs import RUN_JSON, is_finished
-from .pipeline import build_pipeline, generate, load_components, save_png, write_json, write_text
+from .pipeline import build_pipeline, generate, load_components, load_vae, save_png, write_json, write_text
 from .subjects import Subject, fill_prompt, find_subject, list_images, load_prompts
-from .train import FitConfig, fit, list_checkpoints, make_accelerator
+from .train import FitConfig, bf16_cpu_note, fit, list_checkpoints, make_accelerator
 
 VALIDATION_PNG = "validation.png"
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
@@ -160,17 +160,32 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
     run_dir = p.run_dir
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
     device = accelerator.device
+    note = bf16_cpu_note(accelerator.mixed_precision, device)
+    if note and accelerator.is_main_process:
+        log(note)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     t_start = time.perf_counter()
     # LoRA keeps the base frozen, so under mixed precision its weights live in half precision
     # (the diffusers recipe); full finetuning keeps fp32 master weights and relies on autocast
     frozen_dtype = weight_dtype if cfg.method == "lora" else torch.float32
-    if loaded is not None and loaded.base.path == p.base.path:
+    reuse = loaded is not None and loaded.base.path == p.base.path
+    half_store = (cfg.cpu_half_weights and cfg.method == "lora" and device.type == "cpu"
+                  and weight_dtype == torch.float32)
+    if half_store and reuse:
+        log("note: --cpu-half-weights applies to single runs; a batch keeps its in-memory base in fp32")
+        half_store = False
+    if reuse:
         comps = dict(loaded.reset())
         comps["unet"].to(dtype=frozen_dtype)
         comps["text_encoder"].to(dtype=frozen_dtype)
     else:
-        comps = load_components(p.base.path, cfg.allow_pickle, dtype=frozen_dtype)
+        # half storage: read straight into fp16 (tensor by tensor), never holding the fp32 model
+        comps = load_components(p.base.path, cfg.allow_pickle, dtype=torch.float16 if half_store else frozen_dtype)
+    if half_store:
+        from .half_storage import store_frozen_in_half
+
+        store_frozen_in_half(comps["unet"])
+        store_frozen_in_half(comps["text_encoder"])
     tokenizer, text_encoder, vae, unet = comps["tokenizer"], comps["text_encoder"], comps["vae"], comps["unet"]
     noise_scheduler = comps["noise_scheduler"]
     for m in (text_encoder, vae, unet):
@@ -205,7 +220,12 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
         class_imgs = load_training_images(class_paths, p.resolution, allow_upscale=True)
         cls_mean, cls_std = cache_latent_dists(vae, with_flips(class_imgs), device)
         del class_imgs
-    vae.to("cpu")  # the VAE is not needed again until validation
+    sf = vae.config.scaling_factor
+    if reuse:
+        vae.to("cpu")  # a batch keeps it for the next subject
+    else:
+        # not needed again until the outputs are written (reloaded then): its memory is the training's
+        comps["vae"] = vae = None
     inst_ids, class_ids = tokenize(tokenizer, p.instance_prompt, device), tokenize(tokenizer, p.class_prompt, device)
     train_te = cfg.train_text_encoder
     with torch.no_grad():
@@ -223,7 +243,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
     else:
         unet.requires_grad_(True)
         text_encoder.requires_grad_(train_te)
-    if cfg.gradient_checkpointing:
+    if cfg.resolved_gradient_checkpointing(device):
         unet.enable_gradient_checkpointing()
         if train_te:
             # transformers 5 renamed it; older releases only have the first name
@@ -233,7 +253,6 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
     b = cfg.train_batch_size
     n_inst = inst_mean.shape[0]
     n_cls = cls_mean.shape[0] if prior else 0
-    sf = vae.config.scaling_factor
     n_t = noise_scheduler.config.num_train_timesteps
     prediction = noise_scheduler.config.prediction_type
     te_ids = torch.cat([inst_ids.expand(b, -1)] + ([class_ids.expand(b, -1)] if prior else []))
@@ -272,8 +291,10 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
         unet, text_encoder = result.models["unet"], result.models.get("text_encoder", text_encoder)
         for m in (unet, text_encoder):
             m.eval()
+        if vae is None:
+            vae = load_vae(p.base.path, cfg.allow_pickle)
         vae.to(device)
-        outputs = write_outputs(p, comps | {"unet": unet, "text_encoder": text_encoder}, accelerator, log)
+        outputs = write_outputs(p, comps | {"unet": unet, "text_encoder": text_encoder, "vae": vae}, accelerator, log)
         stats = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2),
                  "seconds_per_step": round(result.seconds_per_step, 4), "final_losses": result.losses,
                  "device": str(device), "mixed_precision": accelerator.mixed_precision}

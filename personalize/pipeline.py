@@ -106,7 +106,7 @@ def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dt
     """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM). The U-Net and
     text encoder load straight into `dtype` (frozen LoRA bases: no fp32 copy ever in memory);
     the VAE stays fp32 (it only encodes the photos once)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base_path = Path(base_path)
@@ -116,10 +116,17 @@ def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dt
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer"),
         "text_encoder": load_cast(CLIPTextModel, base_path / "text_encoder", dtype, use_safetensors=st),
-        "vae": AutoencoderKL.from_pretrained(base_path, subfolder="vae", use_safetensors=st),
+        "vae": load_vae(base_path, allow_pickle),
         "unet": load_cast(UNet2DConditionModel, base_path / "unet", dtype, use_safetensors=st),
         "noise_scheduler": DDPMScheduler.from_pretrained(base_path, subfolder="scheduler"),
     }
+
+
+def load_vae(base_path: Path, allow_pickle: bool = False):
+    """The base's VAE in fp32 (it only encodes the photos once and decodes a few samples)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(Path(base_path), subfolder="vae", use_safetensors=None if allow_pickle else True)
 
 
 def make_scheduler(name: str, config):

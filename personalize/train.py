@@ -70,6 +70,23 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return requested
 
 
+def cpu_bf16_is_native() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX). Without them bf16 is
+    emulated: on an AVX2-only CPU a bf16 conv ran 100x slower than fp32 (benchmarks/RESULTS.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_cpu_note(mixed_precision: str, device) -> str | None:
+    """A one-line note when bf16 was asked for on a CPU that would run it emulated."""
+    if mixed_precision == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_is_native():
+        return ("note: this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 runs emulated and much slower "
+                "than fp32 here; drop --mixed-precision bf16 for speed")
+    return None
+
+
 def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1,
                      log_dir: Path | None = None, cpu: bool | None = None):
     """Build the Accelerator for a run. TF32 matmuls are enabled on Ampere+ (free speed, the

@@ -69,3 +69,20 @@ def test_8bit_adam_on_cpu_falls_back_with_a_message(tmp_path):
     cfg = FitConfig(steps=1, lr=1e-3, use_8bit_adam=True)
     fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, tmp_path, log=said.append)
     assert any("8-bit AdamW needs CUDA" in s for s in said)
+
+
+def test_gradient_checkpointing_auto_is_off_on_cpu_and_flags_win():
+    from personalize.config import TrainConfig
+
+    assert TrainConfig(method="lora", subject="x").resolved_gradient_checkpointing("cpu") is False
+    assert TrainConfig(method="lora", subject="x", gradient_checkpointing=True).resolved_gradient_checkpointing("cpu")
+
+
+def test_bf16_note_only_where_bf16_would_be_emulated(monkeypatch):
+    import personalize.train as tr
+
+    monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: False)
+    assert "no native bf16" in tr.bf16_cpu_note("bf16", "cpu")
+    assert tr.bf16_cpu_note("no", "cpu") is None
+    monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: True)
+    assert tr.bf16_cpu_note("bf16", "cpu") is None

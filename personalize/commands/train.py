@@ -27,6 +27,10 @@ HELP = {
     "mixed_precision": "auto (fp16 on CUDA, fp32 on CPU), no, fp16 or bf16",
     "use_8bit_adam": "bitsandbytes 8-bit AdamW (CUDA only)",
     "allow_pickle": "allow loading .bin/.ckpt pickle weights (only for sources you trust)",
+    "gradient_checkpointing": "recompute activations in backward to save memory (default: on for GPUs under "
+                              "40 GiB, off on CPU)",
+    "cpu_half_weights": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (about half the "
+                        "model memory, slower steps)",
 }
 SKIP = {"method", "lora_unet_targets", "lora_text_encoder_targets"}
 
