@@ -84,6 +84,21 @@ def synthetic_photos(folder: Path, n: int, resolution: int) -> Path:
     return folder
 
 
+def cpu_name() -> str:
+    """e.g. 'AMD EPYC, 2 cores, AVX2' (the model name and the vector ISA torch dispatches to)."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -102,7 +117,9 @@ def worker_ours(a) -> dict:
     cfg = TrainConfig(method=a.method, subject=str(photos), class_noun="dog", base=a.base, steps=a.warmup + a.steps,
                       resolution=a.resolution, class_images=a.class_images if a.prior else 0,
                       class_image_steps=a.class_image_steps, class_image_batch_size=max(1, a.class_images),
-                      mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing,
+                      mixed_precision=a.mixed_precision,
+                      gradient_checkpointing=a.gradient_checkpointing or a.lever == "gradient_checkpointing",
+                      cpu_half_weights=a.lever == "cpu_half_weights",
                       use_8bit_adam=a.use_8bit_adam, checkpoint_every=0, validation_images=0,
                       log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
     run_dir = train(cfg, log=lambda s: None, progress=False, profile_steps=True)
@@ -195,6 +212,8 @@ def worker_reference(a, lever: str | None = None) -> dict:
 
 # ------------------------------------------------------------------ driver
 LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention", "foreach_adamw", "no_host_sync"]
+# our trainer with one option on: the memory levers, each traded against step time
+OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights"]
 
 
 def run_worker(args: list[str], env: dict) -> dict:
@@ -210,15 +229,16 @@ def main() -> int:
     p.add_argument("--methods", default="lora", help="lora,full")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True, help="1 class image per step")
-    p.add_argument("--steps", type=int, default=5, help="measured steps (after warm-up)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--class-images", type=int, default=2, help="class images generated to time generation")
     p.add_argument("--class-image-steps", type=int, default=25)
-    p.add_argument("--mixed-precision", default="auto", help="ours: auto (bf16 on CPU, fp16 on CUDA), no, bf16, fp16")
+    p.add_argument("--mixed-precision", default="auto", help="ours: auto (fp16 on CUDA, fp32 on CPU, as personalize), no, bf16, fp16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="both loops (default off: memory does not need it at these settings)")
     p.add_argument("--use-8bit-adam", action="store_true", help="ours: bitsandbytes AdamW8bit (CUDA)")
     p.add_argument("--levers", default="", help=f"also measure the reference with one lever each: {','.join(LEVERS)} or all")
+    p.add_argument("--options", default="", help=f"also measure ours with one option on each: {','.join(OURS_OPTIONS)} or all")
     p.add_argument("--cache-dir", default=os.environ.get("PERSONALIZE_BENCH_CACHE", str(Path.home() / ".cache/personalize/bench")))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/train_speed.json"))
     p.add_argument("--worker", choices=["ours", "reference", "lever"], help=argparse.SUPPRESS)
@@ -231,8 +251,8 @@ def main() -> int:
     if a.worker:
         import torch
 
-        if a.mixed_precision == "auto":
-            a.mixed_precision = "fp16" if torch.cuda.is_available() else "bf16"
+        if a.mixed_precision == "auto":  # the product's default: fp16 on CUDA, fp32 on CPU
+            a.mixed_precision = "fp16" if torch.cuda.is_available() else "no"
         res = worker_ours(a) if a.worker == "ours" else worker_reference(a, a.lever)
         print(json.dumps(res))
         return 0
@@ -241,18 +261,28 @@ def main() -> int:
 
     cache = Path(a.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    from personalize.train import cpu_bf16_is_native
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
+    slow_bf16 = not torch.cuda.is_available() and not cpu_bf16_is_native()
     settings = {k: getattr(a, k) for k in ("resolution", "prior", "steps", "warmup", "class_images", "class_image_steps",
                                            "mixed_precision", "gradient_checkpointing", "use_8bit_adam")}
     results = []
     levers = LEVERS if a.levers == "all" else [x for x in a.levers.split(",") if x]
+    options = OURS_OPTIONS if a.options == "all" else [x for x in a.options.split(",") if x]
     for model in a.models.split(","):
         t0 = time.perf_counter()
         base = bench_pipeline(model, cache)
         print(f"[{model}] pipeline ready in {time.perf_counter() - t0:.1f}s: {base}", file=sys.stderr)
         for method in a.methods.split(","):
-            plan = [("ours", None), ("reference", None)] + [("lever", lv) for lv in levers]
+            plan = ([("ours", None)] + [("ours", o) for o in options] + [("reference", None)]
+                    + [("lever", lv) for lv in levers])
             for kind, lever in plan:
+                if slow_bf16 and (lever == "bf16_autocast" or (kind == "ours" and a.mixed_precision == "bf16")):
+                    # emulated bf16 would take hours here; benchmarks/cpu_bf16.py measures the cost
+                    results.append({"model": model, "method": method, "impl": kind if not lever else f"reference+{lever}",
+                                    "error": "skipped: no native bf16 on this CPU (see cpu_bf16.py)"})
+                    continue
                 with tempfile.TemporaryDirectory() as work:
                     env = {**os.environ, "PERSONALIZE_CACHE": str(Path(work) / "cache"), "HF_HUB_OFFLINE": "1"}
                     args = ["--worker", kind, "--base", str(base), "--method", method, "--workdir", work,
@@ -267,8 +297,8 @@ def main() -> int:
                         args += ["--use-8bit-adam"]
                     print(f"[{model}] {method} {kind} {lever or ''} ...", file=sys.stderr)
                     r = run_worker(args, env)
-                results.append({"model": model, "method": method, "impl": kind if not lever else f"reference+{lever}",
-                                **r})
+                impl = {"ours": "ours", "reference": "reference", "lever": "reference"}[kind]
+                results.append({"model": model, "method": method, "impl": impl + (f"+{lever}" if lever else ""), **r})
     print_table(results)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +313,7 @@ def print_table(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="DreamBooth training step")
+    t = Table(title="DreamBooth training step (x ref: over the reference loop of the same model and method)")
     for c in ("model", "method", "impl", "s/step", "x ref", "peak MB", "x ref", "load s", "cache s", "class img s"):
         t.add_column(c)
     ref = {(r["model"], r["method"]): r for r in results if r["impl"] == "reference" and "error" not in r}
@@ -300,7 +330,7 @@ def print_table(results: list[dict]) -> None:
                   fmt(r["s_per_step"] / b["s_per_step"]) if b else "", fmt(r["peak_mb"], 0),
                   fmt(r["peak_mb"] / b["peak_mb"]) if b else "", fmt(r["load_s"]), fmt(r["cache_s"]),
                   fmt(r["class_image_s_per_image"]))
-    Console().print(t)
+    Console(width=180).print(t)
 
 
 if __name__ == "__main__":
