@@ -117,7 +117,7 @@ def worker_ours(a) -> dict:
     cfg = TrainConfig(method=a.method, subject=str(photos), class_noun="dog", base=a.base, steps=a.warmup + a.steps,
                       resolution=a.resolution, class_images=a.class_images if a.prior else 0,
                       class_image_steps=a.class_image_steps, class_image_batch_size=max(1, a.class_images),
-                      mixed_precision=a.mixed_precision,
+                      mixed_precision={"bf16": "bf16", "fp32": "no", "cpu_half_weights": "no"}.get(a.lever, a.mixed_precision),
                       gradient_checkpointing=a.gradient_checkpointing or a.lever == "gradient_checkpointing",
                       cpu_half_weights=a.lever == "cpu_half_weights",
                       use_8bit_adam=a.use_8bit_adam, checkpoint_every=0, validation_images=0,
@@ -128,7 +128,7 @@ def worker_ours(a) -> dict:
     times = st["step_seconds"][a.warmup:]
     ci = meta["class_images"]
     return {"s_per_step": statistics.median(times), "step_seconds": times, "peak_mb": peak_memory_mb(),
-            "load_s": st["load_seconds"], "cache_s": st["cache_seconds"],
+            "precision": st["mixed_precision"], "load_s": st["load_seconds"], "cache_s": st["cache_seconds"],
             "class_image_s_per_image": (ci["seconds"] / ci["generated_now"]) if ci.get("generated_now") else None}
 
 
@@ -207,13 +207,14 @@ def worker_reference(a, lever: str | None = None) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - ts)
     return {"s_per_step": statistics.median(times[a.warmup:]), "step_seconds": times[a.warmup:],
-            "peak_mb": peak_memory_mb(), "load_s": load_s, "cache_s": None, "class_image_s_per_image": None}
+            "peak_mb": peak_memory_mb(), "precision": "bf16" if lever == "bf16_autocast" else "no",
+            "load_s": load_s, "cache_s": None, "class_image_s_per_image": None}
 
 
 # ------------------------------------------------------------------ driver
 LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention", "foreach_adamw", "no_host_sync"]
-# our trainer with one option on: the memory levers, each traded against step time
-OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights"]
+# our trainer with one option changed: the memory levers, each traded against step time, and the precision
+OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32"]
 
 
 def run_worker(args: list[str], env: dict) -> dict:
@@ -233,7 +234,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--class-images", type=int, default=2, help="class images generated to time generation")
     p.add_argument("--class-image-steps", type=int, default=25)
-    p.add_argument("--mixed-precision", default="auto", help="ours: auto (fp16 on CUDA, fp32 on CPU, as personalize), no, bf16, fp16")
+    p.add_argument("--mixed-precision", default="auto", help="ours: auto (as personalize: fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, bf16, fp16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="both loops (default off: memory does not need it at these settings)")
     p.add_argument("--use-8bit-adam", action="store_true", help="ours: bitsandbytes AdamW8bit (CUDA)")
@@ -251,8 +252,10 @@ def main() -> int:
     if a.worker:
         import torch
 
-        if a.mixed_precision == "auto":  # the product's default: fp16 on CUDA, fp32 on CPU
-            a.mixed_precision = "fp16" if torch.cuda.is_available() else "no"
+        from personalize.train import resolve_mixed_precision
+
+        # the product's default, resolved as `personalize` does (fp16 on CUDA; bf16 on CPUs with native bf16)
+        a.mixed_precision = resolve_mixed_precision(a.mixed_precision, cpu=not torch.cuda.is_available())
         res = worker_ours(a) if a.worker == "ours" else worker_reference(a, a.lever)
         print(json.dumps(res))
         return 0
@@ -278,7 +281,7 @@ def main() -> int:
             plan = ([("ours", None)] + [("ours", o) for o in options] + [("reference", None)]
                     + [("lever", lv) for lv in levers])
             for kind, lever in plan:
-                if slow_bf16 and (lever == "bf16_autocast" or (kind == "ours" and a.mixed_precision == "bf16")):
+                if slow_bf16 and (lever == "bf16_autocast" or (kind == "ours" and "bf16" in (a.mixed_precision, lever))):
                     # emulated bf16 would take hours here; benchmarks/cpu_bf16.py measures the cost
                     results.append({"model": model, "method": method, "impl": kind if not lever else f"reference+{lever}",
                                     "error": "skipped: no native bf16 on this CPU (see cpu_bf16.py)"})
@@ -314,19 +317,19 @@ def print_table(results: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="DreamBooth training step (x ref: over the reference loop of the same model and method)")
-    for c in ("model", "method", "impl", "s/step", "x ref", "peak MB", "x ref", "load s", "cache s", "class img s"):
+    for c in ("model", "method", "impl", "precision", "s/step", "x ref", "peak MB", "x ref", "load s", "cache s", "class img s"):
         t.add_column(c)
     ref = {(r["model"], r["method"]): r for r in results if r["impl"] == "reference" and "error" not in r}
     for r in results:
         if "error" in r:
-            t.add_row(r["model"], r["method"], r["impl"], "error: " + r["error"][:60], *[""] * 6)
+            t.add_row(r["model"], r["method"], r["impl"], "", "error: " + r["error"][:60], *[""] * 6)
             continue
         b = ref.get((r["model"], r["method"]))
 
         def fmt(x, d=2):
             return "" if x is None else f"{x:.{d}f}"
 
-        t.add_row(r["model"], r["method"], r["impl"], fmt(r["s_per_step"], 3),
+        t.add_row(r["model"], r["method"], r["impl"], r.get("precision", ""), fmt(r["s_per_step"], 3),
                   fmt(r["s_per_step"] / b["s_per_step"]) if b else "", fmt(r["peak_mb"], 0),
                   fmt(r["peak_mb"] / b["peak_mb"]) if b else "", fmt(r["load_s"]), fmt(r["cache_s"]),
                   fmt(r["class_image_s_per_image"]))

@@ -45,7 +45,7 @@ class DistillConfig:
     lr: float = 5e-5  # model card: constant learning rate 5e-5, AdamW, no warm-up
     batch_size: int = 64  # kd_train.sh: 64 per device per micro-step
     gradient_accumulation_steps: int = 4  # model card: batch 256 = 4 x 64
-    mixed_precision: str = "auto"  # kd_train.sh: fp16 on GPU ("auto": fp16 on CUDA, fp32 on CPU)
+    mixed_precision: str = "auto"  # kd_train.sh: fp16 on GPU (auto: fp16 on CUDA; on CPU bf16 where native, else fp32)
     gradient_checkpointing: bool = False  # kd_train.sh enables it to fit batch 64 on one A100; opt-in here
     max_grad_norm: float = 1.0  # kd_train.sh: --max_grad_norm 1
     seed: int = 1234  # kd_train.sh: --seed 1234

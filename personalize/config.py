@@ -54,7 +54,7 @@ class TrainConfig:
     # LoRA on CPU: frozen base weights stored in fp16, computed in fp32 (half_storage.py); saves 2
     # bytes a weight for ~20-30% step time, so off unless memory is short (benchmarks/RESULTS.md)
     cpu_half_weights: bool = False
-    mixed_precision: str = "auto"  # fp16 on CUDA (BK-SDM), fp32 on CPU; bf16 is an option on both
+    mixed_precision: str = "auto"  # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
     seed: int = 1234  # BK-SDM: seed 1234
 
     checkpoint_every: int = 200  # a quarter of a recipe run; only the newest is kept

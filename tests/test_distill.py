@@ -16,7 +16,6 @@ from distill.arch import (
 )
 from distill.kd import Distiller, FeatureCapture, KDWeights, feature_pairs
 from distill.mapping import MappingError, check_coverage, init_student_from_teacher, shapes, weight_mapping
-from personalize.errors import UserError
 
 STUDENT_ARCHS = ["bk-base", "bk-small", "bk-tiny"]
 

@@ -86,3 +86,13 @@ def test_bf16_note_only_where_bf16_would_be_emulated(monkeypatch):
     assert tr.bf16_cpu_note("no", "cpu") is None
     monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: True)
     assert tr.bf16_cpu_note("bf16", "cpu") is None
+
+
+@pytest.mark.parametrize("native, cpu, expected", [(True, True, "bf16"), (False, True, "no"), (True, False, "fp16"),
+                                                   (False, False, "fp16")])
+def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, native, cpu, expected):
+    import personalize.train as tr
+
+    monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: native)
+    assert tr.resolve_mixed_precision("auto", cpu=cpu) == expected
+    assert tr.resolve_mixed_precision("no", cpu=cpu) == "no"  # an explicit choice wins

@@ -24,7 +24,7 @@ HELP = {
     "checkpoint_every": "save a resumable checkpoint every N steps (0: only at the end)",
     "resume": "continue an unfinished run from its last checkpoint",
     "overwrite": "replace a finished run in the output directory",
-    "mixed_precision": "auto (fp16 on CUDA, fp32 on CPU), no, fp16 or bf16",
+    "mixed_precision": "auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, fp16 or bf16",
     "use_8bit_adam": "bitsandbytes 8-bit AdamW (CUDA only)",
     "allow_pickle": "allow loading .bin/.ckpt pickle weights (only for sources you trust)",
     "gradient_checkpointing": "recompute activations in backward to save memory (default: on for GPUs under "
