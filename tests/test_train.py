@@ -96,3 +96,12 @@ def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, n
     monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: native)
     assert tr.resolve_mixed_precision("auto", cpu=cpu) == expected
     assert tr.resolve_mixed_precision("no", cpu=cpu) == "no"  # an explicit choice wins
+
+
+def test_adamw_uses_multi_tensor_kernels_only_on_cuda():
+    from personalize.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = FitConfig(steps=1, lr=1e-3)
+    assert make_optimizer(params, cfg, on_cuda=False).defaults["foreach"] is False
+    assert make_optimizer(params, cfg, on_cuda=True).defaults["foreach"] is True
