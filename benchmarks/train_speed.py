@@ -162,6 +162,8 @@ def worker_reference(a, lever: str | None = None) -> dict:
         getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
     if lever == "channels_last":
         unet.to(memory_format=torch.channels_last)
+    if lever == "torch_compile":
+        unet = torch.compile(unet)  # inductor; the first steps pay the compilation (first_step_s)
     if lever == "classic_attention":
         from diffusers.models.attention_processor import AttnProcessor
 
@@ -206,13 +208,14 @@ def worker_reference(a, lever: str | None = None) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - ts)
-    return {"s_per_step": statistics.median(times[a.warmup:]), "step_seconds": times[a.warmup:],
+    return {"s_per_step": statistics.median(times[a.warmup:]), "step_seconds": times[a.warmup:], "first_step_s": times[0],
             "peak_mb": peak_memory_mb(), "precision": "bf16" if lever == "bf16_autocast" else "no",
             "load_s": load_s, "cache_s": None, "class_image_s_per_image": None}
 
 
 # ------------------------------------------------------------------ driver
-LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention", "foreach_adamw", "no_host_sync"]
+LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention", "foreach_adamw", "no_host_sync",
+          "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32"]
 
