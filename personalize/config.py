@@ -52,7 +52,7 @@ class TrainConfig:
     # where RAM is rarely the limit and recomputation costs step time (benchmarks/RESULTS.md)
     gradient_checkpointing: bool | None = None
     # LoRA on CPU: frozen base weights stored in fp16, computed in fp32 (half_storage.py); saves 2
-    # bytes a weight for ~20-30% step time, so off unless memory is short (benchmarks/RESULTS.md)
+    # bytes a frozen weight for 4-30% more step time (measured), so off unless memory is short (RESULTS.md)
     cpu_half_weights: bool = False
     mixed_precision: str = "auto"  # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
     seed: int = 1234  # BK-SDM: seed 1234

@@ -60,7 +60,7 @@ class FitResult:
 
 def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     """`auto` = fp16 on CUDA (the BK-SDM recipe); on CPU, bf16 where oneDNN runs it natively
-    (AVX512-BF16/AMX: a LoRA step 1.9x faster and a third less memory than fp32, benchmarks/RESULTS.md)
+    (AVX512-BF16/AMX: a bk-sdm-small LoRA step 2.1x faster, 38% less peak memory than fp32, RESULTS.md)
     and fp32 elsewhere (emulated bf16 is far slower). Explicit values pass through; fp16 on CPU is
     not supported."""
     if requested == "auto":
@@ -76,7 +76,7 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
 
 def cpu_bf16_is_native() -> bool:
     """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX). Without them bf16 is
-    emulated: on an AVX2-only CPU a bf16 conv ran 100x slower than fp32 (benchmarks/RESULTS.md)."""
+    emulated: on an AVX2-only CPU a bf16 conv ran 95x slower than fp32 (benchmarks/RESULTS.md)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
