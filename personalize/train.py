@@ -157,7 +157,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, lo
             return bnb.optim.AdamW8bit(params, **kw)
         log("8-bit AdamW needs CUDA (bitsandbytes); using plain AdamW on CPU")
     # multi-tensor (foreach) kernels on CUDA only: on CPU they bought no speed and, for full
-    # finetuning, held a model-sized temporary (+1.7 GB at bk-sdm-small; benchmarks/RESULTS.md)
+    # finetuning, held a model-sized temporary (+1.6 GB at bk-sdm-small; benchmarks/RESULTS.md)
     return torch.optim.AdamW(params, foreach=on_cuda, **kw)
 
 
