@@ -9,7 +9,8 @@ fp32 weight exists at a time. Arithmetic stays fp32; only the weights are rounde
 (10-bit mantissa, SD weights are far inside fp16's range).
 
 `store_frozen_in_half(model)` converts a model in place (LoRA layers, which require grad, are left
-alone); `restore_fp32(model)` undoes it before the model is saved or used by a pipeline.
+alone); the converted model still runs in a pipeline (validation images) and its LoRA layers save as
+usual. `restore_fp32(model)` undoes it, for a caller that wants the plain fp32 base back.
 """
 
 from __future__ import annotations

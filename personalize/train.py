@@ -103,12 +103,13 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    _reset_single_process_state(resolve_mixed_precision(mixed_precision, cpu), cpu)
+    precision = resolve_mixed_precision(mixed_precision, cpu)
+    _reset_single_process_state(precision, cpu)
     trackers = None
     if log_dir is not None and _tensorboard_available():
         trackers = "tensorboard"
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(mixed_precision, cpu),
+        mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=cpu,
         log_with=trackers,

@@ -29,8 +29,8 @@ HELP = {
     "allow_pickle": "allow loading .bin/.ckpt pickle weights (only for sources you trust)",
     "gradient_checkpointing": "recompute activations in backward to save memory (default: on for GPUs under "
                               "40 GiB, off on CPU)",
-    "cpu_half_weights": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (about half the "
-                        "model memory, slower steps)",
+    "cpu_half_weights": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (2 bytes a frozen "
+                        "weight instead of 4, slower steps)",
 }
 SKIP = {"method", "lora_unet_targets", "lora_text_encoder_targets"}
 
