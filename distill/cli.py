@@ -9,7 +9,6 @@ UserError -> one line on stderr, exit 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -154,12 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from personalize.cli import quiet_libraries, run
+    from personalize.cli import run
 
-    # library chatter a CLI user cannot act on; same policy (and error handling) as `personalize`
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    quiet_libraries()
+    # same start-up check, library quieting and error handling as `personalize`
     return run(argv, build_parser())
 
 

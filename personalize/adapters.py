@@ -29,6 +29,19 @@ def lora_config(rank: int, alpha: float, targets: list[str]):
                       lora_dropout=0.0)
 
 
+def attach_adapter(model, config, adapter_name: str = "default") -> None:
+    """Inject a peft adapter into `model` with peft's own `inject_adapter_in_model`, the call
+    diffusers' loaders make. Never through transformers' `PreTrainedModel.add_adapter`: its peft
+    version gate is a transformers release's to move (5.24 demanded an unreleased peft and broke
+    every text-encoder LoRA), and the adapter we save is peft's state dict either way."""
+    from peft import inject_adapter_in_model
+
+    config.base_model_name_or_path = None  # the base is recorded in run.json, not in the adapter
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    if adapter_name not in getattr(model, "peft_config", {}):  # pragma: no cover - peft sets it
+        raise RuntimeError(f"peft did not record adapter '{adapter_name}' on {type(model).__name__}")
+
+
 def add_lora(unet, text_encoder, cfg) -> None:
     """Attach LoRA to the U-Net (and to the text encoder when it is trained); freeze everything else."""
     import torch
@@ -39,10 +52,10 @@ def add_lora(unet, text_encoder, cfg) -> None:
     # same --seed gives the same adapter init, which exact resume and reproducible runs rely on
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        unet.add_adapter(lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_unet_targets))
+        attach_adapter(unet, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_unet_targets))
         if cfg.train_text_encoder:
-            text_encoder.add_adapter(lora_config(cfg.text_encoder_rank, cfg.text_encoder_alpha,
-                                                 cfg.lora_text_encoder_targets))
+            attach_adapter(text_encoder, lora_config(cfg.text_encoder_rank, cfg.text_encoder_alpha,
+                                                     cfg.lora_text_encoder_targets))
 
 
 def has_lora(model) -> bool:

@@ -127,15 +127,24 @@ def _snapshot(hub_id: str, display: str) -> tuple[Path, str]:
     return p, "hub-download"
 
 
-def unet_param_count(pipeline_dir: Path) -> int:
-    """U-Net parameter count from its config alone (meta device: no weights read, no memory)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    cfg = UNet2DConditionModel.load_config(pipeline_dir / "unet")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
-    return sum(p.numel() for p in unet.parameters())
+def unet_param_count(pipeline_dir: Path) -> int | None:
+    """U-Net parameter count read from the safetensors headers (shapes only: no torch, no weights
+    read), so `personalize backbones` answers at once. None when the weights are not safetensors."""
+    files = sorted((Path(pipeline_dir) / "unet").glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for key, info in header.items():
+            if key != "__metadata__":
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                total += count
+    return total
 
 
 # --------------------------------------------------------------------------------------------

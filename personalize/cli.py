@@ -25,10 +25,14 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="personalize",
         description="DreamBooth personalization (LoRA or full) of compressed BK-SDM Stable Diffusion backbones.",
     )
+    parser.add_argument("--version", action="version", version=f"personalize {__version__}",
+                        help="print the version and exit (`personalize env` lists the whole stack)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
@@ -38,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     try:
+        # commands that only read files (backbones, subjects, env) set loads_models=False and stay fast
+        if getattr(args, "loads_models", True):
+            from .environment import check
+
+            check()
+            quiet_libraries()
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -48,18 +58,19 @@ def run(argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # diffusers/transformers chatter (torchvision fallbacks, kernels hub) is noise for a CLI user.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    quiet_libraries()
     return run(argv, build_parser())
 
 
 def quiet_libraries() -> None:
     """Library chatter a CLI user cannot act on: bitsandbytes' optional-kernel notice on CPU,
-    weight-loading progress bars, deprecation notices from transitive code."""
+    weight-loading progress bars, deprecation notices from transitive code. Imports diffusers and
+    transformers, so only commands that load models call it."""
     import logging
     import warnings
+
+    # diffusers/transformers chatter (torchvision fallbacks, kernels hub) is noise for a CLI user
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)

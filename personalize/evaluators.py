@@ -22,10 +22,8 @@ import torch
 from PIL import Image
 
 from .backbones import hub_offline
+from .defaults import DEFAULT_CLIP, DEFAULT_DINO  # noqa: F401 - re-exported
 from .errors import UserError
-
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 # Hub repos whose main branch holds only pickled weights; the revision that adds model.safetensors
 # (the Hub's SFconvertbot PR, never merged for dino-vits16).

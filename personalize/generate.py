@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 
 from .backbones import ResolvedBase, is_pipeline_dir, resolve_base
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS  # noqa: F401 - re-exported
 from .errors import UserError
 from .pipeline import DEFAULT_SCHEDULER, SCHEDULERS, build_pipeline, generate, load_components, save_png, write_json
 from .runs import read_run, run_token
 from .subjects import fill_prompt, load_prompts
 
-DEFAULT_STEPS = 25  # the BK-SDM generation scripts: DPM-Solver, 25 steps
-DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance
-DEFAULT_SEED = 0
+
 IMAGES_JSON = "images.json"  # index of one generate call's images, written last
 GRID_PNG = "grid.png"
 

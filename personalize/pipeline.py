@@ -13,20 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .defaults import DEFAULT_SCHEDULER, SCHEDULERS  # noqa: F401 - re-exported
 from .errors import UserError
 from .fileio import write_atomic, write_json, write_text  # noqa: F401 - re-exported
 
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
-# DPM-Solver++ with 25 steps, as the BK-SDM generation scripts
-DEFAULT_SCHEDULER = "dpm++"
-SCHEDULERS = {
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
 
 
 def check_safetensors(base_path: Path, allow_pickle: bool) -> None:

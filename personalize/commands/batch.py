@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluators import DEFAULT_CLIP, DEFAULT_DINO
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
 from .train import add_flags, config_from_args
 
 DESCRIPTION = """\

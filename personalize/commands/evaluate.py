@@ -31,7 +31,7 @@ def _report(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..evaluators import DEFAULT_CLIP, DEFAULT_DINO
+    from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
 
     p = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",

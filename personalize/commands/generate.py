@@ -41,8 +41,7 @@ def _export(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..generate import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS
-    from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS
+    from ..defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, SCHEDULERS
 
     p = sub.add_parser("generate", help="draw images with a personalized model (LoRA, full, several adapters)",
                        description="Generate images with a run's LoRA on its base, a full run's pipeline, or several "

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
+
+def _console():
+    """A terminal gets rich's own width; a pipe or file gets tables at their natural width
+    (rich would fold them to 80 columns), so `personalize backbones | grep` sees whole rows."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=1000, no_color=True)
+
 
 def _backbones(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..backbones import BACKBONES, cache_root, is_pipeline_dir, local_snapshot, unet_param_count
@@ -24,16 +33,16 @@ def _backbones(args) -> int:
         else:
             path = local_snapshot(spec.hub_id)
             where = "yes" if path else "no"
-        # exact count from the local config when we have it, else the model card's figure
-        params = f"{unet_param_count(path) / 1e6:.1f}M" if path else (
+        # exact count from the local weights' headers when we have them, else the model card's figure
+        count = unet_param_count(path) if path else None
+        params = f"{count / 1e6:.1f}M" if count else (
             f"{spec.unet_params_card} (card)" if spec.unet_params_card else "?")
         t.add_row(spec.name, params, where, spec.hub_id or "-", spec.description)
-    Console().print(t)
+    _console().print(t)
     return 0
 
 
 def _subjects(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..subjects import data_dir, load_subjects, photos_present
@@ -44,13 +53,26 @@ def _subjects(args) -> int:
         t.add_column(c, no_wrap=True)
     for s in load_subjects().values():
         t.add_row(s.name, s.class_noun, s.kind, "yes" if photos_present(root, s.name) else "missing")
-    Console().print(t)
+    _console().print(t)
+    return 0
+
+
+def _env(args) -> int:
+    from ..environment import report
+
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("backbones", help="list the backbones with U-Net sizes and local availability")
-    p.set_defaults(func=_backbones)
+    p.set_defaults(func=_backbones, loads_models=False)
     p = sub.add_parser("subjects", help="list the 30 DreamBooth subjects and whether their photos are present")
-    p.add_argument("--data-dir", default=None)
-    p.set_defaults(func=_subjects)
+    p.add_argument("--data-dir", default=None, help="DreamBooth dataset/ folder (default $PERSONALIZE_DATA, "
+                                                   "else ./data/dreambooth/dataset)")
+    p.set_defaults(func=_subjects, loads_models=False)
+    p = sub.add_parser("env", help="versions of the stack, the torch build, devices, and whether they are supported")
+    p.set_defaults(func=_env, loads_models=False)

@@ -1,0 +1,63 @@
+"""Adapters go through peft's own API: no transformers (or diffusers model-mixin) `add_adapter`,
+and the saved keys are exactly the diffusers layout `load_lora_weights` reads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from safetensors import safe_open
+
+
+def _cfg(**kw):
+    base = dict(seed=0, rank=4, lora_alpha=8, text_encoder_rank=4, text_encoder_alpha=4,
+                lora_unet_targets=["to_q", "to_v"], lora_text_encoder_targets=["q_proj", "v_proj"],
+                train_text_encoder=True)
+    return SimpleNamespace(**(base | kw))
+
+
+def _expected_keys(model, prefix, targets, layer):
+    """The layout our files have always had (diffusers' `convert_state_dict_to_diffusers`:
+    `lora.down/up` in the U-Net, `lora_linear_layer.down/up` in the text encoder), derived from the
+    model's own module names, not from our writer."""
+    keys = set()
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            keys |= {f"{prefix}.{name}.{layer}.down.weight", f"{prefix}.{name}.{layer}.up.weight"}
+    return keys
+
+
+def test_attach_never_uses_the_model_mixins_add_adapter(tiny_base, tmp_path, monkeypatch):
+    import diffusers.loaders.peft
+    import transformers
+
+    from personalize.adapters import LORA_WEIGHTS, add_lora, save_lora
+    from personalize.pipeline import load_components
+
+    def refuse(*a, **k):
+        raise AssertionError("add_adapter of a model mixin was called")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "add_adapter", refuse)
+    monkeypatch.setattr(diffusers.loaders.peft.PeftAdapterMixin, "add_adapter", refuse)
+    comps = load_components(tiny_base, False)
+    unet, te = comps["unet"], comps["text_encoder"]
+    add_lora(unet, te, _cfg())
+    assert any(p.requires_grad for p in te.parameters()) and any(p.requires_grad for p in unet.parameters())
+    save_lora(tmp_path, unet, te)
+    with safe_open(str(tmp_path / LORA_WEIGHTS), framework="pt") as f:
+        keys = set(f.keys())
+    # transformers 5 has no `text_model.` level in CLIPTextModel; diffusers' loader accepts both
+    expected = (_expected_keys(unet, "unet", {"to_q", "to_v"}, "lora")
+                | _expected_keys(te, "text_encoder", {"q_proj", "v_proj"}, "lora_linear_layer"))
+    assert keys == expected and len(keys) > 8
+
+
+def test_lora_config_rank_and_alpha_land_in_the_injected_layers(tiny_base):
+    from personalize.adapters import add_lora
+    from personalize.pipeline import load_components
+
+    comps = load_components(tiny_base, False)
+    add_lora(comps["unet"], comps["text_encoder"], _cfg(rank=3, lora_alpha=6, train_text_encoder=False))
+    layer = next(m for n, m in comps["unet"].named_modules() if n.endswith("to_q"))
+    assert layer.r["default"] == 3 and layer.scaling["default"] == pytest.approx(2.0)
+    assert not getattr(comps["text_encoder"], "peft_config", None)
