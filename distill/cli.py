@@ -90,7 +90,8 @@ def _add_train(sub):
     g.add_argument("--gradient-accumulation-steps", type=int, default=c.gradient_accumulation_steps,
                    help="micro-steps per optimizer step (default %(default)s: 64 x 4 = 256, model card)")
     g.add_argument("--mixed-precision", default=c.mixed_precision, choices=["auto", "no", "fp16", "bf16"],
-                   help="auto: fp16 on GPU (the recipe), fp32 on CPU")
+                   help="auto: fp16 on GPU (the recipe); on CPU bf16 where it runs natively (AVX512-BF16/AMX), "
+                        "else fp32")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute student activations in the backward pass (less memory, slower)")
     g.add_argument("--lambda-sd", type=float, default=k.lambda_sd, help="weight of the denoising loss (default 1)")

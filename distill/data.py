@@ -76,6 +76,8 @@ def open_dataset(spec: DataSpec):
     ``(dataset, image_column, caption_column)``. Every failure is a one-line UserError."""
     import datasets
 
+    # its "Generating train split" bars would interleave with the training's own progress bar
+    datasets.disable_progress_bars()
     root = Path(spec.source).expanduser()
     if spec.source.startswith(("/", "./", "../", "~")) and not root.exists():
         # would otherwise be taken for a hub dataset name and fail with a confusing message

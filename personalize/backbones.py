@@ -81,6 +81,10 @@ def resolve_base(name_or_path: str) -> ResolvedBase:
         seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
         return ResolvedBase(name_or_path, materialize_tiny(seed), None, "built-in")
     p = Path(name_or_path).expanduser()
+    # a hub id is owner/name; anything else with a slash, or a leading . / ~, is a path
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path
+    if looks_like_path and not p.exists():
+        raise UserError(f"--base {name_or_path}: no such directory")
     if p.exists():
         if not is_pipeline_dir(p):
             raise UserError(f"--base {name_or_path}: not a diffusers pipeline directory (no model_index.json + unet/)")

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 def model_card(p) -> str:
     cfg, base, subj = p.cfg, p.base, p.subject
-    base_ref = base.hub_id or base.name
+    # what from_pretrained can load as written: the hub id, else the local folder trained on
+    # (`tiny` and local bases have no hub id; their name alone does not load)
+    base_ref = base.hub_id or str(base.path)
     lora = cfg.method == "lora"
     tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "bk-sdm"] + (["lora"] if lora else [])
     front = "\n".join(["---", f"base_model: {base_ref}", "library_name: diffusers", "license: creativeml-openrail-m",
                        f"instance_prompt: {p.instance_prompt}", "tags:", *[f"- {t}" for t in tags], "---", ""])
     if lora:
-        usage = (f'pipe = StableDiffusionPipeline.from_pretrained("{base_ref}")\n'
-                 f'pipe.load_lora_weights("path/to/this/run")')
+        usage = (f'pipe = StableDiffusionPipeline.from_pretrained({base_ref!r})\n'
+                 f'pipe.load_lora_weights({str(p.run_dir.resolve())!r})')
         what = (f"LoRA adapter (U-Net rank {cfg.rank}, alpha {cfg.lora_alpha}"
                 + (f"; text encoder rank {cfg.text_encoder_rank}, alpha {cfg.text_encoder_alpha}" if cfg.train_text_encoder else "")
                 + ")")
     else:
-        usage = 'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/run")'
+        usage = f'pipe = StableDiffusionPipeline.from_pretrained({str(p.run_dir.resolve())!r})'
         what = "full diffusers pipeline (U-Net" + (" and text encoder" if cfg.train_text_encoder else "") + " finetuned)"
     rows = [("base", f"{base.name} (`{base.path}`)"), ("subject", f"{subj.name} ({subj.class_noun}, {subj.kind})"),
             ("instance prompt", f"`{p.instance_prompt}`"), ("class prompt", f"`{p.class_prompt}`"),
@@ -35,7 +37,6 @@ A {what} personalized with DreamBooth (Ruiz et al. 2023) on the compressed
 Write `{cfg.token} {subj.class_noun}` in a prompt to draw the subject, e.g. `{p.instance_prompt} on the beach`.
 
 ```python
-import torch
 from diffusers import StableDiffusionPipeline
 {usage}
 image = pipe("{p.instance_prompt} on the beach", num_inference_steps=25).images[0]

@@ -28,7 +28,7 @@ from .data import load_training_images, make_grid, with_flips
 from .errors import UserError
 from .runs import RUN_JSON, is_finished
 from .pipeline import build_pipeline, generate, load_components, load_vae, save_png, write_json, write_text
-from .subjects import Subject, fill_prompt, find_subject, list_images, load_prompts
+from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
 from .train import FitConfig, bf16_cpu_note, fit, list_checkpoints, make_accelerator
 
 VALIDATION_PNG = "validation.png"
@@ -87,8 +87,14 @@ class Prepared:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     cfg.validate()
-    subject = find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
+    # the subject's name is checked first, the base next, and only then is the dataset fetched:
+    # a base that cannot be had (offline) must not cost a download, nor leave one behind
+    try:
+        subject = find_subject(cfg.subject, cfg.data_dir, cfg.class_noun, fetch=False)
+    except DatasetMissing:
+        subject = None
     base = resolve_base(cfg.base)
+    subject = subject or find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
     resolution = cfg.resolution or native_resolution(base.path)
     images = load_training_images(list_images(subject.image_dir), resolution, cfg.allow_upscale)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / _slug(base.name) / subject.name

@@ -6,6 +6,7 @@ Data files ship in the wheel under personalize/_data (see pyproject) and sit at 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import os
@@ -75,6 +76,10 @@ def data_dir(flag: str | None) -> tuple[Path, bool]:
     return DEFAULT_DATA_DIR, True
 
 
+class DatasetMissing(UserError):
+    """The default dataset folder is absent (`find_subject(fetch=False)`): fetching it is up to the caller."""
+
+
 def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str | None = None,
                  fetch: bool = True) -> Subject:
     """Resolve `--subject`: a dataset subject name, or a folder of the user's own photos."""
@@ -98,6 +103,8 @@ def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str
     if not root.is_dir():
         if is_default and fetch:
             fetch_dataset(root)
+        elif is_default:
+            raise DatasetMissing(f"the DreamBooth photos are not in {root} yet")
         else:
             raise UserError(f"data dir {root} does not exist; clone the DreamBooth dataset repository and pass its "
                             f"dataset/ folder with --data-dir (or set PERSONALIZE_DATA)")
@@ -121,8 +128,10 @@ def fetch_dataset(dest: Path, url: str = DATASET_ZIP_URL, timeout: float = 10.0)
              f"or pass --data-dir / set PERSONALIZE_DATA")
     if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("PERSONALIZE_OFFLINE"):
         raise UserError(f"no DreamBooth photos found and offline mode is set; {where}")
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=".dreambooth-", dir=dest.parent))
+    ok = False
     try:
         try:
             resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - fixed https URL
@@ -142,8 +151,13 @@ def fetch_dataset(dest: Path, url: str = DATASET_ZIP_URL, timeout: float = 10.0)
         if found is None:
             raise UserError(f"downloaded archive has no dataset/ folder; {where}")
         found.rename(dest)
+        ok = True
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if not ok:  # a failed fetch leaves no empty data/dreambooth/ behind
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return dest
 
 

@@ -27,6 +27,7 @@ def _expected_keys(model, prefix, targets, layer):
     return keys
 
 
+@pytest.mark.smoke
 def test_attach_never_uses_the_model_mixins_add_adapter(tiny_base, tmp_path, monkeypatch):
     import diffusers.loaders.peft
     import transformers

@@ -22,6 +22,7 @@ def _gen(pipe, seed=0):
     return pipe("a sks dog", num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("method,expected", [("lora", LORA_FILES), ("full", FULL_FILES)])
 def test_run_writes_exactly_the_expected_files(method, expected, request):
     run = request.getfixturevalue(f"{method}_run")
@@ -45,6 +46,7 @@ def test_validation_png_carries_prompt_and_seed(lora_run):
     assert info["prompts"] == ["a sks dog"] and info["seeds"] == [0]
 
 
+@pytest.mark.smoke
 def test_lora_loads_in_plain_diffusers_and_changes_output(lora_run, tiny_base):
     from diffusers import StableDiffusionPipeline
 
@@ -74,6 +76,7 @@ def test_lora_fused_equals_unfused(lora_run, tiny_base):
     assert abs(_gen(pipe) - unfused).max() < 1e-4
 
 
+@pytest.mark.smoke
 def test_full_run_loads_with_from_pretrained(full_run, tiny_base):
     from diffusers import StableDiffusionPipeline
 

@@ -60,6 +60,7 @@ def test_missing_dependency_is_an_error(monkeypatch):
     assert errors and errors[0].startswith("peft is not installed")
 
 
+@pytest.mark.smoke
 def test_env_lists_the_stack(cli):
     r = cli("env")
     assert r.code == 0

@@ -34,6 +34,7 @@ def snow(lora_run, tmp_path_factory, request):
     return out
 
 
+@pytest.mark.smoke
 def test_generate_writes_images_sidecars_grid_and_index(snow, lora_run):
     names = {p.name for p in snow.iterdir()}
     assert names == {"p00-s3.png", "p00-s4.png", "p01-s3.png", "p01-s4.png", "p00-s3.json", "p00-s4.json",
@@ -120,6 +121,7 @@ def _diffusers_images(pipe, seed=0):
                 generator=g, output_type="np").images
 
 
+@pytest.mark.smoke
 def test_kohya_export_round_trips_through_diffusers(lora_run, tiny_base, tmp_path, cli):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
@@ -150,6 +152,7 @@ def test_kohya_export_round_trips_through_diffusers(lora_run, tiny_base, tmp_pat
     assert r.code == 2 and "--overwrite" in r.err and "\n" not in r.err.strip()
 
 
+@pytest.mark.smoke
 def test_merged_export_equals_the_unfused_adapter(lora_run, tmp_path, cli):
     from diffusers import StableDiffusionPipeline
 

@@ -57,7 +57,18 @@ def test_fetch_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="download failed") as e:
         fetch_dataset(dest, url="http://127.0.0.1:9/none.zip", timeout=2)
     assert "\n" not in str(e.value) and not dest.exists()
-    assert list(dest.parent.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the folders it made for the download are gone too
+
+
+def test_readme_main_line_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch, cli):
+    """`personalize lora --subject dog --base bk-sdm-base` on a fresh, offline machine."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PERSONALIZE_OFFLINE")  # only HF_HUB_OFFLINE, as a user would set it
+    r = cli("lora", "--subject", "dog", "--base", "bk-sdm-base")
+    assert r.code == 2 and r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "nota-ai/bk-sdm-base" in lines[0] and "Traceback" not in r.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="a `personalize train` output dir, or a dir with several below it")
+                   help="a `personalize lora/full` run dir, or a dir with several below it")
     p.add_argument("--dino", default=DEFAULT_DINO, metavar="PATH",
                    help=f"DINO ViT evaluator: hub id or local dir with safetensors weights (default {DEFAULT_DINO})")
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="PATH",

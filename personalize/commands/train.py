@@ -55,8 +55,10 @@ def add_flags(p: argparse.ArgumentParser, method: str | None = None, skip: set[s
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h or None)
         else:
-            shown = "LoRA: 1e-4, full: 1e-6" if f.name == "lr" else default
-            p.add_argument(flag, type=tp, default=default, help=f"{h} (default: {shown})" if h else f"default: {shown}")
+            # a help text that names its default itself, or a None default (= decided at run time,
+            # which the help says), gets no second "(default: ...)"
+            tail = "" if default is None or "default" in h else f" (default: {default})"
+            p.add_argument(flag, type=tp, default=default, help=(h + tail).strip() or None)
     p.add_argument("--lora-targets", dest="lora_unet_targets", default="to_q,to_v",
                    help="comma-separated U-Net module names that get LoRA (default: to_q,to_v)")
     p.add_argument("--lora-text-encoder-targets", dest="lora_text_encoder_targets", default="q_proj,v_proj",
