@@ -34,9 +34,16 @@ class KnownBad:
     fix: str  # the pip install that gets out of it
 
 
-# Each entry was seen to fail; say where. (Inside our ranges only: what the ranges exclude is
-# already refused by pip and warned about below.)
-KNOWN_BAD: list[KnownBad] = []
+# Each entry was seen to fail, in scratch venvs on 2026-12-01 (torch 2.13 CPU). pip keeps them out
+# of an install of ours, but an environment put together by hand (--no-deps, a later downgrade)
+# can hold them; they get an error rather than the out-of-range warning, since they are certain.
+KNOWN_BAD: list[KnownBad] = [
+    KnownBad("diffusers", "<0.35.2", "transformers", ">=5", "diffusers fails to import (FLAX_WEIGHTS_NAME)",
+             "'diffusers>=0.40,<0.43'"),
+    KnownBad("peft", "<0.19", "transformers", ">=5",
+             "peft 0.17 fails to import, 0.18 cannot load a text-encoder LoRA", "'peft>=0.19,<0.23'"),
+    KnownBad("peft", "<0.17", "diffusers", ">=0.40", "diffusers refuses peft below 0.17", "'peft>=0.19,<0.23'"),
+]
 
 
 def installed(name: str) -> str | None:

@@ -76,3 +76,14 @@ def test_version_flag(cli, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"personalize {__version__}"
+
+
+def test_a_recorded_known_bad_pair_is_caught(monkeypatch):
+    """The shipped list, not a fake: peft 0.18 under transformers 5 is refused with the fix."""
+    from personalize import environment
+
+    real = environment.installed
+    monkeypatch.setattr(environment, "installed", lambda n: "0.18.0" if n == "peft" else real(n))
+    errors, _ = environment.problems()
+    assert errors and errors[0].startswith("peft 0.18.0 with transformers 5.")
+    assert "pip install 'peft>=0.19" in errors[0]
