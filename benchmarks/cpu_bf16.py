@@ -51,7 +51,7 @@ def main() -> int:
     import torch
 
     from benchmarks.train_speed import cpu_name
-    from personalize.train import cpu_bf16_is_native
+    from personalize.precision import cpu_bf16_is_native
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=256)

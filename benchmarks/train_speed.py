@@ -255,7 +255,7 @@ def main() -> int:
     if a.worker:
         import torch
 
-        from personalize.train import resolve_mixed_precision
+        from personalize.precision import resolve_mixed_precision
 
         # the product's default, resolved as `personalize` does (fp16 on CUDA; bf16 on CPUs with native bf16)
         a.mixed_precision = resolve_mixed_precision(a.mixed_precision, cpu=not torch.cuda.is_available())
@@ -267,7 +267,7 @@ def main() -> int:
 
     cache = Path(a.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    from personalize.train import cpu_bf16_is_native
+    from personalize.precision import cpu_bf16_is_native
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     slow_bf16 = not torch.cuda.is_available() and not cpu_bf16_is_native()

@@ -1,6 +1,6 @@
 """`distill train`: BK-SDM distillation pretraining of a pruned student (Kim et al. 2023, Sec. 3.2).
 
-Wires the pieces together and hands the loop to `personalize.train.fit` (the project's one
+Wires the pieces together and hands the loop to `personalize.fit.fit` (the project's one
 training loop: accelerate, mixed precision, gradient accumulation, checkpoints, exact resume,
 loss CSV + TensorBoard):
 
@@ -179,7 +179,9 @@ def micro_batch_number(step: int, micro: int, gradient_accumulation_steps: int) 
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    from personalize.precision import weight_dtype
+
+    return weight_dtype(accelerator.mixed_precision)
 
 
 def train(cfg: DistillConfig, log=print) -> Path:
@@ -187,7 +189,8 @@ def train(cfg: DistillConfig, log=print) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from personalize.train import FitConfig, fit, list_checkpoints, make_accelerator
+    from personalize.checkpoints import list_checkpoints
+    from personalize.fit import FitConfig, fit, make_accelerator
 
     out = Path(cfg.output).expanduser()
     if out.exists() and not out.is_dir():

@@ -125,7 +125,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
             raise UserError(f"--shard must look like i/n with 0 <= i < n (e.g. 0/4), got '{text}'")
         return int(m[1]), int(m[2])
-    from .train import launcher_shard
 
     return launcher_shard()
 
@@ -449,3 +448,25 @@ def evaluator(dino_name: str, clip_name: str, data_dir: str | None, images_per_p
 
 def default_batch_dir() -> Path:
     return Path(os.environ.get("PERSONALIZE_BATCH_DIR", "runs/batch"))
+
+
+def launcher_shard() -> tuple[int, int]:
+    """(rank, world) of this process under `accelerate launch` / torchrun, else (0, 1).
+
+    For a batch of independent subjects, each launched process is made a single-process worker
+    on its own GPU (one subject per GPU at a time, no gradient all-reduce between subjects that
+    have nothing in common): the launcher's distributed variables are removed before any
+    Accelerator exists, and CUDA_VISIBLE_DEVICES narrows to the process's local device.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)] if devices else str(local)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        os.environ.pop(k, None)
+    return rank, world

@@ -25,11 +25,14 @@ from .backbones import ResolvedBase, resolve_base
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
 from .data import load_training_images, make_grid, with_flips
+from .diffusion import check_prediction_type, noise_latents
 from .errors import UserError
 from .runs import RUN_JSON, is_finished
 from .pipeline import build_pipeline, generate, load_components, load_vae, save_png, write_json, write_text
 from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
-from .train import FitConfig, bf16_cpu_note, fit, list_checkpoints, make_accelerator
+from .checkpoints import list_checkpoints
+from .fit import FitConfig, fit, make_accelerator
+from .precision import bf16_cpu_note, weight_dtype
 
 VALIDATION_PNG = "validation.png"
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
@@ -169,14 +172,14 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
     note = bf16_cpu_note(accelerator.mixed_precision, device)
     if note and accelerator.is_main_process:
         log(note)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    compute_dtype = weight_dtype(accelerator.mixed_precision)
     t_start = time.perf_counter()
     # LoRA keeps the base frozen, so under mixed precision its weights live in half precision
     # (the diffusers recipe); full finetuning keeps fp32 master weights and relies on autocast
-    frozen_dtype = weight_dtype if cfg.method == "lora" else torch.float32
+    frozen_dtype = compute_dtype if cfg.method == "lora" else torch.float32
     reuse = loaded is not None and loaded.base.path == p.base.path
     half_store = (cfg.cpu_half_weights and cfg.method == "lora" and device.type == "cpu"
-                  and weight_dtype == torch.float32)
+                  and compute_dtype == torch.float32)
     if half_store and reuse:
         log("note: --cpu-half-weights applies to single runs; a batch keeps its in-memory base in fp32")
         half_store = False
@@ -259,8 +262,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
     b = cfg.train_batch_size
     n_inst = inst_mean.shape[0]
     n_cls = cls_mean.shape[0] if prior else 0
-    n_t = noise_scheduler.config.num_train_timesteps
-    prediction = noise_scheduler.config.prediction_type
+    check_prediction_type(noise_scheduler)
     te_ids = torch.cat([inst_ids.expand(b, -1)] + ([class_ids.expand(b, -1)] if prior else []))
     cached_emb = None if train_te else torch.cat([inst_emb.expand(b, -1, -1)] + ([class_emb.expand(b, -1, -1)] if prior else []))
 
@@ -271,12 +273,10 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
             jj = torch.randint(0, n_cls, (b,), generator=g, device=device)
             mean, std = torch.cat([mean, cls_mean[jj]]), torch.cat([std, cls_std[jj]])
         latents = (mean + std * torch.randn(mean.shape, generator=g, device=device)) * sf
-        noise = torch.randn(latents.shape, generator=g, device=device)
-        t = torch.randint(0, n_t, (latents.shape[0],), generator=g, device=device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
+        x = noise_latents(noise_scheduler, latents, g)
         emb = ms["text_encoder"](te_ids)[0] if train_te else cached_emb
-        pred = ms["unet"](noisy, t, emb).sample.float()
-        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+        pred = ms["unet"](x.noisy, x.timesteps, emb).sample.float()
+        target = x.target
         loss_inst = F.mse_loss(pred[:b], target[:b])
         if not prior:
             return {"loss": loss_inst, "loss_instance": loss_inst}

@@ -123,7 +123,7 @@ def report() -> list[tuple[str, str]]:
             rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB"))
     else:
         rows.append(("cuda", "not available"))
-    from .train import cpu_bf16_is_native
+    from .precision import cpu_bf16_is_native
 
     rows.append(("cpu bf16", "native" if cpu_bf16_is_native() else "emulated (auto precision: fp32 on CPU)"))
     errors, warnings = problems()

@@ -151,7 +151,7 @@ def test_killed_batch_rerun_equals_uninterrupted(finished_batch, data, tmp_path,
     third run completes, with the same adapters as the uninterrupted batch."""
     out, _, _ = finished_batch
     import personalize.card as card
-    import personalize.train as train_mod
+    import personalize.checkpoints as train_mod
 
     real_save, real_card = train_mod.save_checkpoint, card.model_card
 
@@ -374,7 +374,7 @@ def test_subject_selection(data, tmp_path, monkeypatch):
 
 
 def test_launcher_env_becomes_a_single_process_worker(monkeypatch):
-    from personalize.train import launcher_shard
+    from personalize.batch import launcher_shard
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")

@@ -264,7 +264,7 @@ def test_hooks_capture_the_named_layers_with_matching_shapes(teacher_unet, tcfg,
 
 
 def test_a_few_kd_steps_bring_the_student_closer_to_the_teacher(teacher_unet, tcfg, tiny, tmp_path):
-    from personalize.train import FitConfig, fit, make_accelerator
+    from personalize.fit import FitConfig, fit, make_accelerator
 
     student, _ = init_student_from_teacher(teacher_unet, ARCHS["bk-tiny"])
     # the random-weight teacher does not denoise, so the task loss would pull the student away

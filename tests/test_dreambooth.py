@@ -89,7 +89,7 @@ def test_full_run_loads_with_from_pretrained(full_run, tiny_base):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch):
-    import personalize.train as train_mod
+    import personalize.checkpoints as train_mod
 
     args = [method, "--subject", photos, "--class-noun", "dog", "--lr", "1e-3", *FAST,
             "--steps", "6", "--checkpoint-every", "3", "--validation-images", "0"]

@@ -14,10 +14,8 @@ Checkpoints are safetensors + JSON (no pickles).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-CHECKPOINTS_DIR = "checkpoints"
+from . import checkpoints
+from .precision import resolve_mixed_precision
+
 LossFn = Callable[[dict, int, int, torch.Generator], dict]
 
 
@@ -56,39 +56,6 @@ class FitResult:
     seconds_per_step: float
     models: dict[str, nn.Module] = field(default_factory=dict)  # unwrapped, trained modules
     step_seconds: list[float] = field(default_factory=list)  # per step, with FitConfig.profile_steps
-
-
-def resolve_mixed_precision(requested: str, cpu: bool) -> str:
-    """`auto` = fp16 on CUDA (the BK-SDM recipe); on CPU, bf16 where oneDNN runs it natively
-    (AVX512-BF16/AMX: a bk-sdm-small LoRA step 2.1x faster, 38% less peak memory than fp32, RESULTS.md)
-    and fp32 elsewhere (emulated bf16 is far slower). Explicit values pass through; fp16 on CPU is
-    not supported."""
-    if requested == "auto":
-        if not cpu:
-            return "fp16"
-        return "bf16" if cpu_bf16_is_native() else "no"
-    if requested == "fp16" and cpu:
-        from .errors import UserError
-
-        raise UserError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
-    return requested
-
-
-def cpu_bf16_is_native() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX). Without them bf16 is
-    emulated: on an AVX2-only CPU a bf16 conv ran 95x slower than fp32 (benchmarks/RESULTS.md)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def bf16_cpu_note(mixed_precision: str, device) -> str | None:
-    """A one-line note when bf16 was asked for on a CPU that would run it emulated."""
-    if mixed_precision == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_is_native():
-        return ("note: this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 runs emulated and much slower "
-                "than fp32 here; drop --mixed-precision bf16 for speed")
-    return None
 
 
 def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1,
@@ -162,76 +129,6 @@ def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, lo
     return torch.optim.AdamW(params, foreach=on_cuda, **kw)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    d = Path(run_dir) / CHECKPOINTS_DIR
-    out = []
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.name.startswith("step-") and (p / "state.json").is_file():
-                out.append((int(p.name[5:]), p))
-    return sorted(out)
-
-
-def _flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}/{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{idx}/{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, k = key.split("/", 1)
-        state.setdefault(int(idx), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(run_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer, extra: dict,
-                    keep: int) -> Path:
-    """Write checkpoints/step-N atomically (temp dir + rename), then drop the oldest beyond `keep`."""
-    from safetensors.torch import save_file
-
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(ckpt: Path, params: dict[str, nn.Parameter], optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    weights = load_file(ckpt / "trainable.safetensors")
-    missing = set(params) ^ set(weights)
-    if missing:
-        from .errors import UserError
-
-        raise UserError(f"checkpoint {ckpt} does not match this run's trainable weights "
-                        f"({len(missing)} names differ, e.g. {sorted(missing)[0]}); was it made with other flags?")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(weights[k].to(p.device, p.dtype))
-    state = json.loads((ckpt / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
-    return state
-
-
 # ---------------------------------------------------------------------------- logging
 class _LossLog:
     """loss.csv (one row per logging window) + the accelerate trackers (TensorBoard)."""
@@ -292,9 +189,9 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
 
     start, carried, last_logged = 0, {}, {}
     if resume:
-        ckpts = list_checkpoints(run_dir)
+        ckpts = checkpoints.list_checkpoints(run_dir)
         if ckpts:
-            state = load_checkpoint(ckpts[-1][1], params, optimizer)
+            state = checkpoints.load_checkpoint(ckpts[-1][1], params, optimizer)
             start, carried = state["step"], state.get("loss_window", {})
             # a run resumed at its last step still reports the losses it ended with
             last_logged = state.get("losses") or {}
@@ -364,7 +261,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                 accelerator.wait_for_everyone()
                 if is_main:
                     pending = {"sums": {k: v.item() for k, v in sums.items()}, "window": window}
-                    save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
+                    checkpoints.save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
                                     cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     # trackers only: `end_training()` would also destroy the process group, and the caller still
@@ -377,25 +274,3 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     done = max(step - start, 1)
     return FitResult(step=step, losses=last, seconds_per_step=total / done,
                      models=unwrapped, step_seconds=step_seconds)
-
-
-def launcher_shard() -> tuple[int, int]:
-    """(rank, world) of this process under `accelerate launch` / torchrun, else (0, 1).
-
-    For a batch of independent subjects, each launched process is made a single-process worker
-    on its own GPU (one subject per GPU at a time, no gradient all-reduce between subjects that
-    have nothing in common): the launcher's distributed variables are removed before any
-    Accelerator exists, and CUDA_VISIBLE_DEVICES narrows to the process's local device.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d for d in visible.split(",") if d.strip()] if visible else None
-    os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)] if devices else str(local)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-              "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
-        os.environ.pop(k, None)
-    return rank, world

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from personalize.errors import UserError
-from personalize.train import FitConfig, fit, list_checkpoints, make_accelerator
+from personalize.checkpoints import list_checkpoints
+from personalize.fit import FitConfig, fit, make_accelerator
 
 
 def _toy():
@@ -79,7 +80,7 @@ def test_gradient_checkpointing_auto_is_off_on_cpu_and_flags_win():
 
 
 def test_bf16_note_only_where_bf16_would_be_emulated(monkeypatch):
-    import personalize.train as tr
+    import personalize.precision as tr
 
     monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: False)
     assert "no native bf16" in tr.bf16_cpu_note("bf16", "cpu")
@@ -91,7 +92,7 @@ def test_bf16_note_only_where_bf16_would_be_emulated(monkeypatch):
 @pytest.mark.parametrize("native, cpu, expected", [(True, True, "bf16"), (False, True, "no"), (True, False, "fp16"),
                                                    (False, False, "fp16")])
 def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, native, cpu, expected):
-    import personalize.train as tr
+    import personalize.precision as tr
 
     monkeypatch.setattr(tr, "cpu_bf16_is_native", lambda: native)
     assert tr.resolve_mixed_precision("auto", cpu=cpu) == expected
@@ -99,7 +100,7 @@ def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, n
 
 
 def test_adamw_uses_multi_tensor_kernels_only_on_cuda():
-    from personalize.train import make_optimizer
+    from personalize.fit import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     cfg = FitConfig(steps=1, lr=1e-3)

@@ -1,0 +1,82 @@
+"""Resumable training checkpoints: `checkpoints/step-N/` with the trainable weights and the
+optimizer state as safetensors, the rest as JSON (no pickles), written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    d = Path(run_dir) / CHECKPOINTS_DIR
+    out = []
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith("step-") and (p / "state.json").is_file():
+                out.append((int(p.name[5:]), p))
+    return sorted(out)
+
+
+def _flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}/{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}/{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer, extra: dict,
+                    keep: int) -> Path:
+    """Write checkpoints/step-N atomically (temp dir + rename), then drop the oldest beyond `keep`."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, tmp / "trainable.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, params: dict[str, nn.Parameter], optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt / "trainable.safetensors")
+    missing = set(params) ^ set(weights)
+    if missing:
+        raise UserError(f"checkpoint {ckpt} does not match this run's trainable weights "
+                        f"({len(missing)} names differ, e.g. {sorted(missing)[0]}); was it made with other flags?")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k].to(p.device, p.dtype))
+    state = json.loads((ckpt / "state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
+    return state
