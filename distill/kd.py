@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from personalize.diffusion import noise_latents
+
 from .arch import full_config, num_stages, teacher_layers_per_block
 
 
@@ -150,15 +152,6 @@ def kd_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor, target: torc
             "loss_kd_feat": loss_kd_feat.detach()}
 
 
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 class Distiller:
     """One KD forward: noise the latents, run student and teacher, return the loss parts.
 
@@ -175,13 +168,9 @@ class Distiller:
 
     def __call__(self, student: nn.Module, latents: torch.Tensor, text_emb: torch.Tensor,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
-        b = latents.shape[0]
         # every draw from `generator` (seeded per step by fit) so that resume replays the same noise
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator,
-                          device=latents.device).long()
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        target = diffusion_target(self.scheduler, latents, noise, t)
+        x = noise_latents(self.scheduler, latents, generator)
+        noisy, t, target = x.noisy, x.timesteps, x.target
         self.student_feats.clear()
         self.teacher_feats.clear()
         student_pred = student(noisy, t, text_emb).sample
