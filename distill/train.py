@@ -299,6 +299,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
         save_pipeline_atomic(final_pipe, final, {PROVENANCE_FILE: text}, overwrite=True)
         write_text_atomic(out / PROVENANCE_FILE, text)
         log(f"wrote {final} (use it as `personalize ... --base {final}`)")
-    # no barrier here: fit's end_training() has already torn down the process group, and the
-    # other ranks have nothing left to do (the launcher waits for the main one to finish writing)
+    # no barrier here: fit keeps the process group (it finishes the trackers only, never calls
+    # end_training()), but the other ranks have nothing left to do once fit returns; they exit and
+    # the launcher waits for the main one to finish writing
     return final
