@@ -9,7 +9,9 @@ UserError -> one line on stderr, exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from personalize.errors import UserError
@@ -52,95 +54,89 @@ def _run_prune(args) -> int:
     return 0
 
 
-def _add_train(sub):
-    from .data import DataSpec
-    from .kd import KDWeights
+# -------------------------------------------------------------------- `distill train`: flags from the config
+# Every leaf field of DistillConfig (and of its DataSpec and KDWeights) is one flag: `--field-name`,
+# typed by the annotation, required when the field has no default. Field metadata: "help", "flag"
+# (other spellings; None: no flag), "invert" (a bool whose flag turns it off), "choices", "group".
+# Fields without a flag keep their default: DistillConfig.max_grad_norm (the recipe's 1.0).
+TRAIN_GROUPS = {"DataSpec": "data", "KDWeights": "optimisation", "DistillConfig": "optimisation"}
+
+
+def _scalar_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def train_fields(cls=None):
+    """(dataclass, field, type) for every leaf field of the `distill train` config, nested
+    dataclasses (`data`, `kd`) walked in place."""
     from .train import DistillConfig
 
-    d, c, k = DataSpec(source=""), DistillConfig(teacher="", student="", output=""), KDWeights()
+    cls = cls or DistillConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _scalar_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            yield from train_fields(tp)
+        else:
+            yield cls, f, tp
+
+
+def _flags(f) -> tuple[str, ...]:
+    flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+    return () if flag is None else (flag,) if isinstance(flag, str) else tuple(flag)
+
+
+def _add_train(sub):
     p = sub.add_parser("train", help="KD pretraining of a pruned student (BK-SDM recipe defaults)",
                        description="BK-SDM distillation: lambda_sd * denoising MSE + lambda_kd_out * output KD + "
                                    "lambda_kd_feat * stage-feature KD; writes OUT/student as a pipeline dir.")
-    p.add_argument("--teacher", required=True, help="registry name or pipeline dir of the teacher")
-    p.add_argument("--student", required=True, help="pipeline dir written by `distill prune`")
-    p.add_argument("--data", required=True,
-                   help="image folder with metadata.jsonl/.csv captions, or a `datasets` name / saved dataset dir")
-    p.add_argument("-o", "--output", required=True, help="run dir: checkpoints/, logs/, distill.json, student/")
-    g = p.add_argument_group("data")
-    g.add_argument("--split", default=d.split, help="dataset split to read (default %(default)s)")
-    g.add_argument("--image-column", default=None,
-                   help="image column (default: the column typed Image, else image/img/jpg/png)")
-    g.add_argument("--caption-column", default=None, help="caption column (default: text/caption/prompt/txt...)")
-    g.add_argument("--streaming", action="store_true", help="stream the dataset, never materialised (LAION-scale)")
-    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
-                   help="streaming only: examples held for shuffling (default %(default)s)")
-    g.add_argument("--max-samples", type=int, default=None, help="use only the first N examples (smoke runs)")
-    g.add_argument("--resolution", type=int, default=d.resolution,
-                   help="training image size in pixels (default %(default)s, the BK-SDM recipe)")
-    g.add_argument("--random-crop", action="store_true", help="random instead of center crop")
-    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
-    g.add_argument("--precompute", action="store_true",
-                   help="encode latents and captions once, up front, then free the VAE and text encoder")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=c.steps, help="optimizer steps (default %(default)s, model card)")
-    g.add_argument("--lr", type=float, default=c.lr,
-                   help="constant AdamW learning rate (default %(default)s, model card)")
-    g.add_argument("--batch-size", type=int, default=c.batch_size,
-                   help="per device and micro-step (default %(default)s, kd_train.sh)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=c.gradient_accumulation_steps,
-                   help="micro-steps per optimizer step (default %(default)s: 64 x 4 = 256, model card)")
-    g.add_argument("--mixed-precision", default=c.mixed_precision, choices=["auto", "no", "fp16", "bf16"],
-                   help="auto: fp16 on GPU (the recipe); on CPU bf16 where it runs natively (AVX512-BF16/AMX), "
-                        "else fp32")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute student activations in the backward pass (less memory, slower)")
-    g.add_argument("--lambda-sd", type=float, default=k.lambda_sd, help="weight of the denoising loss (default 1)")
-    g.add_argument("--lambda-kd-out", type=float, default=k.lambda_kd_out,
-                   help="weight of the output KD loss (default 1)")
-    g.add_argument("--lambda-kd-feat", type=float, default=k.lambda_kd_feat,
-                   help="weight of the feature KD loss (default 1)")
-    g.add_argument("--seed", type=int, default=c.seed,
-                   help="seed of data order, noise and timesteps (default %(default)s)")
-    g.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every,
-                   help="save a resumable checkpoint every N steps (default %(default)s; the last step always)")
-    g.add_argument("--log-every", type=int, default=c.log_every,
-                   help="write the mean of each loss part to logs/ every N steps (default %(default)s)")
-    g.add_argument("--allow-pickle", action="store_true",
-                   help="load .bin/.ckpt weights too (pickles can run code: trusted sources only)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in -o")
+    groups = {}
+    for cls, f, tp in train_fields():
+        flags, meta = _flags(f), f.metadata
+        if not flags:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required:  # the run's inputs and output, above the groups
+            g = p
+        else:
+            name = meta.get("group", TRAIN_GROUPS[cls.__name__])
+            g = groups.get(name) or groups.setdefault(name, p.add_argument_group(name))
+        kw = dict(dest=f.name, help=meta["help"])
+        if tp is not bool and "choices" not in meta:  # named after the flag, not the field (--data DATA)
+            kw["metavar"] = flags[-1].lstrip("-").replace("-", "_").upper()
+        if tp is bool and meta.get("invert"):
+            g.add_argument(*flags, action="store_false", default=f.default, **kw)
+        elif tp is bool:
+            g.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, **kw)
+        elif required:
+            g.add_argument(*flags, type=tp, required=True, **kw)
+        else:
+            g.add_argument(*flags, type=tp, default=f.default, choices=meta.get("choices"), **kw)
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args) -> int:
-    from .data import DataSpec
-    from .kd import KDWeights
-    from .train import DistillConfig, train
+def train_config(args: argparse.Namespace, cls=None):
+    """The `distill train` config from parsed flags (fields without a flag keep their default)."""
+    from .train import DistillConfig
 
-    for name in ("steps", "batch_size", "gradient_accumulation_steps", "resolution", "log_every", "shuffle_buffer"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("checkpoint_every", "lambda_sd", "lambda_kd_out", "lambda_kd_feat"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-    if args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's factor)")
-    if not args.lr > 0:
-        raise UserError(f"--lr {args.lr}: must be > 0")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserError("--max-samples must be >= 1")
-    cfg = DistillConfig(
-        teacher=args.teacher, student=args.student, output=args.output,
-        data=DataSpec(
-            source=args.data, split=args.split, image_column=args.image_column, caption_column=args.caption_column,
-            streaming=args.streaming, shuffle_buffer=args.shuffle_buffer, max_samples=args.max_samples,
-            resolution=args.resolution, center_crop=not args.random_crop, random_flip=not args.no_flip,
-        ),
-        kd=KDWeights(args.lambda_sd, args.lambda_kd_out, args.lambda_kd_feat),
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, precompute=args.precompute, allow_pickle=args.allow_pickle, resume=args.resume,
-    )
+    cls = cls or DistillConfig
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        tp = _scalar_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = train_config(args, tp)
+        elif _flags(f):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def _run_train(args) -> int:
+    from .train import train
+
+    cfg = train_config(args)
+    cfg.validate()
     train(cfg)
     return 0
 

@@ -23,7 +23,7 @@ random horizontal flip, pixels scaled to [-1, 1]. PIL + numpy only, no model imp
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +40,47 @@ CAPTION_COLUMN_GUESSES = ("text", "caption", "captions", "prompt", "txt", "sente
 
 @dataclass
 class DataSpec:
-    source: str  # image-caption folder, or a `datasets` name / local dataset dir
-    split: str = "train"
-    image_column: str | None = None  # None: the column typed Image, else a usual name
-    caption_column: str | None = None  # None: "text", "caption", ...
-    streaming: bool = False  # LAION-scale: read as a stream, never materialised
-    shuffle_buffer: int = 10_000  # streaming only: examples kept for approximate shuffling
-    max_samples: int | None = None  # first N examples only (smoke runs, ablations)
-    resolution: int = 512  # BK-SDM recipe: 512 px for SD-v1 / SD-v2-base teachers
-    center_crop: bool = True  # kd_train.sh: --center_crop
-    random_flip: bool = True  # kd_train.sh: --random_flip
+    """Where the images and captions come from and how they are preprocessed. Each field is a
+    `distill train` flag (``metadata``: its help, and its spelling where that is not the field's)."""
+
+    # image-caption folder, or a `datasets` name / local dataset dir
+    source: str = field(metadata={"flag": "--data", "help": "image folder with metadata.jsonl/.csv captions, or a "
+                                                            "`datasets` name / saved dataset dir"})
+    split: str = field(default="train", metadata={"help": "dataset split to read (default %(default)s)"})
+    # None: the column typed Image, else a usual name
+    image_column: str | None = field(default=None, metadata={
+        "help": "image column (default: the column typed Image, else image/img/jpg/png)"})
+    # None: "text", "caption", ...
+    caption_column: str | None = field(default=None, metadata={
+        "help": "caption column (default: text/caption/prompt/txt...)"})
+    # LAION-scale: read as a stream, never materialised
+    streaming: bool = field(default=False, metadata={
+        "help": "stream the dataset, never materialised (LAION-scale)"})
+    # streaming only: examples kept for approximate shuffling
+    shuffle_buffer: int = field(default=10_000, metadata={
+        "help": "streaming only: examples held for shuffling (default %(default)s)"})
+    # first N examples only (smoke runs, ablations)
+    max_samples: int | None = field(default=None, metadata={
+        "help": "use only the first N examples (smoke runs)"})
+    # BK-SDM recipe: 512 px for SD-v1 / SD-v2-base teachers
+    resolution: int = field(default=512, metadata={
+        "help": "training image size in pixels (default %(default)s, the BK-SDM recipe)"})
+    # kd_train.sh: --center_crop (the flag turns it off)
+    center_crop: bool = field(default=True, metadata={"flag": "--random-crop", "invert": True,
+                                                      "help": "random instead of center crop"})
+    # kd_train.sh: --random_flip (the flag turns it off)
+    random_flip: bool = field(default=True, metadata={"flag": "--no-flip", "invert": True,
+                                                      "help": "no random horizontal flip"})
+
+    def validate(self) -> None:
+        """The range checks of `distill train` (messages name the flags); raises UserError."""
+        for name in ("resolution", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.resolution % 8:
+            raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 (the VAE's factor)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserError("--max-samples must be >= 1")
 
 
 @dataclass(frozen=True)

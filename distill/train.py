@@ -34,26 +34,58 @@ STUDENT_DIR = "student"
 PRECOMPUTED_DIR = "precomputed"
 
 
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
 @dataclass
 class DistillConfig:
-    teacher: str  # registry name or pipeline dir of the teacher
-    student: str  # pipeline dir written by `distill prune` (or a previous `distill train`)
-    output: str  # run dir: checkpoints/, logs/, distill.json, student/
+    """A `distill train` run. Each field is a flag of the command (``metadata``: its help, and its
+    spelling where that is not the field's; ``"flag": None``: no flag); `data` and `kd` hold the
+    flags of their own dataclasses."""
+
+    teacher: str = field(metadata={"help": "registry name or pipeline dir of the teacher"})
+    # pipeline dir written by `distill prune` (or a previous `distill train`)
+    student: str = field(metadata={"help": "pipeline dir written by `distill prune`"})
+    output: str = field(metadata={"flag": ("-o", "--output"),
+                                  "help": "run dir: checkpoints/, logs/, distill.json, student/"})
     data: DataSpec = field(default_factory=lambda: DataSpec(source=""))
     kd: KDWeights = field(default_factory=KDWeights)
-    steps: int = 50_000  # model card: 50K-iteration pretraining
-    lr: float = 5e-5  # model card: constant learning rate 5e-5, AdamW, no warm-up
-    batch_size: int = 64  # kd_train.sh: 64 per device per micro-step
-    gradient_accumulation_steps: int = 4  # model card: batch 256 = 4 x 64
-    mixed_precision: str = "auto"  # kd_train.sh: fp16 on GPU (auto: fp16 on CUDA; on CPU bf16 where native, else fp32)
-    gradient_checkpointing: bool = False  # kd_train.sh enables it to fit batch 64 on one A100; opt-in here
-    max_grad_norm: float = 1.0  # kd_train.sh: --max_grad_norm 1
-    seed: int = 1234  # kd_train.sh: --seed 1234
-    checkpoint_every: int = 5000  # kd_train.sh: --checkpointing_steps 5000
-    log_every: int = 10  # loss.csv resolution vs one host sync per window (fit's hot loop never syncs)
-    precompute: bool = False  # cache latents + text embeddings (map-style data, center crop only)
-    allow_pickle: bool = False  # project rule: safetensors weights only unless the user says so
-    resume: bool = False  # an existing run dir is continued only when asked
+    # model card: 50K-iteration pretraining
+    steps: int = field(default=50_000, metadata={"help": "optimizer steps (default %(default)s, model card)"})
+    # model card: constant learning rate 5e-5, AdamW, no warm-up
+    lr: float = field(default=5e-5, metadata={
+        "help": "constant AdamW learning rate (default %(default)s, model card)"})
+    # kd_train.sh: 64 per device per micro-step
+    batch_size: int = field(default=64, metadata={
+        "help": "per device and micro-step (default %(default)s, kd_train.sh)"})
+    # model card: batch 256 = 4 x 64
+    gradient_accumulation_steps: int = field(default=4, metadata={
+        "help": "micro-steps per optimizer step (default %(default)s: 64 x 4 = 256, model card)"})
+    # kd_train.sh: fp16 on GPU (auto: fp16 on CUDA; on CPU bf16 where native, else fp32)
+    mixed_precision: str = field(default="auto", metadata={
+        "choices": MIXED_PRECISION,
+        "help": "auto: fp16 on GPU (the recipe); on CPU bf16 where it runs natively (AVX512-BF16/AMX), else fp32"})
+    # kd_train.sh enables it to fit batch 64 on one A100; opt-in here
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute student activations in the backward pass (less memory, slower)"})
+    # kd_train.sh: --max_grad_norm 1 (the recipe's value, no flag)
+    max_grad_norm: float = field(default=1.0, metadata={"flag": None})
+    # kd_train.sh: --seed 1234
+    seed: int = field(default=1234, metadata={"help": "seed of data order, noise and timesteps (default %(default)s)"})
+    # kd_train.sh: --checkpointing_steps 5000
+    checkpoint_every: int = field(default=5000, metadata={
+        "help": "save a resumable checkpoint every N steps (default %(default)s; the last step always)"})
+    # loss.csv resolution vs one host sync per window (fit's hot loop never syncs)
+    log_every: int = field(default=10, metadata={
+        "help": "write the mean of each loss part to logs/ every N steps (default %(default)s)"})
+    # cache latents + text embeddings (map-style data, center crop only)
+    precompute: bool = field(default=False, metadata={
+        "group": "data", "help": "encode latents and captions once, up front, then free the VAE and text encoder"})
+    # project rule: safetensors weights only unless the user says so
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "load .bin/.ckpt weights too (pickles can run code: trusted sources only)"})
+    # an existing run dir is continued only when asked
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in -o"})
 
     # may change between an interrupted run and its resume without changing what is trained
     RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "resume", "allow_pickle")
@@ -62,6 +94,18 @@ class DistillConfig:
         d = asdict(self)
         d.pop("resume")
         return d
+
+    def validate(self) -> None:
+        """The range checks of `distill train` (messages name the flags); raises UserError."""
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.checkpoint_every < 0:
+            raise UserError("--checkpoint-every must be >= 0")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: must be > 0")
+        self.data.validate()
+        self.kd.validate()
 
 
 def _normalised(config: dict) -> dict:

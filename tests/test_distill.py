@@ -405,6 +405,61 @@ def test_every_flag_has_help_text(capsys):
     assert e.value.code == 0 and "--lambda-kd-feat" in capsys.readouterr().out
 
 
+def _train_parser():
+    import argparse
+
+    from distill.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["train"]
+
+
+# every spelling `distill train` has always had (the generated flags add only the --no-X of booleans)
+TRAIN_FLAGS = {
+    "--teacher", "--student", "--data", "-o", "--output", "--split", "--image-column", "--caption-column",
+    "--streaming", "--shuffle-buffer", "--max-samples", "--resolution", "--random-crop", "--no-flip", "--precompute",
+    "--steps", "--lr", "--batch-size", "--gradient-accumulation-steps", "--mixed-precision",
+    "--gradient-checkpointing", "--lambda-sd", "--lambda-kd-out", "--lambda-kd-feat", "--seed", "--checkpoint-every",
+    "--log-every", "--allow-pickle", "--resume",
+}
+
+
+def test_train_flags_are_the_config_fields(distill_cli, capsys, tmp_path):
+    import dataclasses
+
+    from distill.cli import train_config
+    from distill.data import DataSpec
+    from distill.kd import KDWeights
+    from distill.train import DistillConfig
+
+    p = _train_parser()
+    dests = {a.dest for a in p._actions} - {"help"}
+    fields = {f.name for cls in (DistillConfig, DataSpec, KDWeights) for f in dataclasses.fields(cls)}
+    # the documented exceptions: `data` and `kd` hold dataclasses (whose fields are the flags);
+    # max_grad_norm has no flag (kd_train.sh's 1.0)
+    assert dests == fields - {"data", "kd", "max_grad_norm"}
+    flags = {s for a in p._actions for s in a.option_strings} - {"-h", "--help"}
+    assert TRAIN_FLAGS <= flags
+    assert all(f in TRAIN_FLAGS or f.startswith("--no-") and "--" + f[5:] in TRAIN_FLAGS for f in flags), flags
+
+    # no flags: the dataclass defaults; the flags that turn a default off, off
+    required = ["--teacher", "t", "--student", "s", "--data", "d", "-o", "o"]
+    assert train_config(p.parse_args(required)) == DistillConfig("t", "s", "o", data=DataSpec("d"))
+    cfg = train_config(p.parse_args(required + ["--random-crop", "--no-flip", "--streaming", "--resume",
+                                                "--mixed-precision", "bf16", "--lambda-kd-out", "0.5"]))
+    assert (cfg.data.center_crop, cfg.data.random_flip, cfg.data.streaming, cfg.resume) == (False, False, True, True)
+    assert (cfg.mixed_precision, cfg.kd, cfg.max_grad_norm) == ("bf16", KDWeights(lambda_kd_out=0.5), 1.0)
+    with pytest.raises(SystemExit) as e:  # choices are argparse's
+        p.parse_args(required + ["--mixed-precision", "fp8"])
+    assert e.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+    # a bad value: one line naming the flag, exit 2, nothing written
+    code, _, err = distill_cli("train", "--teacher", "t", "--student", "s", "--data", "d", "-o", tmp_path / "run",
+                               "--batch-size", "0")
+    assert code == 2 and err.strip().splitlines() == ["error: --batch-size must be >= 1"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args,msg", [
     (["prune", "--teacher", "sd-v1.4", "--arch", "bk-huge", "--dry-run"], "unknown arch 'bk-huge'"),
     (["prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "--dry-run", "--resolution", "500"], "multiple of 8"),
