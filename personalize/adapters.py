@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .fileio import scratch_dir
 
 if TYPE_CHECKING:
     import torch
@@ -72,7 +71,8 @@ def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
 
 
 def save_lora(run_dir: Path, unet, text_encoder) -> Path:
-    """Write run_dir/pytorch_lora_weights.safetensors atomically (temp dir, then rename)."""
+    """Write run_dir/pytorch_lora_weights.safetensors atomically (diffusers' writer into a scratch
+    folder, then one rename)."""
     from diffusers import StableDiffusionPipeline
 
     run_dir = Path(run_dir)
@@ -80,14 +80,11 @@ def save_lora(run_dir: Path, unet, text_encoder) -> Path:
     meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
     if te_sd is not None:
         meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=run_dir))
-    try:
+    with scratch_dir(run_dir / LORA_WEIGHTS) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, safe_serialization=True, **meta
         )
         os.replace(tmp / LORA_WEIGHTS, run_dir / LORA_WEIGHTS)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return run_dir / LORA_WEIGHTS
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +130,13 @@ def _snapshot(hub_id: str, display: str) -> tuple[Path, str]:
     return p, "hub-download"
 
 
+def native_resolution(base_path: Path) -> int:
+    """U-Net sample size x VAE downsampling factor (512 for SD-v1/BK-SDM, 64 for `tiny`)."""
+    unet = json.loads((Path(base_path) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(base_path) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def unet_param_count(pipeline_dir: Path) -> int | None:
     """U-Net parameter count read from the safetensors headers (shapes only: no torch, no weights
     read), so `personalize backbones` answers at once. None when the weights are not safetensors."""
@@ -245,14 +251,12 @@ def materialize_tiny(seed: int = 0) -> Path:
     out = cache_root() / "backbones" / f"tiny-seed{seed}-v{TINY_VERSION}"
     if is_pipeline_dir(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    from .fileio import atomic_dir
+
     try:
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process won the race; theirs is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out) as tmp:
+            build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+    except OSError:  # another process won the race; theirs is identical
+        if not is_pipeline_dir(out):
+            raise
     return out

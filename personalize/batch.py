@@ -31,6 +31,7 @@ from typing import Callable
 from .config import METHODS, TrainConfig
 from .errors import UserError
 from .fileio import write_atomic, write_json
+from .runs import final_loss, load_run_json, slug
 from .subjects import data_dir as resolve_data_dir
 from .subjects import load_subjects, photos_present
 
@@ -56,17 +57,13 @@ class Job:
     subject: str
 
     def run_dir(self, batch_dir: Path) -> Path:
-        return Path(batch_dir) / _slug(self.base) / self.method / self.subject
+        return Path(batch_dir) / slug(self.base) / self.method / self.subject
 
     def status_file(self, batch_dir: Path) -> Path:
-        return Path(batch_dir) / STATUS_DIR / f"{_slug(self.base)}--{self.method}--{self.subject}.json"
+        return Path(batch_dir) / STATUS_DIR / f"{slug(self.base)}--{self.method}--{self.subject}.json"
 
     def label(self) -> str:
         return f"{self.subject} ({self.method}, {self.base})"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
 def split_list(text: str | None, flag: str) -> list[str]:
@@ -210,7 +207,7 @@ def run_batch(template: TrainConfig, bases: list[str], methods: list[str], subje
     the inputs are checked and before any training, so a missing evaluator model fails in seconds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .dreambooth import is_finished
+    from .runs import is_finished
 
     bases, methods, subjects = (list(dict.fromkeys(x)) for x in (bases, methods, subjects))
     check_inputs(template, bases, methods)
@@ -242,7 +239,8 @@ def run_batch(template: TrainConfig, bases: list[str], methods: list[str], subje
 
 
 def _run_job(job: Job, template: TrainConfig, batch_dir: Path, held: _Bases, evaluate, log) -> None:
-    from .dreambooth import is_finished, train
+    from .dreambooth import train
+    from .runs import is_finished
 
     run_dir, status_file = job.run_dir(batch_dir), job.status_file(batch_dir)
     if is_finished(run_dir):  # trained earlier, only its scores are missing
@@ -347,10 +345,9 @@ def job_status(job: Job, batch_dir: Path) -> dict:
     rec = _read_json(job.status_file(batch_dir)) or {}
     if rec.get("status") in ("finished", "failed"):
         row.update(status=rec["status"], seconds=rec.get("seconds"), error=rec.get("error"))
-    meta = _read_json(run_dir / "run.json") or {}
+    meta = load_run_json(run_dir) or {}
     if meta.get("status") == "finished":
-        losses = (meta.get("stats") or {}).get("final_losses") or {}
-        row.update(status="finished", error=None, final_loss=losses.get("loss"))
+        row.update(status="finished", error=None, final_loss=final_loss(meta))
     elif row["status"] == "finished":
         row["status"] = "pending"  # a status file without outputs means the outputs were removed
     scored = _read_json(_scores_file(run_dir))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .fileio import atomic_dir
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -46,21 +47,15 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
 
 def save_checkpoint(run_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer, extra: dict,
                     keep: int) -> Path:
-    """Write checkpoints/step-N atomically (temp dir + rename), then drop the oldest beyond `keep`."""
+    """Write checkpoints/step-N atomically, then drop the oldest beyond `keep`."""
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
+    with atomic_dir(final, replace=True) as tmp:
+        save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=1))
     for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

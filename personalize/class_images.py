@@ -9,28 +9,24 @@ processes each takes the indices i with i % world == rank.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 from .backbones import ResolvedBase, cache_root
+from .runs import slug
 from .pipeline import generate, save_png
 from .subjects import list_images
 
 CLASS_IMAGE_SEED = 0  # class images are a property of (base, prompt), not of a run's seed
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
-
-
 def base_key(base: ResolvedBase) -> str:
     """Stable name for a base: its registry name plus a hash of where its weights live (hub
     snapshots carry the revision in their path, local dirs their absolute path)."""
-    return f"{_slug(base.name)[:40]}-{hashlib.sha1(str(base.path).encode()).hexdigest()[:8]}"
+    return f"{slug(base.name).lower()[:40]}-{hashlib.sha1(str(base.path).encode()).hexdigest()[:8]}"
 
 
 def class_image_dir(base: ResolvedBase, class_prompt: str, resolution: int) -> Path:
-    return cache_root() / "class_images" / base_key(base) / f"{_slug(class_prompt)}-{resolution}px"
+    return cache_root() / "class_images" / base_key(base) / f"{slug(class_prompt).lower()}-{resolution}px"
 
 
 def ensure_class_images(pipe, base: ResolvedBase, class_prompt: str, n: int, resolution: int, *,

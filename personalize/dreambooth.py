@@ -10,8 +10,6 @@ Text embeddings are cached whenever the text encoder is frozen.
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,35 +19,25 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LORA_WEIGHTS, add_lora, save_lora
-from .backbones import ResolvedBase, resolve_base
+from .backbones import ResolvedBase, native_resolution, resolve_base
+from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
 from .data import load_training_images, make_grid, with_flips
 from .diffusion import check_prediction_type, noise_latents
 from .errors import UserError
-from .runs import RUN_JSON, is_finished
-from .pipeline import build_pipeline, generate, load_components, load_vae, save_png, write_json, write_text
-from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
-from .checkpoints import list_checkpoints
+from .fileio import move_into, scratch_dir
 from .fit import FitConfig, fit, make_accelerator
+from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_json, write_text
 from .precision import bf16_cpu_note, weight_dtype
+from .runs import is_finished, slug, write_run
+from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
 
 VALIDATION_PNG = "validation.png"
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
 OUTPUT_NAMES = {LORA_WEIGHTS, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
                 "tokenizer", "scheduler", "feature_extractor", "safety_checker"}
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-
-
-def native_resolution(base_path: Path) -> int:
-    """U-Net sample size x VAE downsampling factor (512 for SD-v1/BK-SDM, 64 for `tiny`)."""
-    unet = json.loads((Path(base_path) / "unet" / "config.json").read_text())
-    vae = json.loads((Path(base_path) / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
@@ -100,7 +88,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     subject = subject or find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
     resolution = cfg.resolution or native_resolution(base.path)
     images = load_training_images(list_images(subject.image_dir), resolution, cfg.allow_upscale)
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / _slug(base.name) / subject.name
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / slug(base.name) / subject.name
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
@@ -321,7 +309,9 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
         save_lora(run_dir, comps["unet"], comps["text_encoder"])
         outputs = [LORA_WEIGHTS]
     else:
-        outputs = save_full_pipeline(run_dir, p.base.path, comps)
+        with scratch_dir(run_dir / "pipeline") as tmp:
+            save_pipeline(tmp, p.base.path, comps)
+            outputs = move_into(tmp, run_dir)
     if cfg.validation_images > 0:
         write_validation(p, comps, accelerator)
         outputs.append(VALIDATION_PNG)
@@ -330,34 +320,6 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
     write_text(run_dir / "README.md", model_card(p))
     outputs.append("README.md")
     return outputs
-
-
-def save_full_pipeline(run_dir: Path, base_path: Path, comps: dict) -> list[str]:
-    """A complete diffusers pipeline directory (the base's own inference scheduler), written to a
-    temp dir and moved into place folder by folder."""
-    import diffusers
-    from diffusers import StableDiffusionPipeline
-
-    index = json.loads((Path(base_path) / "model_index.json").read_text())
-    sched_cls = getattr(diffusers, index.get("scheduler", [None, "PNDMScheduler"])[1])
-    scheduler = sched_cls.from_pretrained(base_path, subfolder="scheduler")
-    unet = comps["unet"]
-    unet.disable_gradient_checkpointing()
-    pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    tmp = run_dir / ".tmp-pipeline"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
-    names = []
-    for child in sorted(tmp.iterdir()):
-        dest = run_dir / child.name
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        child.rename(dest)
-        names.append(child.name)
-    tmp.rmdir()
-    return names
 
 
 def validation_prompts(p: Prepared) -> list[str]:
@@ -386,7 +348,7 @@ def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dic
 
     from . import __version__
 
-    write_json(p.run_dir / RUN_JSON, {
+    write_run(p.run_dir, {
         "status": "finished",
         "method": p.cfg.method,
         "subject": p.subject.to_json(),

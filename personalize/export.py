@@ -8,13 +8,11 @@ existing destination unless told to overwrite it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
-from .runs import read_run
+from .fileio import atomic_dir, atomic_file, write_json, write_text
+from .runs import base_name, read_run
 
 FORMATS = ("kohya", "merged")
 
@@ -54,15 +52,10 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     layers = read_lora(run_dir / LORA_WEIGHTS)
     meta = kohya_metadata(layers, _family(layers))
     meta |= {"ss_output_name": out.stem, "personalize_subject": run["subject"]["name"],
-             "personalize_base": str((run.get("base") or {}).get("name")),
+             "personalize_base": base_name(run),
              "personalize_instance_prompt": str(run.get("instance_prompt", ""))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(to_kohya(layers), tmp, metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(out) as tmp:
+        save_file(to_kohya(layers), str(tmp), metadata=meta)
     return out
 
 
@@ -72,9 +65,8 @@ def export_merged(run_dir: Path, out: Path, lora_scale: float = 1.0, base: str |
     fp32 diffusers pipeline directory that `from_pretrained` loads without PEFT."""
     import torch
 
-    from .dreambooth import save_full_pipeline
     from .generate import load_pipeline, resolve_source
-    from .pipeline import write_json
+    from .pipeline import save_pipeline
 
     run_dir, out = Path(run_dir), Path(out)
     run = _lora_run(run_dir)
@@ -83,20 +75,14 @@ def export_merged(run_dir: Path, out: Path, lora_scale: float = 1.0, base: str |
     pipe = load_pipeline(src, torch.device("cpu"), torch.float32, allow_pickle)
     pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
     pipe.unload_lora_weights()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_full_pipeline(tmp, src.pipeline_dir, pipe.components)
+    with atomic_dir(out, replace=overwrite) as tmp:
+        save_pipeline(tmp, src.pipeline_dir, pipe.components)
         write_json(tmp / "export.json", {"merged_from": str(run_dir.resolve()), "base": src.base_name,
                                          "base_path": str(src.pipeline_dir), "lora_scale": lora_scale,
                                          "subject": run["subject"], "instance_prompt": run.get("instance_prompt")})
-        (tmp / "README.md").write_text(
+        write_text(tmp / "README.md",
             f"# {run['subject']['name']} on {src.base_name} (LoRA merged)\n\nThe LoRA adapter of `{run_dir}` fused "
             f"into {src.base_name} at scale {lora_scale:g}; a plain diffusers pipeline:\n\n```python\n"
             f"from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\"{out}\")\n"
             f"pipe(\"{run.get('instance_prompt', '')} on the beach\").images[0]\n```\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

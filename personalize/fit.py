@@ -14,6 +14,7 @@ Checkpoints are safetensors + JSON (no pickles).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from . import checkpoints
+from .fileio import write_text
 from .precision import resolve_mixed_precision
 
 LossFn = Callable[[dict, int, int, torch.Generator], dict]
@@ -145,10 +147,9 @@ class _LossLog:
                 self._write_all([self.header, *kept])
 
     def _write_all(self, rows):
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows(rows)
-        tmp.replace(self.path)
+        buf = io.StringIO(newline="")
+        csv.writer(buf).writerows(rows)
+        write_text(self.path, buf.getvalue())
 
     def log(self, step: int, values: dict[str, float]):
         if self.header is None:

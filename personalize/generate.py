@@ -24,7 +24,7 @@ from .backbones import ResolvedBase, is_pipeline_dir, resolve_base
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS  # noqa: F401 - re-exported
 from .errors import UserError
 from .pipeline import DEFAULT_SCHEDULER, SCHEDULERS, build_pipeline, generate, load_components, save_png, write_json
-from .runs import read_run, run_token
+from .runs import base_name, read_run, run_token
 from .subjects import fill_prompt, load_prompts
 
 
@@ -41,7 +41,7 @@ class AdapterRef:
 
     def describe(self) -> dict:
         return {"run": str(self.run_dir.resolve()), "subject": self.run["subject"]["name"], "weight": self.weight,
-                "trained_on": _base_name(self.run), "finished_at": self.run.get("finished_at")}
+                "trained_on": base_name(self.run), "finished_at": self.run.get("finished_at")}
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Source:
         d = {"base": self.base_name, "base_path": str(self.pipeline_dir), "scheduler": self.scheduler}
         if self.full_run is not None:
             d["full_run"] = {"run": str(self.pipeline_dir), "subject": self.full_run["subject"]["name"],
-                             "trained_on": _base_name(self.full_run), "finished_at": self.full_run.get("finished_at")}
+                             "trained_on": base_name(self.full_run), "finished_at": self.full_run.get("finished_at")}
         if self.adapters:
             d["adapters"] = [a.describe() for a in self.adapters]
             d["lora_scale"] = self.lora_scale
@@ -79,11 +79,6 @@ class Source:
                                 f"from; pass a RUN_DIR or --adapter")
             return template
         return fill_prompt(template, run_token(run), run["subject"].get("class_noun") or "")
-
-
-def _base_name(run: dict) -> str:
-    base = run.get("base")
-    return str(base.get("name", "?")) if isinstance(base, dict) else str(base or "?")
 
 
 def _run_base(run: dict) -> ResolvedBase:
@@ -130,7 +125,7 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
     if full is not None:
         if base is not None:
             raise UserError(f"{full[0]} is a full finetune and is its own pipeline; --base applies to LoRA runs")
-        src = Source(full[0].resolve(), _base_name(full[1]), full_run=full[1])
+        src = Source(full[0].resolve(), base_name(full[1]), full_run=full[1])
     else:
         if base is None and not refs:
             raise UserError("nothing to generate with: pass a RUN_DIR, --adapter RUN_DIR or --base")
@@ -172,9 +167,9 @@ def load_pipeline(src: Source, device: torch.device | None = None, dtype: torch.
     for a in src.adapters:
         problems = lora_misfits(read_lora(a.run_dir / LORA_WEIGHTS), comps)
         if problems:
-            raise UserError(f"adapter {a.run_dir} was trained on {_base_name(a.run)} and does not fit "
+            raise UserError(f"adapter {a.run_dir} was trained on {base_name(a.run)} and does not fit "
                             f"{src.base_name}: {len(problems)} layer(s) differ, e.g. {problems[0]}; "
-                            f"generate on {_base_name(a.run)} (or a base of the same architecture)")
+                            f"generate on {base_name(a.run)} (or a base of the same architecture)")
     pipe = build_pipeline(comps, src.scheduler)
     for a in src.adapters:
         pipe.load_lora_weights(str(a.run_dir), adapter_name=a.name)
@@ -222,7 +217,7 @@ def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: i
 
 
 def default_resolution(src: Source) -> int:
-    from .dreambooth import native_resolution
+    from .backbones import native_resolution
 
     run = src.subject_run
     if run and run.get("resolution"):

@@ -167,3 +167,20 @@ def save_png(img, path: Path, metadata: dict) -> Path:
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
     return write_atomic(path, buf.getvalue())
+
+
+def save_pipeline(dest: Path, base_path: Path, comps: dict) -> None:
+    """A complete fp32 diffusers pipeline directory of `comps` with the base's own inference
+    scheduler, written into `dest` (callers make that atomic: fileio.atomic_dir / scratch_dir)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    index = json.loads((Path(base_path) / "model_index.json").read_text())
+    sched_cls = getattr(diffusers, index.get("scheduler", [None, "PNDMScheduler"])[1])
+    scheduler = sched_cls.from_pretrained(base_path, subfolder="scheduler")
+    unet = comps["unet"]
+    unet.disable_gradient_checkpointing()
+    pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float32).save_pretrained(dest, safe_serialization=True)

@@ -8,21 +8,48 @@ batch all start from here. No model imports.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import write_json
 
 RUN_JSON = "run.json"
 
 
-def is_finished(run_dir: Path) -> bool:
-    f = Path(run_dir) / RUN_JSON
-    if not f.is_file():
-        return False
+def slug(text: str) -> str:
+    """A folder name from free text (a base name, hub id or path, a prompt): letters, digits and
+    `._-`, never starting with a dot or a dash (a hidden folder is skipped by eval and report,
+    so `--base ../x` must not become `..-..-x`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lstrip(".-") or "x"
+
+
+def load_run_json(run_dir: Path) -> dict | None:
+    """run.json as a dict, or None when it is absent or unreadable (status checks; use
+    `read_run` where a bad file must be reported)."""
     try:
-        return json.loads(f.read_text()).get("status") == "finished"
-    except (OSError, json.JSONDecodeError):
-        return False
+        run = json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def write_run(run_dir: Path, record: dict) -> Path:
+    return write_json(Path(run_dir) / RUN_JSON, record)
+
+
+def base_name(run: dict) -> str:
+    """The name the run's base was given by (registry name, hub id or path)."""
+    base = run.get("base")
+    return str(base.get("name", "?")) if isinstance(base, dict) else str(base or "?")
+
+
+def final_loss(run: dict) -> float | None:
+    return ((run.get("stats") or {}).get("final_losses") or {}).get("loss")
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (load_run_json(run_dir) or {}).get("status") == "finished"
 
 
 def read_run(run_dir: Path, finished: bool = False) -> dict:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from .errors import UserError
 from .fileio import write_atomic
 from .metrics import clip_t, mean_cosine_to_set, nanmean, real_vs_real, strip_identifier
-from .runs import RUN_JSON, find_run_dirs, read_run, run_token  # noqa: F401 - re-exported
+from .runs import RUN_JSON, base_name, find_run_dirs, read_run, run_token
 
 PROTOCOL = "DreamBooth §4.1 (Ruiz et al. 2023): 25 prompts x N images per subject; DINO, CLIP-I, CLIP-T"
 SCORES_JSON = "scores.json"
@@ -353,11 +353,10 @@ def evaluate_paths(paths: Sequence[Path], *, dino_name: str, clip_name: str, bat
 
 
 def _run_summary(run: dict) -> dict:
-    base = run.get("base")
     subj = run.get("subject") or {}
     return {
         "method": run.get("method", "?"),
-        "base": base.get("name", "?") if isinstance(base, dict) else str(base or "?"),
+        "base": base_name(run),
         "subject": {k: subj.get(k) for k in ("name", "class_noun", "kind")},
     }
 
