@@ -10,12 +10,11 @@ crash never leaves a half-written pipeline where `personalize --base DIR` could 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from personalize.errors import UserError
+from personalize.fileio import atomic_dir
 
 from .arch import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
 from .mapping import weight_mapping
@@ -80,32 +79,13 @@ def check_output(out: Path, overwrite: bool, flag: str = "-o") -> Path:
     return out
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp sibling + rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """`pipeline.save_pretrained` (safetensors) into a temp sibling of `out`, then rename into place."""
+    """`pipeline.save_pretrained` (safetensors) into a temp sibling of `out`, then renamed into place."""
     out = check_output(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from personalize.errors import UserError
+from personalize.fileio import write_text
 
 from .data import DataSpec, MapBatches, make_batches
 from .kd import Distiller, KDWeights, feature_pairs
 from .prune import (
-    PROVENANCE_FILE, check_output, load_pipeline, load_unet, resolve_teacher, save_pipeline_atomic, write_text_atomic,
+    PROVENANCE_FILE, check_output, load_pipeline, load_unet, resolve_teacher, save_pipeline_atomic,
 )
 
 STUDENT_DIR = "student"
@@ -202,7 +203,7 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
         save_file(tensors, str(out / f"shard-{s0 // Precomputed.SHARD:05d}.safetensors"))
         log(f"precomputed {min(n, s0 + Precomputed.SHARD)}/{n}")
     # written last and atomically: its presence is what marks the shards as complete
-    write_text_atomic(out / "meta.json", json.dumps({"fingerprint": fingerprint, "n": n}))
+    write_text(out / "meta.json", json.dumps({"fingerprint": fingerprint, "n": n}))
     return Precomputed(out)
 
 
@@ -324,7 +325,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
                 "feature_pairs": [asdict(p) for p in pairs], "fit": asdict(run_cfg),
                 "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
-        write_text_atomic(out / PROVENANCE_FILE, json.dumps(resolved, indent=1))
+        write_text(out / PROVENANCE_FILE, json.dumps(resolved, indent=1))
     log(f"KD: {len(pairs)} feature pairs, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"
         f" x {accelerator.num_processes} process(es), {cfg.steps} steps, {accelerator.mixed_precision} precision")
     result = fit(accelerator, {"unet": student}, loss_fn, run_cfg, out, resume=cfg.resume,
@@ -341,7 +342,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
             resolved["pruned_from"] = json.loads(prov.read_text())
         text = json.dumps(resolved, indent=1)
         save_pipeline_atomic(final_pipe, final, {PROVENANCE_FILE: text}, overwrite=True)
-        write_text_atomic(out / PROVENANCE_FILE, text)
+        write_text(out / PROVENANCE_FILE, text)
         log(f"wrote {final} (use it as `personalize ... --base {final}`)")
     # no barrier here: fit keeps the process group (it finishes the trackers only, never calls
     # end_training()), but the other ranks have nothing left to do once fit returns; they exit and

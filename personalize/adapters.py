@@ -5,14 +5,13 @@ metadata (so alpha != rank, as in the BK-SDM recipe's 16/27, round-trips)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .fileio import scratch_dir
+from .fileio import move_into, scratch_dir
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +83,7 @@ def save_lora(run_dir: Path, unet, text_encoder) -> Path:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, safe_serialization=True, **meta
         )
-        os.replace(tmp / LORA_WEIGHTS, run_dir / LORA_WEIGHTS)
+        move_into(tmp, run_dir)
     return run_dir / LORA_WEIGHTS
 
 

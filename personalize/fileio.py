@@ -31,6 +31,19 @@ def _as_open_would(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def as_open_would(root: Path) -> None:
+    """Give `root` and everything below it plain-`open()` permissions. Library writers do not all
+    respect the umask (safetensors 0.8 writes its files 0600), and our outputs are read by others."""
+    root = Path(root)
+    _as_open_would(root, root.is_dir())
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in dirnames:
+                _as_open_would(Path(dirpath) / n, True)
+            for n in filenames:
+                _as_open_would(Path(dirpath) / n, False)
+
+
 def write_atomic(path: Path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +77,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _as_open_would(Path(tmp), directory=False)
+        as_open_would(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,7 +127,7 @@ def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         yield tmp
-        _as_open_would(tmp, directory=True)
+        as_open_would(tmp)
         if dest.exists() or dest.is_symlink():
             if not replace:
                 raise FileExistsError(f"{dest} appeared while it was being written")
@@ -152,6 +165,7 @@ def move_into(src_dir: Path, dest_dir: Path) -> list[str]:
     as a run dir), replacing same-named entries one rename at a time; returns the names moved."""
     names = []
     for child in sorted(Path(src_dir).iterdir()):
+        as_open_would(child)
         target = Path(dest_dir) / child.name
         if target.is_dir() and not target.is_symlink():
             aside = target.parent / f".{target.name}.old-{os.getpid()}-x"

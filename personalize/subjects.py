@@ -10,13 +10,12 @@ import contextlib
 import csv
 import difflib
 import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import scratch_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 DEFAULT_DATA_DIR = Path("data/dreambooth/dataset")
@@ -129,31 +128,30 @@ def fetch_dataset(dest: Path, url: str = DATASET_ZIP_URL, timeout: float = 10.0)
     if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("PERSONALIZE_OFFLINE"):
         raise UserError(f"no DreamBooth photos found and offline mode is set; {where}")
     made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".dreambooth-", dir=dest.parent))
     ok = False
     try:
-        try:
-            resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - fixed https URL
-        except OSError as e:
-            raise UserError(f"no DreamBooth photos found and the download failed ({e.__class__.__name__}); {where}") from None
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        zpath = tmpdir / "dreambooth.zip"
-        with Progress("[bold]fetching DreamBooth dataset", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar, \
-                zpath.open("wb") as f:
-            task = bar.add_task("download", total=total)
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                bar.update(task, advance=len(chunk))
-        with zipfile.ZipFile(zpath) as z:
-            z.extractall(tmpdir / "x")
-        found = next((p for p in (tmpdir / "x").glob("*/dataset") if p.is_dir()), None)
-        if found is None:
-            raise UserError(f"downloaded archive has no dataset/ folder; {where}")
-        found.rename(dest)
-        ok = True
+        with scratch_dir(dest) as tmpdir:
+            try:
+                resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - fixed https URL
+            except OSError as e:
+                raise UserError(f"no DreamBooth photos found and the download failed ({e.__class__.__name__}); "
+                                f"{where}") from None
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            zpath = tmpdir / "dreambooth.zip"
+            with Progress("[bold]fetching DreamBooth dataset", BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar, \
+                    zpath.open("wb") as f:
+                task = bar.add_task("download", total=total)
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(task, advance=len(chunk))
+            with zipfile.ZipFile(zpath) as z:
+                z.extractall(tmpdir / "x")
+            found = next((p for p in (tmpdir / "x").glob("*/dataset") if p.is_dir()), None)
+            if found is None:
+                raise UserError(f"downloaded archive has no dataset/ folder; {where}")
+            found.rename(dest)
+            ok = True
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
         if not ok:  # a failed fetch leaves no empty data/dreambooth/ behind
             for d in made:
                 with contextlib.suppress(OSError):

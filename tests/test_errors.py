@@ -77,7 +77,7 @@ def test_offline_base_message_names_hub_id_cache_and_fix(dataset, tmp_path, cli)
 
 def test_missing_default_dataset_offline_says_where(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)  # the default ./data/dreambooth/dataset is absent here
-    r = cli("lora", "--subject", "dog", *FAST[2:])
+    r = cli("lora", "--subject", "dog", *FAST)  # a base that is there: the dataset is what is missing
     assert r.code == 2 and "data/dreambooth/dataset" in r.err and "clone" in r.err
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
