@@ -88,7 +88,7 @@ def save_lora(run_dir: Path, unet, text_encoder) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading a saved adapter, checking it fits a base, and the kohya / A1111 / ComfyUI format
+# Reading a saved adapter and checking it fits a base (the kohya format: personalize/export/kohya.py)
 # --------------------------------------------------------------------------------------------
 # diffusers has written LoRA keys three ways over its releases; all name (component, module, down|up)
 _LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(?:lora\.(down|up)|lora_linear_layer\.(down|up)|lora_(A|B))\.weight$")
@@ -175,46 +175,3 @@ def lora_misfits(layers: dict[tuple[str, str], LoraLayer], components: dict) -> 
         if (int(w.shape[1]), int(w.shape[0])) != (want_in, want_out):
             problems.append(f"{comp}.{module} is {w.shape[1]}->{w.shape[0]}, the adapter expects {want_in}->{want_out}")
     return problems
-
-
-def _kohya_name(comp: str, module: str) -> str:
-    if comp == "unet":
-        return "lora_unet_" + module.replace(".", "_")
-    # kohya names the text encoder by the original CLIP module path, which has text_model.
-    if not module.startswith("text_model."):
-        module = "text_model." + module
-    return "lora_te_" + module.replace(".", "_")
-
-
-def to_kohya(layers: dict[tuple[str, str], LoraLayer]) -> dict[str, "torch.Tensor"]:
-    """The `lora_unet_*` / `lora_te_*` key format of kohya's sd-scripts, which AUTOMATIC1111,
-    ComfyUI and diffusers' own loader read: per layer `lora_down.weight`, `lora_up.weight` and a
-    scalar `alpha` (the layer's output is scaled by alpha / rank, as in our diffusers file)."""
-    import torch
-
-    layers = dict(layers)
-    te = [(m, x) for (c, m), x in layers.items() if c == "text_encoder"]
-    if te and not any(m.endswith("out_proj") for m, _ in te):
-        # diffusers (0.42) recognises a kohya text-encoder part only by an out_proj layer in it; a
-        # zero-valued one (up = 0: it adds exactly nothing) lets its loader read q/v-only adapters
-        module, x = te[0]
-        width = int(x.down.shape[1])  # q/k/v/out projections of CLIP are all width x width
-        out_proj = module.rsplit(".", 1)[0] + ".out_proj"
-        layers[("text_encoder", out_proj)] = LoraLayer(x.down.new_zeros((x.rank, width)),
-                                                       x.up.new_zeros((width, x.rank)), x.alpha)
-    out = {}
-    for (comp, module), layer in layers.items():
-        name = _kohya_name(comp, module)
-        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
-        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
-    return out
-
-
-def kohya_metadata(layers: dict[tuple[str, str], LoraLayer], family: str | None) -> dict[str, str]:
-    """The sd-scripts training metadata keys that UIs read to describe a LoRA (all strings)."""
-    unet = [x for (c, _), x in layers.items() if c == "unet"] or list(layers.values())
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet[0].rank),
-            "ss_network_alpha": f"{unet[0].alpha:g}", "ss_v2": str(family == "sd-v2"),
-            "ss_base_model_version": "sd_v2" if family == "sd-v2" else "sd_v1"}
-    return meta

@@ -317,7 +317,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _scores_file(run_dir: Path) -> Path:
-    from .scoring import EVAL_DIR, SCORES_JSON
+    from .evaluation.dreambooth import EVAL_DIR, SCORES_JSON
 
     return run_dir / EVAL_DIR / SCORES_JSON
 
@@ -430,8 +430,8 @@ def evaluator(dino_name: str, clip_name: str, data_dir: str | None, images_per_p
     evaluate(run_dir), the `personalize eval` protocol for one run."""
 
     def load():
-        from .evaluators import ClipEmbedder, DinoEmbedder
-        from .scoring import evaluate_run
+        from .evaluation.evaluators import ClipEmbedder, DinoEmbedder
+        from .evaluation.dreambooth import evaluate_run
 
         dino, clip = DinoEmbedder.from_name_or_path(dino_name), ClipEmbedder.from_name_or_path(clip_name)
 

@@ -28,7 +28,7 @@ from .diffusion import check_prediction_type, noise_latents
 from .errors import UserError
 from .fileio import move_into, scratch_dir
 from .fit import FitConfig, fit, make_accelerator
-from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_json, write_text
+from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_text
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import is_finished, slug, write_run
 from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts

@@ -3,7 +3,7 @@
 A DINO-shaped ViT (CLS token of the last hidden state) and a CLIP model with the byte-level CLIP
 BPE tokenizer of `personalize.backbones`, each saved with `save_pretrained` (safetensors) plus a
 preprocessor config into a temp dir, so the tests load them through `from_name_or_path` like
-real evaluators. Imported by test_metrics.py and test_scoring.py.
+real evaluators. Imported by test_metrics.py and test_evaluation.py.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def embedders(tiny_model_dirs):
-    from personalize.evaluators import ClipEmbedder, DinoEmbedder
+    from personalize.evaluation.evaluators import ClipEmbedder, DinoEmbedder
 
     dino = DinoEmbedder.from_name_or_path(str(tiny_model_dirs["dino"]), device="cpu", batch_size=16)
     clip = ClipEmbedder.from_name_or_path(str(tiny_model_dirs["clip"]), device="cpu", batch_size=16)

@@ -11,7 +11,7 @@ import torch
 from _metric_fixtures import _one_torch_thread, embedders, random_image, tiny_model_dirs  # noqa: F401 - fixtures
 
 from personalize.errors import UserError
-from personalize.metrics import (
+from personalize.evaluation.metrics import (
     clip_t,
     cosine_matrix,
     l2_normalize,
@@ -169,7 +169,7 @@ def test_preprocessing_is_the_models_own(embedders):
 
 
 def test_embedder_without_preprocessor_config_uses_dino_defaults(tiny_model_dirs, tmp_path):
-    from personalize.evaluators import DinoEmbedder
+    from personalize.evaluation.evaluators import DinoEmbedder
 
     bare = tmp_path / "dino"
     shutil.copytree(tiny_model_dirs["dino"], bare)
@@ -194,7 +194,7 @@ def test_clip_t_text_embedding_matches_plain_calls(embedders, tiny_model_dirs):
 
 # ------------------------------------------------------------------ loading failures
 def test_missing_evaluator_offline_is_one_line_naming_model(monkeypatch):
-    from personalize.evaluators import ClipEmbedder, DinoEmbedder
+    from personalize.evaluation.evaluators import ClipEmbedder, DinoEmbedder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as e:
@@ -208,7 +208,7 @@ def test_missing_evaluator_offline_is_one_line_naming_model(monkeypatch):
 
 
 def test_local_path_problems_are_user_errors(tmp_path, tiny_model_dirs):
-    from personalize.evaluators import ClipEmbedder, DinoEmbedder
+    from personalize.evaluation.evaluators import ClipEmbedder, DinoEmbedder
 
     with pytest.raises(UserError, match="--dino .*no such directory"):
         DinoEmbedder.from_name_or_path(str(tmp_path / "nope"), device="cpu")

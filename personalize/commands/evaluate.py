@@ -1,5 +1,5 @@
 """`personalize eval` and `personalize report`: subject-fidelity scores by the DreamBooth §4.1
-protocol (DINO, CLIP-I, CLIP-T). Argument parsing only; the work is in `personalize.scoring`."""
+protocol (DINO, CLIP-I, CLIP-T). Argument parsing only; the work is in `personalize.evaluation`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ EVAL_HELP = (
 
 
 def _eval(args) -> int:
-    from ..scoring import evaluate_paths
+    from ..evaluation.dreambooth import evaluate_paths
 
     generation = {"steps": args.steps, "guidance_scale": args.guidance_scale}
     evaluate_paths(args.run_dirs, dino_name=args.dino, clip_name=args.clip, batch_size=args.batch_size,
@@ -22,7 +22,7 @@ def _eval(args) -> int:
 
 
 def _report(args) -> int:
-    from ..scoring import build_report
+    from ..evaluation.report import build_report
 
     written = build_report(args.runs_dir, args.out)
     for path in written.values():

@@ -21,9 +21,9 @@ from typing import Iterable, Sequence
 import torch
 from PIL import Image
 
-from .backbones import hub_offline
-from .defaults import DEFAULT_CLIP, DEFAULT_DINO  # noqa: F401 - re-exported
-from .errors import UserError
+from ..backbones import hub_offline
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO  # noqa: F401 - re-exported
+from ..errors import UserError
 
 # Hub repos whose main branch holds only pickled weights; the revision that adds model.safetensors
 # (the Hub's SFconvertbot PR, never merged for dino-vits16).
@@ -110,7 +110,7 @@ def _tokenizer_files(d: Path) -> bool:
 def _load_image(img: ImageLike) -> Image.Image:
     if isinstance(img, Image.Image):
         return img.convert("RGB") if img.mode != "RGB" else img
-    from .data import open_image  # EXIF orientation + alpha on white, like the training photos
+    from ..data import open_image  # EXIF orientation + alpha on white, like the training photos
 
     return open_image(Path(img))
 

@@ -13,8 +13,7 @@ table uses it: per subject, its 25 prompts (object or live set) x 4 images = 100
 `score_subject` computes per-image, per-prompt and per-subject scores; `write_scores` writes them
 (`scores_images.csv`, `scores_prompts.csv`, `scores.md`, then `scores.json` last, so a
 `scores.json` on disk always means a complete evaluation); `evaluate_run` glues generation,
-scoring and writing for one training run; `build_report` gathers every evaluated run below a
-directory into `report.md` / `report.csv` / `report.png`.
+scoring and writing for one training run. `report.py` gathers many evaluated runs.
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import UserError
-from .fileio import write_atomic
+from ..errors import UserError
+from ..fileio import write_atomic
 from .metrics import clip_t, mean_cosine_to_set, nanmean, real_vs_real, strip_identifier
-from .runs import RUN_JSON, base_name, find_run_dirs, read_run, run_token
+from ..runs import base_name, find_run_dirs, read_run, run_token
 
 PROTOCOL = "DreamBooth §4.1 (Ruiz et al. 2023): 25 prompts x N images per subject; DINO, CLIP-I, CLIP-T"
 SCORES_JSON = "scores.json"
@@ -146,7 +145,7 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _csv_text(rows: list[dict], columns: Sequence[str]) -> str:
+def csv_text(rows: list[dict], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -168,7 +167,7 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _md_num(v: float | None) -> str:
+def md_num(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
@@ -196,7 +195,7 @@ def write_scores(out_dir: Path, scores: SubjectScores, *, settings: dict, evalua
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, real = _relative(scores.images, out_dir), _relative(scores.real_images, out_dir)
-    run_info = _run_summary(run) if run else {}
+    run_info = run_summary(run) if run else {}
     doc = {
         "version": SCORES_VERSION,
         "protocol": PROTOCOL,
@@ -212,8 +211,8 @@ def write_scores(out_dir: Path, scores: SubjectScores, *, settings: dict, evalua
         "real_images": real,
     }
     paths = {
-        "images_csv": write_atomic(out_dir / SCORES_IMAGES_CSV, _csv_text(images, IMAGE_COLUMNS)),
-        "prompts_csv": write_atomic(out_dir / SCORES_PROMPTS_CSV, _csv_text(scores.prompts, PROMPT_COLUMNS)),
+        "images_csv": write_atomic(out_dir / SCORES_IMAGES_CSV, csv_text(images, IMAGE_COLUMNS)),
+        "prompts_csv": write_atomic(out_dir / SCORES_PROMPTS_CSV, csv_text(scores.prompts, PROMPT_COLUMNS)),
         "markdown": write_atomic(out_dir / SCORES_MD, _scores_markdown(doc)),
     }
     paths["json"] = write_atomic(out_dir / SCORES_JSON, json.dumps(_json_safe(doc), indent=2) + "\n")
@@ -235,14 +234,14 @@ def _scores_markdown(doc: dict) -> str:
         f"Evaluators: DINO `{ev.get('dino', {}).get('name', '?')}`, CLIP `{ev.get('clip', {}).get('name', '?')}`. "
         f"CLIP-T uses each prompt with the identifier `{st.get('token')}` removed.", "",
         "| | DINO | CLIP-I | CLIP-T |", "|---|---:|---:|---:|",
-        f"| generated | {_md_num(s['dino'])} | {_md_num(s['clip_i'])} | {_md_num(s['clip_t'])} |",
-        f"| real images (reference, self pairs excluded) | {_md_num(rr['dino'])} | {_md_num(rr['clip_i'])} | – |",
+        f"| generated | {md_num(s['dino'])} | {md_num(s['clip_i'])} | {md_num(s['clip_t'])} |",
+        f"| real images (reference, self pairs excluded) | {md_num(rr['dino'])} | {md_num(rr['clip_i'])} | – |",
         "", "## Per prompt", "",
         "| # | prompt (as scored by CLIP-T) | images | DINO | CLIP-I | CLIP-T |", "|---:|---|---:|---:|---:|---:|",
     ]
     for p in doc["prompts"]:
-        lines.append(f"| {p['prompt_index']} | {p['clip_prompt']} | {p['n_images']} | {_md_num(p['dino'])} | "
-                     f"{_md_num(p['clip_i'])} | {_md_num(p['clip_t'])} |")
+        lines.append(f"| {p['prompt_index']} | {p['clip_prompt']} | {p['n_images']} | {md_num(p['dino'])} | "
+                     f"{md_num(p['clip_i'])} | {md_num(p['clip_t'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +253,7 @@ def real_images_for_run(run: dict, data_dir: str | None = None) -> list[Path]:
     folder the run was trained on (run.json `subject.image_dir`), else ./data/dreambooth/dataset
     (the lookup of `personalize.subjects`). A folder of the user's own photos: `--data-dir`/<name>
     when that exists, else the folder the run was trained on."""
-    from .subjects import find_subject, list_images, load_subjects
+    from ..subjects import find_subject, list_images, load_subjects
 
     subj = run["subject"]
     name = subj["name"]
@@ -275,7 +274,7 @@ def real_images_for_run(run: dict, data_dir: str | None = None) -> list[Path]:
 
 def protocol_prompts(kind: str, token: str, class_noun: str) -> list[str]:
     """The 25 DreamBooth evaluation prompts of a subject (object or live set), filled in."""
-    from .subjects import fill_prompt, load_prompts
+    from ..subjects import fill_prompt, load_prompts
 
     if kind not in ("live", "object"):
         raise UserError(f"unknown subject kind '{kind}' (live or object)")
@@ -286,7 +285,7 @@ GenerateFn = Callable[..., list[dict]]
 
 
 def _default_generator() -> GenerateFn:
-    from .generate import generate_protocol_images
+    from ..generate import generate_protocol_images
 
     return generate_protocol_images
 
@@ -345,239 +344,17 @@ def evaluate_paths(paths: Sequence[Path], *, dino_name: str, clip_name: str, bat
                                seed=seed, generation=generation)
         doc = json.loads(written["json"].read_text())
         s, rr = doc["scores"], doc["real_reference"]
-        echo(f"{r}: DINO {_md_num(s['dino'])}  CLIP-I {_md_num(s['clip_i'])}  CLIP-T {_md_num(s['clip_t'])}  "
-             f"(real images: DINO {_md_num(rr['dino'])}, CLIP-I {_md_num(rr['clip_i'])}; "
+        echo(f"{r}: DINO {md_num(s['dino'])}  CLIP-I {md_num(s['clip_i'])}  CLIP-T {md_num(s['clip_t'])}  "
+             f"(real images: DINO {md_num(rr['dino'])}, CLIP-I {md_num(rr['clip_i'])}; "
              f"{s['n_images']} images) -> {written['markdown']}")
         results.append(written)
     return results
 
 
-def _run_summary(run: dict) -> dict:
+def run_summary(run: dict) -> dict:
     subj = run.get("subject") or {}
     return {
         "method": run.get("method", "?"),
         "base": base_name(run),
         "subject": {k: subj.get(k) for k in ("name", "class_noun", "kind")},
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Report over many runs
-# --------------------------------------------------------------------------------------------
-REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
-REPORT_COLUMNS = ["row", "base", "method", "subject", "kind", "n_subjects", "n_images", "dino", "clip_i", "clip_t",
-                  "dino_model", "clip_model", "scores"]
-
-
-def _find_run_json(scores_path: Path, root: Path) -> Path | None:
-    d = scores_path.parent
-    root = root.resolve()
-    while True:
-        if (d / RUN_JSON).is_file():
-            return d / RUN_JSON
-        if d.resolve() == root or d.parent == d:
-            return None
-        d = d.parent
-
-
-def collect_scores(runs_dir: Path) -> list[dict]:
-    """One row per evaluated run below `runs_dir` (every scores.json), described by its run.json."""
-    runs_dir = Path(runs_dir)
-    rows = []
-    for sp in sorted(runs_dir.rglob(SCORES_JSON)):
-        if any(part.startswith(".") for part in sp.relative_to(runs_dir).parts):
-            continue
-        try:
-            doc = json.loads(sp.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a foreign or damaged file is not an evaluation; ours are written atomically
-        if not isinstance(doc, dict) or "scores" not in doc:
-            continue
-        rj = _find_run_json(sp, runs_dir)
-        info = _run_summary(json.loads(rj.read_text())) if rj else {
-            "method": doc.get("run", {}).get("method", "?"), "base": doc.get("run", {}).get("base", "?"),
-            "subject": doc.get("subject", {})}
-        s, rr, ev = doc["scores"], doc.get("real_reference", {}), doc.get("evaluators", {})
-        rows.append({
-            "row": "run", "base": info["base"], "method": info["method"],
-            "subject": info["subject"].get("name") or "?", "kind": info["subject"].get("kind") or "",
-            "n_images": s.get("n_images"), **{m: _num(s.get(m)) for m in METRICS},
-            "real_dino": _num(rr.get("dino")), "real_clip_i": _num(rr.get("clip_i")),
-            "dino_model": ev.get("dino", {}).get("name", ""), "clip_model": ev.get("clip", {}).get("name", ""),
-            "scores": str(sp.relative_to(runs_dir)),
-        })
-    return rows
-
-
-def _num(v: Any) -> float:
-    return math.nan if v is None else float(v)
-
-
-def _group_order(rows: list[dict]) -> list[tuple[str, str]]:
-    from .backbones import BACKBONES
-    from .config import METHODS
-
-    base_rank = {b: i for i, b in enumerate(BACKBONES)}
-    method_rank = {m: i for i, m in enumerate(METHODS)}
-    keys = {(r["base"], r["method"]) for r in rows}
-    return sorted(keys, key=lambda k: (base_rank.get(k[0], len(base_rank)), k[0],
-                                       method_rank.get(k[1], len(method_rank)), k[1]))
-
-
-def summarize(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Means per base x method (over subjects; repeated runs of one subject are averaged first so
-    every subject weighs the same, as in the paper's 30-subject means), and the real-images row
-    (over distinct subjects)."""
-    means = []
-    for base, method in _group_order(rows):
-        per_subject: dict[str, list[dict]] = defaultdict(list)
-        for r in rows:
-            if (r["base"], r["method"]) == (base, method):
-                per_subject[r["subject"]].append(r)
-        subj_means = [{m: nanmean([r[m] for r in rs]) for m in METRICS} for rs in per_subject.values()]
-        means.append({"row": "mean", "base": base, "method": method, "subject": "", "kind": "",
-                      "n_subjects": len(per_subject),
-                      "n_images": sum(r["n_images"] or 0 for rs in per_subject.values() for r in rs),
-                      **{m: nanmean([s[m] for s in subj_means]) for m in METRICS}})
-    real_by_subject: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        real_by_subject[r["subject"]].append(r)
-    real = {"row": "real", "base": "real images", "method": "", "subject": "", "kind": "",
-            "n_subjects": len(real_by_subject), "n_images": "",
-            "dino": nanmean([nanmean([r["real_dino"] for r in rs]) for rs in real_by_subject.values()]),
-            "clip_i": nanmean([nanmean([r["real_clip_i"] for r in rs]) for rs in real_by_subject.values()]),
-            "clip_t": math.nan}
-    return means, real
-
-
-def build_report(runs_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
-    """Gather every evaluated run below `runs_dir` into report.md, report.csv (subject x base x
-    method rows, then the means per base/method and the real-images row, like the BK-SDM paper's
-    DreamBooth table) and report.png (grouped bars). Written atomically into `out_dir`
-    (default `runs_dir`)."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise UserError(f"{runs_dir}: no such directory")
-    rows = collect_scores(runs_dir)
-    if not rows:
-        raise UserError(f"{runs_dir}: no {SCORES_JSON} below it; run `personalize eval RUN_DIR` first")
-    order = {k: i for i, k in enumerate(_group_order(rows))}
-    rows.sort(key=lambda r: (order[(r["base"], r["method"])], r["subject"], r["scores"]))
-    means, real = summarize(rows)
-    out_dir = Path(out_dir) if out_dir else runs_dir
-    return {
-        "csv": write_atomic(out_dir / REPORT_CSV, _csv_text(rows + means + [real], REPORT_COLUMNS)),
-        "markdown": write_atomic(out_dir / REPORT_MD, _report_markdown(rows, means, real)),
-        "png": write_atomic(out_dir / REPORT_PNG, _report_png(means, real)),
-    }
-
-
-def _report_markdown(rows: list[dict], means: list[dict], real: dict) -> str:
-    evaluators = sorted({(r["dino_model"], r["clip_model"]) for r in rows})
-    ev_text = "; ".join(f"DINO `{d}`, CLIP `{c}`" for d, c in evaluators)
-    lines = [
-        "# DreamBooth subject fidelity", "",
-        f"{PROTOCOL}. Means are over subjects (each subject's mean over its generated images and real photos). "
-        f"CLIP-T prompts have the identifier token removed. Evaluators: {ev_text}.", "",
-    ]
-    if len(evaluators) > 1:
-        lines += ["**Warning:** runs were scored with different evaluators; their numbers are not comparable.", ""]
-    lines += ["## Means per base × method", "",
-              "| Base | Method | Subjects | Images | DINO | CLIP-I | CLIP-T |", "|---|---|---:|---:|---:|---:|---:|"]
-    for m in means:
-        lines.append(f"| {m['base']} | {m['method']} | {m['n_subjects']} | {m['n_images']} | {_md_num(m['dino'])} | "
-                     f"{_md_num(m['clip_i'])} | {_md_num(m['clip_t'])} |")
-    lines.append(f"| real images (reference) | | {real['n_subjects']} | | {_md_num(real['dino'])} | "
-                 f"{_md_num(real['clip_i'])} | – |")
-    lines += ["", "## Per subject", "",
-              "| Subject | Kind | Base | Method | DINO | CLIP-I | CLIP-T | scores |", "|---|---|---|---|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['subject']} | {r['kind']} | {r['base']} | {r['method']} | {_md_num(r['dino'])} | "
-                     f"{_md_num(r['clip_i'])} | {_md_num(r['clip_t'])} | `{r['scores']}` |")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# The plot (PIL only: matplotlib is not a dependency)
-# --------------------------------------------------------------------------------------------
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _report_png(means: list[dict], real: dict) -> bytes:
-    """Three panels (DINO, CLIP-I, CLIP-T) with one bar per base x method, on a shared 0..1 axis;
-    colour = base, hatching = full finetuning (solid = LoRA); dashed line = real-images reference."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(size: int):
-        try:
-            return ImageFont.load_default(size=size)
-        except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-            return ImageFont.load_default()
-
-    f_small, f_text, f_title = font(12), font(14), font(18)
-    n = len(means)
-    bar_w, gap, pad = 26, 8, 40
-    panel_w = max(180, n * (bar_w + gap) + gap + 20)
-    plot_h, top, left = 300, 60, 50
-    bases = list(dict.fromkeys(m["base"] for m in means))
-    color = {b: _PALETTE[i % len(_PALETTE)] for i, b in enumerate(bases)}
-    legend_rows = n
-    width = left + 3 * panel_w + 2 * pad + 30
-    height = top + plot_h + 40 + 20 * legend_rows + 20
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    # the bundled font has no "§"
-    d.text((left, 15), "Subject fidelity, DreamBooth protocol (Sec. 4.1): mean over subjects", fill="black", font=f_title)
-
-    def y_of(v: float) -> float:
-        return top + plot_h * (1.0 - max(0.0, min(1.0, v)))
-
-    for pi, metric in enumerate(METRICS):
-        x0 = left + pi * (panel_w + pad)
-        x1 = x0 + panel_w
-        for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-            y = y_of(t)
-            d.line([(x0, y), (x1, y)], fill=(225, 225, 225))
-            d.text((x0 - 30, y - 7), f"{t:.1f}", fill=(90, 90, 90), font=f_small)
-        d.line([(x0, top), (x0, top + plot_h), (x1, top + plot_h)], fill="black")
-        d.text((x0 + panel_w / 2 - 25, top + plot_h + 8), METRIC_LABELS[metric], fill="black", font=f_text)
-        for bi, m in enumerate(means):
-            v = m[metric]
-            if v is None or math.isnan(v):
-                continue
-            bx = x0 + gap + 10 + bi * (bar_w + gap)
-            y = y_of(v)
-            c = color[m["base"]]
-            d.rectangle([bx, y, bx + bar_w, top + plot_h], fill=c, outline=c)
-            if m["method"] == "full":  # hatching keeps methods apart without a second colour scale
-                img.paste(_hatch(bar_w - 3, int(top + plot_h - y) - 3, c), (int(bx) + 2, int(y) + 2))
-            d.text((bx - 2, y - 15), f"{v:.2f}", fill="black", font=f_small)
-        ref = real.get(metric)
-        if ref is not None and not math.isnan(ref):
-            y = y_of(ref)
-            for xs in range(int(x0), int(x1), 10):
-                d.line([(xs, y), (min(xs + 5, x1), y)], fill=(60, 60, 60), width=2)
-            d.text((x1 - 70, y - 15), f"real {ref:.2f}", fill=(60, 60, 60), font=f_small)
-    ly = top + plot_h + 40
-    for i, m in enumerate(means):
-        c = color[m["base"]]
-        y = ly + 20 * i
-        d.rectangle([left, y, left + 14, y + 14], fill=c, outline=c)
-        if m["method"] == "full":
-            img.paste(_hatch(11, 11, c), (left + 2, y + 2))
-        d.text((left + 22, y), f"{m['base']} / {m['method']}  ({m['n_subjects']} subjects)", fill="black", font=f_text)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _hatch(w: int, h: int, color: tuple[int, int, int]):
-    """A w x h tile of diagonal stripes in `color` on white."""
-    from PIL import Image, ImageDraw
-
-    tile = Image.new("RGB", (max(w, 1), max(h, 1)), "white")
-    d = ImageDraw.Draw(tile)
-    for k in range(-max(w, h), max(w, h) * 2, 6):
-        d.line([(0, k + w), (w, k)], fill=color, width=2)
-    return tile

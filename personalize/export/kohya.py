@@ -1,0 +1,100 @@
+"""A LoRA run exported as one kohya-format file: the `lora_unet_*` / `lora_te_*` keys of kohya's
+sd-scripts, which AUTOMATIC1111, ComfyUI and diffusers' own loader read. Written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..adapters import LoraLayer
+from ..errors import UserError
+from ..fileio import atomic_file
+from ..runs import base_name, read_run
+
+if TYPE_CHECKING:
+    import torch
+
+
+def check_dest(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True)
+
+
+def lora_run(run_dir: Path) -> dict:
+    run = read_run(run_dir, finished=True)
+    if run.get("method") != "lora":
+        raise UserError(f"{run_dir} is a {run.get('method')} run: it already is a complete pipeline directory "
+                        f"(load it with from_pretrained); export works on LoRA runs")
+    return run
+
+
+def _family(layers) -> str:
+    """sd-v2 when any layer sees a 1024-wide input (OpenCLIP ViT-H text features), else sd-v1
+    (CLIP ViT-L/14, 768): the one difference between the families an adapter's shapes show."""
+    widths = {int(x.down.shape[1]) for (c, m), x in layers.items() if c == "text_encoder" or "attn2.to_k" in m
+              or "attn2.to_v" in m}
+    return "sd-v2" if 1024 in widths else "sd-v1"
+
+
+def export_kohya(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
+    """RUN_DIR's adapter as one kohya-format safetensors file (`lora_unet_*`, `lora_te_*`, alphas)."""
+    from safetensors.torch import save_file
+
+    from ..adapters import LORA_WEIGHTS, read_lora
+
+    run_dir, out = Path(run_dir), Path(out)
+    run = lora_run(run_dir)
+    check_dest(out, overwrite)
+    layers = read_lora(run_dir / LORA_WEIGHTS)
+    meta = kohya_metadata(layers, _family(layers))
+    meta |= {"ss_output_name": out.stem, "personalize_subject": run["subject"]["name"],
+             "personalize_base": base_name(run),
+             "personalize_instance_prompt": str(run.get("instance_prompt", ""))}
+    with atomic_file(out) as tmp:
+        save_file(to_kohya(layers), str(tmp), metadata=meta)
+    return out
+
+
+def _kohya_name(comp: str, module: str) -> str:
+    if comp == "unet":
+        return "lora_unet_" + module.replace(".", "_")
+    # kohya names the text encoder by the original CLIP module path, which has text_model.
+    if not module.startswith("text_model."):
+        module = "text_model." + module
+    return "lora_te_" + module.replace(".", "_")
+
+
+def to_kohya(layers: dict[tuple[str, str], LoraLayer]) -> dict[str, "torch.Tensor"]:
+    """The `lora_unet_*` / `lora_te_*` key format of kohya's sd-scripts, which AUTOMATIC1111,
+    ComfyUI and diffusers' own loader read: per layer `lora_down.weight`, `lora_up.weight` and a
+    scalar `alpha` (the layer's output is scaled by alpha / rank, as in our diffusers file)."""
+    import torch
+
+    layers = dict(layers)
+    te = [(m, x) for (c, m), x in layers.items() if c == "text_encoder"]
+    if te and not any(m.endswith("out_proj") for m, _ in te):
+        # diffusers (0.42) recognises a kohya text-encoder part only by an out_proj layer in it; a
+        # zero-valued one (up = 0: it adds exactly nothing) lets its loader read q/v-only adapters
+        module, x = te[0]
+        width = int(x.down.shape[1])  # q/k/v/out projections of CLIP are all width x width
+        out_proj = module.rsplit(".", 1)[0] + ".out_proj"
+        layers[("text_encoder", out_proj)] = LoraLayer(x.down.new_zeros((x.rank, width)),
+                                                       x.up.new_zeros((width, x.rank)), x.alpha)
+    out = {}
+    for (comp, module), layer in layers.items():
+        name = _kohya_name(comp, module)
+        out[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        out[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
+    return out
+
+
+def kohya_metadata(layers: dict[tuple[str, str], LoraLayer], family: str | None) -> dict[str, str]:
+    """The sd-scripts training metadata keys that UIs read to describe a LoRA (all strings)."""
+    unet = [x for (c, _), x in layers.items() if c == "unet"] or list(layers.values())
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet[0].rank),
+            "ss_network_alpha": f"{unet[0].alpha:g}", "ss_v2": str(family == "sd-v2"),
+            "ss_base_model_version": "sd_v2" if family == "sd-v2" else "sd_v1"}
+    return meta

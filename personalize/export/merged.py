@@ -1,0 +1,38 @@
+"""A LoRA run fused into its base and saved as a complete diffusers pipeline directory, which
+`from_pretrained` loads without PEFT (the starting point of the deploy formats). Written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..fileio import atomic_dir, write_json, write_text
+from .kohya import check_dest, lora_run
+
+
+def export_merged(run_dir: Path, out: Path, lora_scale: float = 1.0, base: str | None = None,
+                  overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """RUN_DIR's adapter fused into its base (weights W + scale * alpha/r * B A), saved as a complete
+    fp32 diffusers pipeline directory that `from_pretrained` loads without PEFT."""
+    import torch
+
+    from ..generate import load_pipeline, resolve_source
+    from ..pipeline import save_pipeline
+
+    run_dir, out = Path(run_dir), Path(out)
+    run = lora_run(run_dir)
+    check_dest(out, overwrite)
+    src = resolve_source(run_dir, base=base, lora_scale=lora_scale)
+    pipe = load_pipeline(src, torch.device("cpu"), torch.float32, allow_pickle)
+    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
+    pipe.unload_lora_weights()
+    with atomic_dir(out, replace=overwrite) as tmp:
+        save_pipeline(tmp, src.pipeline_dir, pipe.components)
+        write_json(tmp / "export.json", {"merged_from": str(run_dir.resolve()), "base": src.base_name,
+                                         "base_path": str(src.pipeline_dir), "lora_scale": lora_scale,
+                                         "subject": run["subject"], "instance_prompt": run.get("instance_prompt")})
+        write_text(tmp / "README.md",
+            f"# {run['subject']['name']} on {src.base_name} (LoRA merged)\n\nThe LoRA adapter of `{run_dir}` fused "
+            f"into {src.base_name} at scale {lora_scale:g}; a plain diffusers pipeline:\n\n```python\n"
+            f"from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\"{out}\")\n"
+            f"pipe(\"{run.get('instance_prompt', '')} on the beach\").images[0]\n```\n")
+    return out
