@@ -314,11 +314,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
         latents = DiagonalGaussianDistribution(params).sample(generator=generator).float() * scaling
         return distiller(models["unet"], latents, emb.float(), generator)
 
-    run_cfg = FitConfig(
-        steps=cfg.steps, lr=cfg.lr, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=0, checkpoint_every=cfg.checkpoint_every,
-        log_every=cfg.log_every, seed=cfg.seed,
-    )
+    run_cfg = FitConfig.from_config(cfg, lr_warmup_steps=0)  # the recipe: constant LR
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"method": "BK-SDM knowledge distillation (Kim et al. 2023)", "config": cfg.to_json(),
                 "teacher_path": str(teacher_dir), "student_path": str(student_dir),

@@ -272,12 +272,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase
         return {"loss": loss_inst + cfg.prior_loss_weight * loss_prior, "loss_instance": loss_inst,
                 "loss_prior": loss_prior}
 
-    fit_cfg = FitConfig(
-        steps=cfg.steps, lr=cfg.resolved_lr(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps, use_8bit_adam=cfg.use_8bit_adam,
-        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, log_every=cfg.log_every, seed=cfg.seed,
-        profile_steps=profile_steps,
-    )
+    fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
                  description=f"{cfg.method} {p.subject.name}", log=log)
 

@@ -18,7 +18,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -45,10 +45,18 @@ class FitConfig:
     lr_warmup_steps: int = 0  # recipe: constant LR, no warm-up
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit; CUDA only
     checkpoint_every: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 1  # older ones are deleted once a newer one is safely written
+    checkpoints_kept: int = 1  # during training; older ones are deleted once a newer one is safely written
     log_every: int = 10  # host syncs only this often: the hot loop never calls .item()
     seed: int = 1234  # BK-SDM recipe seed
     profile_steps: bool = False  # record per-step wall time (syncs the device every step: benchmarks only)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "FitConfig":
+        """The loop's settings taken from a trainer's config (TrainConfig, DistillConfig): every
+        field of the same name, then `overrides` (values the trainer resolves, like the LR)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
+        return cls(**(values | overrides))
 
 
 @dataclass
@@ -263,7 +271,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                 if is_main:
                     pending = {"sums": {k: v.item() for k, v in sums.items()}, "window": window}
                     checkpoints.save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
-                                    cfg.keep_checkpoints)
+                                    cfg.checkpoints_kept)
     accelerator.wait_for_everyone()
     # trackers only: `end_training()` would also destroy the process group, and the caller still
     # needs it under `accelerate launch` (rank 0 writes the outputs while the others wait)
