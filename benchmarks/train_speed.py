@@ -8,7 +8,7 @@ the SD-v1 VAE, a CLIP ViT-L/14 text encoder) once in a cache dir, so costs are r
 download. Every measurement runs in its own subprocess, so peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on GPU) belongs to that measurement alone.
 
-- `ours`: `personalize.dreambooth.train` itself (cached latents and text embeddings, the recipe's
+- `ours`: `personalize.dreambooth.train_subject` itself (cached latents and text embeddings, the recipe's
   LoRA, whichever levers the flags set), per-step times from the fit loop.
 - `reference`: what the common DreamBooth scripts do each step: VAE-encode the instance and
   class images, run the text encoder, forward/backward, AdamW, `loss.item()` every step; fp32.
@@ -110,7 +110,7 @@ def peak_memory_mb() -> float:
 # ------------------------------------------------------------------ workers (one per subprocess)
 def worker_ours(a) -> dict:
     from personalize.config import TrainConfig
-    from personalize.dreambooth import train
+    from personalize.dreambooth import train_subject
 
     work = Path(a.workdir)
     photos = synthetic_photos(work / "photos", 4, a.resolution)
@@ -122,7 +122,7 @@ def worker_ours(a) -> dict:
                       cpu_half_weights=a.lever == "cpu_half_weights",
                       use_8bit_adam=a.use_8bit_adam, checkpoint_every=0, validation_images=0,
                       log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
-    run_dir = train(cfg, log=lambda s: None, progress=False, profile_steps=True)
+    run_dir = train_subject(cfg, log=lambda s: None, progress=False, profile_steps=True)
     meta = json.loads((run_dir / "run.json").read_text())
     st = meta["stats"]
     times = st["step_seconds"][a.warmup:]

@@ -239,7 +239,7 @@ def run_batch(template: TrainConfig, bases: list[str], methods: list[str], subje
 
 
 def _run_job(job: Job, template: TrainConfig, batch_dir: Path, held: _Bases, evaluate, log) -> None:
-    from .dreambooth import train
+    from .dreambooth import train_subject
     from .runs import is_finished
 
     run_dir, status_file = job.run_dir(batch_dir), job.status_file(batch_dir)
@@ -252,7 +252,7 @@ def _run_job(job: Job, template: TrainConfig, batch_dir: Path, held: _Bases, eva
         t0 = time.perf_counter()
         failure = None
         try:
-            train(cfg, log=log, loaded=held.get(job.base, cfg.allow_pickle))
+            train_subject(cfg, log=log, loaded=held.get(job.base, cfg.allow_pickle))
             status = {"status": "finished"}
         except Exception as e:  # noqa: BLE001 - one subject's failure must not stop the batch
             failure = e

@@ -15,7 +15,7 @@ from .errors import UserError
 
 # module (relative to the package) -> registers one or more subcommands
 COMMAND_MODULES = [
-    "personalize.commands.train",
+    "personalize.commands.dreambooth",
     "personalize.commands.info",
     "personalize.commands.batch",
     "personalize.commands.evaluate",

@@ -148,7 +148,7 @@ class LoadedBase:
         return self.comps
 
 
-def train(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None,
+def train_subject(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None,
           profile_steps: bool = False) -> Path:
     """Run DreamBooth for one subject and write the run directory. Returns its path.
     `loaded`: a base already in memory (reset here); loaded from disk when None.

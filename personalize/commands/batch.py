@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
-from .train import add_flags, config_from_args
+from .dreambooth import add_flags, config_from_args
 
 DESCRIPTION = """\
 Personalize every subject of the DreamBooth dataset (or --subjects), for every base in --bases and

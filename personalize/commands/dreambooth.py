@@ -1,4 +1,4 @@
-"""`personalize lora` / `personalize full`: flags -> TrainConfig -> dreambooth.train."""
+"""`personalize lora` / `personalize full`: flags -> TrainConfig -> dreambooth.train_subject."""
 
 from __future__ import annotations
 
@@ -76,9 +76,9 @@ def config_from_args(args: argparse.Namespace, method: str, **overrides) -> Trai
 
 
 def run(args: argparse.Namespace, method: str) -> int:
-    from ..dreambooth import train
+    from ..dreambooth import train_subject
 
-    train(config_from_args(args, method))
+    train_subject(config_from_args(args, method))
     return 0
 
 
