@@ -142,7 +142,9 @@ def _run_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description="Build BK-SDM backbones: block removal + KD.")
+    from personalize.cli import one_line_parser
+
+    parser = one_line_parser("distill", "Build BK-SDM backbones: block removal + KD.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune(sub)
     _add_train(sub)

@@ -144,6 +144,9 @@ def read_lora(path: Path) -> dict[tuple[str, str], LoraLayer]:
         if set(p) != {"down", "up"}:
             raise UserError(f"{path}: layer {comp}.{module} lacks its {'up' if 'down' in p else 'down'} weight")
         rank = int(p["down"].shape[0])
+        if p["down"].ndim < 2 or p["up"].ndim != p["down"].ndim or int(p["up"].shape[1]) != rank:
+            raise UserError(f"{path}: layer {comp}.{module} is inconsistent (down {tuple(p['down'].shape)}, "
+                            f"up {tuple(p['up'].shape)}: the ranks differ); the file is damaged")
         alpha = config.get(f"{comp}.lora_alpha", rank)
         alpha = _pattern_value(module, config.get(f"{comp}.alpha_pattern"), alpha)
         layers[(comp, module)] = LoraLayer(p["down"], p["up"], alpha)

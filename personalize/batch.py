@@ -79,6 +79,8 @@ def select_subjects(spec: str | None, data_dir_flag: str | None) -> list[str]:
     """`None`/"all": every dataset subject whose photos are present; else a comma list of names
     and globs (`dog*,cat2`), globs matching only subjects with photos. Unknown names, or named
     subjects without photos, are errors (one line) before anything is trained."""
+    if spec is not None and not spec.strip(" ,"):
+        raise UserError("--subjects is empty; name subjects (e.g. 'dog*,cat2') or drop the flag for all of them")
     known = load_subjects()
     root, is_default = resolve_data_dir(data_dir_flag)
     if not root.is_dir():

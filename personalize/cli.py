@@ -1,13 +1,17 @@
 """The `personalize` command: argument parsing only; every command's work lives in its module.
 
 Each subcommand module exposes `add_parser(subparsers)` which registers its flags and sets
-`func` to a callable taking the parsed namespace. UserError -> one line on stderr, exit 2.
+`func` to a callable taking the parsed namespace. The error boundary (`run`): what a user can
+cause (UserError, an OSError on their paths, a damaged file) is one line on stderr and exit 2;
+anything else is a bug and keeps its traceback (PERSONALIZE_DEBUG=1 shows it for both).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
 import os
 import sys
 
@@ -24,13 +28,25 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (usage is what `--help` is for) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def one_line_parser(prog: str, description: str) -> OneLineParser:
+    """A top-level parser whose subcommands' parsers are one-line parsers too."""
+    parser = OneLineParser(prog=prog, description=description)
+    parser.register("action", "parsers", _OneLineSubparsers)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="personalize",
-        description="DreamBooth personalization (LoRA or full) of compressed BK-SDM Stable Diffusion backbones.",
-    )
+    parser = one_line_parser(
+        "personalize", "DreamBooth personalization (LoRA or full) of compressed BK-SDM Stable Diffusion backbones.")
     parser.add_argument("--version", action="version", version=f"personalize {__version__}",
                         help="print the version and exit (`personalize env` lists the whole stack)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,8 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineSubparsers(argparse._SubParsersAction):
+    def __init__(self, *args, **kwargs):
+        kwargs["parser_class"] = OneLineParser
+        super().__init__(*args, **kwargs)
+
+
 def run(argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a bad flag (2): a return code in-process too
+        return int(e.code or 0)
     try:
         # commands that only read files (backbones, subjects, env) set loads_models=False and stay fast
         if getattr(args, "loads_models", True):
@@ -49,12 +74,39 @@ def run(argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
             check()
             quiet_libraries()
         return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - sorted below: only a user's errors become one line
+        line = user_facing(e)
+        if line is None:
+            raise  # a bug: its traceback is what a bug report needs
+        if os.environ.get("PERSONALIZE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def user_facing(e: BaseException) -> str | None:
+    """The one line for an error a user can cause and fix, or None for a bug.
+
+    Ours (UserError); the OS refusing a path of theirs (read-only, missing, disk full: OSError);
+    a damaged file of theirs (safetensors or JSON that does not decode). Nothing else."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError):
+        what = e.strerror or str(e) or type(e).__name__
+        if e.errno == errno.ENOSPC:
+            what += "; free some space and rerun the same command (what was written is intact)"
+        name = e.filename2 and f"{e.filename} -> {e.filename2}" or e.filename
+        return f"{name}: {what}" if name else what
+    if isinstance(e, json.JSONDecodeError):
+        return f"a JSON file is damaged ({e.msg}, line {e.lineno}); rerun with PERSONALIZE_DEBUG=1 to see which"
+    if type(e).__name__ == "SafetensorError":
+        return f"a safetensors file is damaged ({str(e).splitlines()[0]})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

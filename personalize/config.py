@@ -4,6 +4,7 @@ peft DreamBooth examples), each overridable by a CLI flag."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
@@ -85,9 +86,22 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}' (lora or full)")
-        for name in ("steps", "rank", "text_encoder_rank", "train_batch_size", "gradient_accumulation_steps"):
+        for f in fields(self):  # a NaN or inf anywhere trains garbage with exit 0
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        for name in ("steps", "rank", "text_encoder_rank", "train_batch_size", "gradient_accumulation_steps",
+                     "class_image_steps", "class_image_batch_size", "validation_steps", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("lora_alpha", "text_encoder_alpha"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("prior_loss_weight", "max_grad_norm", "lr_warmup_steps", "validation_images"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.guidance_scale <= 100:
+            raise UserError(f"--guidance-scale must be in [0, 100], got {self.guidance_scale}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.class_images < 0:

@@ -28,6 +28,7 @@ from .diffusion import check_prediction_type, noise_latents
 from .errors import UserError
 from .fileio import move_into, scratch_dir
 from .fit import FitConfig, fit, make_accelerator
+from .outputs import check_output
 from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_text
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import is_finished, slug, write_run
@@ -89,6 +90,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     resolution = cfg.resolution or native_resolution(base.path)
     images = load_training_images(list_images(subject.image_dir), resolution, cfg.allow_upscale)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / slug(base.name) / subject.name
+    check_output(run_dir, kind="dir", inputs=[subject.image_dir, base.path], flag="--output-dir",
+                 allow_existing_dir=True)  # an existing run dir is prepare_run_dir's to judge
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),

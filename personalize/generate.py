@@ -136,9 +136,20 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name (cpu, cuda, cuda:N, mps)") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UserError(f"--device {device}: this machine has {have} CUDA device(s) visible to this torch build")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: not supported here (cpu, cuda, cuda:N, mps)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available in this torch build")
+    return d
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -355,10 +366,28 @@ def generate_to_dir(src: Source, templates: list[str], out_dir: Path | None = No
                     progress: bool = True) -> tuple[Path, list[ImageJob], int]:
     """`personalize generate`: images (PNG with metadata + JSON sidecar each), grid.png and
     images.json in `out_dir`. Returns (out_dir, the jobs, how many images were generated now)."""
+    from .outputs import check_output, output_lock
+
     out_dir = Path(out_dir) if out_dir else default_out_dir(src)
+    check_output(out_dir, kind="dir", inputs=input_paths(src), allow_existing_dir=True)
+    pick_dtype(dtype, pick_device(device))  # a bad device or dtype fails before anything is drawn
     jobs = plan(src, templates, out_dir, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
                 guidance_scale=guidance_scale, negative_prompt=negative_prompt, resolution=resolution)
-    made = run_jobs(src, jobs, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                    progress=progress)
-    write_index(out_dir, jobs)
+    with output_lock(out_dir):
+        made = run_jobs(src, jobs, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                        progress=progress)
+        write_index(out_dir, jobs)
     return out_dir, jobs, made
+
+
+def input_paths(src: Source) -> list[Path]:
+    """What a generation reads: the adapters' files and the pipeline's own entries (an output
+    folder beside them, like the default RUN_DIR/samples/, is fine; one over them is not)."""
+    from .adapters import LORA_WEIGHTS
+    from .runs import RUN_JSON
+
+    paths = [src.pipeline_dir / n for n in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer",
+                                            "scheduler", RUN_JSON)]
+    for a in src.adapters:
+        paths += [a.run_dir / LORA_WEIGHTS, a.run_dir / RUN_JSON]
+    return paths

@@ -123,8 +123,8 @@ def test_rerun_trains_nothing_new(finished_batch, data, cli, monkeypatch):
     import personalize.dreambooth as db
 
     trained = []
-    real = db.train
-    monkeypatch.setattr(db, "train", lambda cfg, **k: trained.append(cfg.subject) or real(cfg, **k))
+    real = db.train_subject
+    monkeypatch.setattr(db, "train_subject", lambda cfg, **k: trained.append(cfg.subject) or real(cfg, **k))
     stamps = {s: (out / "tiny" / "lora" / s / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
               for s in ("dog", "dog2")}
     r = cli("batch", "--method", "lora", "--subjects", ",".join(SUBJECTS), "--data-dir", data,
@@ -236,8 +236,8 @@ def test_two_shards_make_the_same_runs_as_one_process(finished_batch, data, tmp_
     import personalize.dreambooth as db
 
     trained = []
-    real = db.train
-    monkeypatch.setattr(db, "train", lambda cfg, **k: trained.append(cfg.subject) or real(cfg, **k))
+    real = db.train_subject
+    monkeypatch.setattr(db, "train_subject", lambda cfg, **k: trained.append(cfg.subject) or real(cfg, **k))
     args = ["batch", "--method", "lora", "--subjects", "dog,dog2", "--data-dir", data,
             "--batch-dir", tmp_path, *BATCH_FAST]
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
@@ -313,7 +313,7 @@ def test_eval_scores_each_finished_subject_once(finished_batch, data, tmp_path, 
 
     work = tmp_path / "b"
     shutil.copytree(out, work)
-    monkeypatch.setattr(db, "train", lambda *a, **k: pytest.fail("a finished subject was trained again"))
+    monkeypatch.setattr(db, "train_subject", lambda *a, **k: pytest.fail("a finished subject was trained again"))
     evaluated, loads, broken = [], [], {"dog2"}
 
     def evaluate(run_dir):

@@ -73,9 +73,7 @@ def test_version_flag(cli, capsys):
     from personalize import __version__
     from personalize.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"personalize {__version__}"
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"personalize {__version__}"
 
 
 def test_a_recorded_known_bad_pair_is_caught(monkeypatch):

@@ -215,8 +215,8 @@ def test_build_report_over_two_runs(embedders, tmp_path, dataset_dir, capsys):
         evaluate_run(run_dir, dino=dino, clip=clip, data_dir=str(dataset_dir), images_per_prompt=1,
                      generate=FakeGenerator(offset))
 
-    written = build_report(runs)
-    assert {p.name for p in written.values()} == {"report.md", "report.csv", "report.png"}
+    written, skipped = build_report(runs)
+    assert {p.name for p in written.values()} == {"report.md", "report.csv", "report.png"} and skipped == []
     rows = read_csv(runs / "report.csv")
     assert [r["row"] for r in rows] == ["run", "run", "mean", "mean", "real"]
     # registry order: bk-sdm-small before bk-sdm-tiny
@@ -240,6 +240,30 @@ def test_build_report_over_two_runs(embedders, tmp_path, dataset_dir, capsys):
     assert main(["report", str(runs), "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.png"}
     assert (out / "report.csv").read_text() == (runs / "report.csv").read_text()
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("{not json", "unreadable"),
+    ('{"scores": {"dino": "high", "n_images": 4}}', "scores.dino is str"),
+    ('{"scores": {"dino": 0.5}}', "n_images"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_report_names_each_skipped_scores_file_and_exits_1(bad, why, embedders, tmp_path, dataset_dir, cli):
+    dino, clip = embedders
+    runs = tmp_path / "runs"
+    good = make_run(runs, method="lora", base="tiny", subject="dog")
+    evaluate_run(good, dino=dino, clip=clip, data_dir=str(dataset_dir), images_per_prompt=1,
+                 generate=FakeGenerator(0))
+    broken = make_run(runs, method="lora", base="tiny", subject="cat")
+    (broken / EVAL_DIR).mkdir(parents=True, exist_ok=True)
+    (broken / EVAL_DIR / "scores.json").write_text(bad)
+    r = cli("report", runs)
+    assert r.code == 1
+    warnings = [line for line in r.err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 1 and "cat" in warnings[0] and why in warnings[0]
+    rows = read_csv(runs / "report.csv")
+    assert [row["subject"] for row in rows if row["row"] == "run"] == ["dog"]
+    assert "## Skipped" in (runs / "report.md").read_text()
 
 
 def test_report_without_scores_is_user_error(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 
 from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
 from .dreambooth import add_flags, config_from_args
+from .types import number
 
 DESCRIPTION = """\
 Personalize every subject of the DreamBooth dataset (or --subjects), for every base in --bases and
@@ -33,9 +34,18 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)  # first: under accelerate launch it picks this process's GPU
     bases, methods = split_list(args.bases, "--bases"), split_list(args.methods, "--methods")
     template = config_from_args(args, methods[0], subject="batch")
+    # every part is checked before any is started: a typo in the last base must not cost the first
+    for m in methods:
+        config_from_args(args, m, subject="batch").validate()
+    from ..backbones import resolve_base
+    from ..outputs import check_output
+
+    resolved = [resolve_base(b).path for b in bases]
+    batch_dir = args.batch_dir or default_batch_dir()
+    check_output(batch_dir, kind="dir", inputs=resolved, flag="--batch-dir", allow_existing_dir=True)
     subjects = select_subjects(args.subjects, args.data_dir)
     make_eval = evaluator(args.dino, args.clip, args.data_dir, args.images_per_prompt) if args.eval else None
-    summary = run_batch(template, bases, methods, subjects, args.batch_dir or default_batch_dir(), shard, make_eval)
+    summary = run_batch(template, bases, methods, subjects, batch_dir, shard, make_eval)
     print_summary(summary)
     return exit_code(summary)
 
@@ -62,7 +72,7 @@ def add_parser(sub) -> None:
     e.add_argument("--eval", action="store_true", help="score each subject after training, as `personalize eval`")
     e.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO evaluator: hub id or local dir (default: {DEFAULT_DINO})")
     e.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP evaluator: hub id or local dir (default: {DEFAULT_CLIP})")
-    e.add_argument("--images-per-prompt", type=int, default=4, help="protocol images per prompt (default: 4)")
+    e.add_argument("--images-per-prompt", type=number(int, 1, 1000), default=4, help="protocol images per prompt (default: 4)")
     add_flags(p.add_argument_group("training (every subject)"),
               skip={"subject", "base", "class_noun", "output_dir", "resume", "overwrite"})
     p.set_defaults(func=run)

@@ -3,7 +3,10 @@ protocol (DINO, CLIP-I, CLIP-T). Argument parsing only; the work is in `personal
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from .types import number
 
 EVAL_HELP = (
     "generate the DreamBooth protocol images of a run (25 prompts x N images, reused when already generated "
@@ -24,10 +27,13 @@ def _eval(args) -> int:
 def _report(args) -> int:
     from ..evaluation.report import build_report
 
-    written = build_report(args.runs_dir, args.out)
+    written, skipped = build_report(args.runs_dir, args.out)
     for path in written.values():
         print(path)
-    return 0
+    for path, why in skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    # exit 1 (not 2: the report is written) so a script notices means over fewer runs than it has
+    return 1 if skipped else 0
 
 
 def add_parser(sub) -> None:
@@ -40,12 +46,12 @@ def add_parser(sub) -> None:
                    help=f"DINO ViT evaluator: hub id or local dir with safetensors weights (default {DEFAULT_DINO})")
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="PATH",
                    help=f"CLIP evaluator: hub id or local dir with safetensors weights (default {DEFAULT_CLIP})")
-    p.add_argument("--images-per-prompt", type=int, default=4,
+    p.add_argument("--images-per-prompt", type=number(int, 1, 1000), default=4,
                    help="images per prompt (DreamBooth protocol: 4, i.e. 100 per subject)")
-    p.add_argument("--seed", type=int, default=None, help="base seed of the protocol images (default: generation's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: generation's)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: generation's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per evaluator forward pass")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=None, help="base seed of the protocol images (default: generation's)")
+    p.add_argument("--steps", type=number(int, 1, 1000), default=None, help="denoising steps (default: generation's)")
+    p.add_argument("--guidance-scale", type=number(float, 0, 100), default=None, help="classifier-free guidance (default: generation's)")
+    p.add_argument("--batch-size", type=number(int, 1, 4096), default=32, help="images per evaluator forward pass")
     p.add_argument("--device", default=None, help="evaluator device (default: cuda when available, else cpu)")
     p.add_argument("--data-dir", default=None,
                    help="DreamBooth dataset/ folder with the real photos (else $PERSONALIZE_DATA, else the folder "

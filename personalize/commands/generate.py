@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from .types import float_list, number, resolution
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+# guidance beyond ~30 only saturates; negative values are a sign error, not a setting
+GUIDANCE = number(float, 0, 100)
+SCALE = number(float, -10, 10)  # an adapter's weight; |w| > a few already breaks images
+SEED = number(int, 0, 2**63 - 1)
 
 
 def _generate(args) -> int:
@@ -49,23 +49,23 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a finished lora or full run")
     p.add_argument("--adapter", action="append", type=Path, metavar="RUN_DIR",
                    help="a LoRA run to load (repeat to mix several)")
-    p.add_argument("--adapter-weights", type=_floats, default=None, metavar="W1,W2",
+    p.add_argument("--adapter-weights", type=float_list(-10, 10), default=None, metavar="W1,W2",
                    help="one weight per adapter, RUN_DIR first (default 1 each)")
     p.add_argument("--base", default=None, help="generate on this base instead of the one the adapters were trained on")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable), e.g. 'a {token} {class} in the snow'")
     p.add_argument("--prompts", type=Path, metavar="FILE", help="a file with one prompt per line")
     p.add_argument("--protocol", action="store_true", help="the subject's 25 DreamBooth evaluation prompts")
-    p.add_argument("-n", "--images-per-prompt", type=int, default=1, help="images per prompt; image j uses seed+j")
+    p.add_argument("-n", "--images-per-prompt", type=number(int, 1, 10_000), default=1, help="images per prompt; image j uses seed+j")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS),
                    help=f"sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++, as the BK-SDM generation scripts)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
+    p.add_argument("--steps", type=number(int, 1, 1000), default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance-scale", type=GUIDANCE, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance (default {DEFAULT_GUIDANCE})")
-    p.add_argument("--resolution", type=int, default=None, help="px (default: the run's training resolution)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"first seed (default {DEFAULT_SEED})")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies every adapter's weight (default 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default 8 CUDA, 2 CPU)")
+    p.add_argument("--resolution", type=resolution, default=None, help="px (default: the run's training resolution)")
+    p.add_argument("--seed", type=SEED, default=DEFAULT_SEED, help=f"first seed (default {DEFAULT_SEED})")
+    p.add_argument("--lora-scale", type=SCALE, default=1.0, help="multiplies every adapter's weight (default 1)")
+    p.add_argument("--batch-size", type=number(int, 1, 1024), default=None, help="images per pipeline call (default 8 CUDA, 2 CPU)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on CUDA, fp32 on CPU")
@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished LoRA run")
     p.add_argument("--format", required=True, choices=["kohya", "merged"])
     p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya) or directory (merged)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="merged: scale the adapter is fused at")
+    p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged: scale the adapter is fused at")
     p.add_argument("--base", default=None, help="merged: fuse into this base instead of the training base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt base weights")

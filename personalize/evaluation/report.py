@@ -36,21 +36,49 @@ def _find_run_json(scores_path: Path, root: Path) -> Path | None:
         d = d.parent
 
 
-def collect_scores(runs_dir: Path) -> list[dict]:
-    """One row per evaluated run below `runs_dir` (every scores.json), described by its run.json."""
+def _why_not_scores(doc: Any) -> str | None:
+    """What makes a parsed scores.json not one `personalize eval` wrote, or None."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    s = doc.get("scores")
+    if not isinstance(s, dict):
+        return "no 'scores' object"
+    for m in METRICS:
+        v = s.get(m)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"scores.{m} is {type(v).__name__}, not a number"
+    if not isinstance(s.get("n_images"), int) or s["n_images"] < 1:
+        return "scores.n_images is not a positive integer"
+    for key in ("real_reference", "evaluators", "run", "subject"):
+        if key in doc and not isinstance(doc[key], dict):
+            return f"'{key}' is not an object"
+    return None
+
+
+def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """One row per evaluated run below `runs_dir` (every scores.json), described by its run.json;
+    and the scores.json files skipped, each with the reason."""
     runs_dir = Path(runs_dir)
-    rows = []
+    rows, skipped = [], []
     for sp in sorted(runs_dir.rglob(SCORES_JSON)):
         if any(part.startswith(".") for part in sp.relative_to(runs_dir).parts):
             continue
         try:
             doc = json.loads(sp.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a foreign or damaged file is not an evaluation; ours are written atomically
-        if not isinstance(doc, dict) or "scores" not in doc:
+        except (OSError, json.JSONDecodeError) as e:
+            skipped.append((sp, f"unreadable ({type(e).__name__})"))
+            continue
+        why = _why_not_scores(doc)
+        if why:
+            skipped.append((sp, f"not a `personalize eval` scores file: {why}"))
             continue
         rj = _find_run_json(sp, runs_dir)
-        info = run_summary(json.loads(rj.read_text())) if rj else {
+        try:
+            run = json.loads(rj.read_text()) if rj else None
+        except (OSError, json.JSONDecodeError) as e:
+            skipped.append((sp, f"its {rj} is unreadable ({type(e).__name__})"))
+            continue
+        info = run_summary(run) if isinstance(run, dict) else {
             "method": doc.get("run", {}).get("method", "?"), "base": doc.get("run", {}).get("base", "?"),
             "subject": doc.get("subject", {})}
         s, rr, ev = doc["scores"], doc.get("real_reference", {}), doc.get("evaluators", {})
@@ -62,7 +90,7 @@ def collect_scores(runs_dir: Path) -> list[dict]:
             "dino_model": ev.get("dino", {}).get("name", ""), "clip_model": ev.get("clip", {}).get("name", ""),
             "scores": str(sp.relative_to(runs_dir)),
         })
-    return rows
+    return rows, skipped
 
 
 def _num(v: Any) -> float:
@@ -106,26 +134,31 @@ def summarize(rows: list[dict]) -> tuple[list[dict], dict]:
     return means, real
 
 
-def build_report(runs_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
+def build_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
     """Gather every evaluated run below `runs_dir` into report.md, report.csv (subject x base x
     method rows, then the means per base/method and the real-images row, like the BK-SDM paper's
     DreamBooth table) and report.png (grouped bars). Written atomically into `out_dir`
-    (default `runs_dir`)."""
+    (default `runs_dir`). Returns the files written and the scores files skipped (with why),
+    which the report also lists: a mean over fewer subjects must never pass unnoticed."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise UserError(f"{runs_dir}: no such directory")
-    rows = collect_scores(runs_dir)
+    rows, skipped = collect_scores(runs_dir)
     if not rows:
-        raise UserError(f"{runs_dir}: no {SCORES_JSON} below it; run `personalize eval RUN_DIR` first")
+        why = f" ({len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise UserError(f"{runs_dir}: no usable {SCORES_JSON} below it{why}; run `personalize eval RUN_DIR` first")
     order = {k: i for i, k in enumerate(_group_order(rows))}
     rows.sort(key=lambda r: (order[(r["base"], r["method"])], r["subject"], r["scores"]))
     means, real = summarize(rows)
     out_dir = Path(out_dir) if out_dir else runs_dir
+    md = _report_markdown(rows, means, real)
+    if skipped:
+        md += "\n## Skipped\n\n" + "".join(f"- `{p}`: {why}\n" for p, why in skipped)
     return {
         "csv": write_atomic(out_dir / REPORT_CSV, csv_text(rows + means + [real], REPORT_COLUMNS)),
-        "markdown": write_atomic(out_dir / REPORT_MD, _report_markdown(rows, means, real)),
+        "markdown": write_atomic(out_dir / REPORT_MD, md),
         "png": write_atomic(out_dir / REPORT_PNG, _report_png(means, real)),
-    }
+    }, skipped
 
 
 def _report_markdown(rows: list[dict], means: list[dict], real: dict) -> str:

@@ -9,17 +9,11 @@ from typing import TYPE_CHECKING
 from ..adapters import LoraLayer
 from ..errors import UserError
 from ..fileio import atomic_file
+from ..outputs import check_output, output_lock
 from ..runs import base_name, read_run
 
 if TYPE_CHECKING:
     import torch
-
-
-def check_dest(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
 
 
 def lora_run(run_dir: Path) -> dict:
@@ -46,14 +40,15 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
 
     run_dir, out = Path(run_dir), Path(out)
     run = lora_run(run_dir)
-    check_dest(out, overwrite)
+    check_output(out, kind="file", inputs=[run_dir], overwrite=overwrite)
     layers = read_lora(run_dir / LORA_WEIGHTS)
     meta = kohya_metadata(layers, _family(layers))
     meta |= {"ss_output_name": out.stem, "personalize_subject": run["subject"]["name"],
              "personalize_base": base_name(run),
              "personalize_instance_prompt": str(run.get("instance_prompt", ""))}
-    with atomic_file(out) as tmp:
-        save_file(to_kohya(layers), str(tmp), metadata=meta)
+    tensors = to_kohya(layers)
+    with output_lock(out), atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return out
 
 

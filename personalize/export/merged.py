@@ -6,22 +6,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fileio import atomic_dir, write_json, write_text
-from .kohya import check_dest, lora_run
+from ..outputs import check_output, output_lock
+from .kohya import lora_run
 
 
 def export_merged(run_dir: Path, out: Path, lora_scale: float = 1.0, base: str | None = None,
                   overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """RUN_DIR's adapter fused into its base (weights W + scale * alpha/r * B A), saved as a complete
     fp32 diffusers pipeline directory that `from_pretrained` loads without PEFT."""
-    import torch
-
-    from ..generate import load_pipeline, resolve_source
-    from ..pipeline import save_pipeline
+    from ..generate import resolve_source
 
     run_dir, out = Path(run_dir), Path(out)
     run = lora_run(run_dir)
-    check_dest(out, overwrite)
+    check_output(out, kind="dir", inputs=[run_dir], overwrite=overwrite)
     src = resolve_source(run_dir, base=base, lora_scale=lora_scale)
+    check_output(out, kind="dir", inputs=[run_dir, src.pipeline_dir], overwrite=overwrite)
+    with output_lock(out):
+        return _write_merged(run_dir, run, out, src, lora_scale, overwrite, allow_pickle)
+
+
+def _write_merged(run_dir: Path, run: dict, out: Path, src, lora_scale: float, overwrite: bool,
+                  allow_pickle: bool) -> Path:
+    import torch
+
+    from ..generate import load_pipeline
+    from ..pipeline import save_pipeline
+
     pipe = load_pipeline(src, torch.device("cpu"), torch.float32, allow_pickle)
     pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
     pipe.unload_lora_weights()

@@ -1,0 +1,134 @@
+"""Outputs never clobber inputs, two writers of one output never mix, bad paths are one line, and
+the error boundary turns only a user's errors into one line (a bug keeps its traceback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from personalize.errors import UserError
+from personalize.outputs import check_output, lock_path, output_lock
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _one_line(r, fragment):
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.err, r.err
+
+
+@pytest.mark.parametrize("case", ["kohya-over-adapter", "kohya-inside-run", "merged-over-run", "merged-over-base",
+                                  "generate-over-run"])
+def test_an_output_over_an_input_is_refused_even_with_overwrite(case, lora_run, tiny_base, cli):
+    before = _digest(lora_run)
+    argv = {
+        "kohya-over-adapter": ["export", lora_run, "--format", "kohya", "-o",
+                               lora_run / "pytorch_lora_weights.safetensors", "--overwrite"],
+        "kohya-inside-run": ["export", lora_run, "--format", "kohya", "-o", lora_run / "x.safetensors"],
+        "merged-over-run": ["export", lora_run, "--format", "merged", "-o", lora_run, "--overwrite"],
+        "merged-over-base": ["export", lora_run, "--format", "merged", "-o", tiny_base, "--overwrite"],
+        "generate-over-run": ["generate", lora_run, "--prompt", "x", "-o", lora_run],
+    }[case]
+    _one_line(cli(*argv), "the input")
+    assert _digest(lora_run) == before
+
+
+@pytest.mark.parametrize("kind,setup,fragment", [
+    ("dir", lambda p: p.write_text("a file"), "exists and is not a directory"),
+    ("file", lambda p: p.mkdir(), "is a directory"),
+    ("dir", lambda p: p.symlink_to(p.parent / "elsewhere"), "is a symlink"),
+    ("file", lambda p: p.symlink_to(p.parent / "missing-target"), "is a symlink"),
+    ("dir", lambda p: (p.parent / "ro").mkdir(mode=0o555), "is not writable"),
+])
+def test_bad_output_paths(tmp_path, kind, setup, fragment):
+    if os.geteuid() == 0 and fragment == "is not writable":
+        pytest.skip("root writes anywhere; the read-only case is covered by the ENOSPC/EROFS boundary test")
+    out = tmp_path / "out"
+    setup(out)
+    target = tmp_path / "ro" / "out" if fragment == "is not writable" else out
+    with pytest.raises(UserError, match=fragment):
+        check_output(target, kind=kind, overwrite=True)
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_no_obstacle(tmp_path):
+    out = tmp_path / "gen"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from personalize.outputs import output_lock
+        with output_lock({str(out)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"pid {holder.pid}\) is writing it"):
+            with output_lock(out):
+                pass
+    finally:
+        holder.kill()  # kill -9: the kernel drops its flock
+        holder.wait()
+    with output_lock(out):
+        assert lock_path(out).read_text().strip() == str(os.getpid())
+    assert not lock_path(out).exists()
+
+
+def test_two_concurrent_generates_into_one_folder(lora_run, tmp_path, monkeypatch, cli):
+    """The second writer is refused while the first holds the folder (the holder is simulated by a
+    lock taken here, as another process would)."""
+    out = tmp_path / "g"
+    out.mkdir()
+    with output_lock(out):
+        # in this process flock is per open file description, so a second open conflicts too
+        r = cli("generate", lora_run, "--prompt", "x", "--steps", "1", "-o", out)
+    _one_line(r, "is writing it")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("exc,fragment", [
+    (OSError(28, "No space left on device", "/runs/x/unet"), "/runs/x/unet: No space left on device; free some space"),
+    (OSError(30, "Read-only file system", "/ro/out"), "/ro/out: Read-only file system"),
+    (PermissionError(13, "Permission denied", "/etc/out"), "/etc/out: Permission denied"),
+])
+def test_the_boundary_turns_user_errors_into_one_line(exc, fragment, monkeypatch, capsys):
+    from personalize import cli as cli_mod
+    from personalize.commands import info
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(info, "_subjects", boom)
+    assert cli_mod.main(["subjects"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {fragment}"] or (len(err) == 1 and fragment in err[0])
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    from personalize import cli as cli_mod
+    from personalize.commands import info
+
+    def bug(args):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(info, "_subjects", bug)
+    with pytest.raises(KeyError):
+        cli_mod.main(["subjects"])
+
+
+def test_debug_shows_the_traceback_of_a_handled_error(monkeypatch, capsys):
+    from personalize import cli as cli_mod
+
+    monkeypatch.setenv("PERSONALIZE_DEBUG", "1")
+    assert cli_mod.main(["generate", "/nonexistent/run", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: /nonexistent/run")
