@@ -61,17 +61,58 @@ def save_checkpoint(run_dir: Path, step: int, params: dict[str, nn.Parameter], o
     return final
 
 
-def load_checkpoint(ckpt: Path, params: dict[str, nn.Parameter], optimizer) -> dict:
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files do not read back (truncated, zeroed, hand-edited)."""
+
+
+def _read(ckpt: Path, params: dict[str, nn.Parameter]) -> tuple[dict, dict, dict]:
+    """Everything a checkpoint holds, validated before any of it is applied."""
     from safetensors.torch import load_file
 
-    weights = load_file(ckpt / "trainable.safetensors")
+    try:
+        weights = load_file(ckpt / "trainable.safetensors")
+        opt = load_file(ckpt / "optimizer.safetensors")
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizer" not in state:
+            raise ValueError("state.json lacks step/optimizer")
+    except Exception as e:  # noqa: BLE001 - safetensors, OS and JSON errors all mean "damaged" here
+        raise DamagedCheckpoint(f"{ckpt}: damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     missing = set(params) ^ set(weights)
     if missing:
         raise UserError(f"checkpoint {ckpt} does not match this run's trainable weights "
                         f"({len(missing)} names differ, e.g. {sorted(missing)[0]}); was it made with other flags?")
+    for k, p in params.items():
+        if tuple(weights[k].shape) != tuple(p.shape):
+            raise DamagedCheckpoint(f"{ckpt}: {k} has shape {tuple(weights[k].shape)}, the run's is {tuple(p.shape)}")
+    return weights, opt, state
+
+
+def load_checkpoint(ckpt: Path, params: dict[str, nn.Parameter], optimizer) -> dict:
+    weights, opt, state = _read(ckpt, params)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(weights[k].to(p.device, p.dtype))
-    state = json.loads((ckpt / "state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer_state(opt, state["optimizer"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpoint(f"{ckpt}: optimizer state does not fit ({type(e).__name__})") from None
     return state
+
+
+def resume_latest(run_dir: Path, params: dict[str, nn.Parameter], optimizer, log=print) -> tuple[dict, Path] | None:
+    """Load the newest intact checkpoint (saying which damaged ones were passed over), or None
+    when there is none at all; all damaged: one line, never a silently broken state."""
+    ckpts = list_checkpoints(run_dir)
+    damaged = []
+    for _, ckpt in reversed(ckpts):
+        try:
+            state = load_checkpoint(ckpt, params, optimizer)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            log(f"warning: {e}; trying the one before")
+            continue
+        return state, ckpt
+    if damaged:
+        raise UserError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS_DIR} ({damaged[0]}); "
+                        f"start over with --overwrite")
+    return None

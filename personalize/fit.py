@@ -198,13 +198,13 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
 
     start, carried, last_logged = 0, {}, {}
     if resume:
-        ckpts = checkpoints.list_checkpoints(run_dir)
-        if ckpts:
-            state = checkpoints.load_checkpoint(ckpts[-1][1], params, optimizer)
+        found = checkpoints.resume_latest(run_dir, params, optimizer, log=log)
+        if found:
+            state, ckpt = found
             start, carried = state["step"], state.get("loss_window", {})
             # a run resumed at its last step still reports the losses it ended with
             last_logged = state.get("losses") or {}
-            log(f"resuming from {ckpts[-1][1]} (step {start}/{cfg.steps})")
+            log(f"resuming from {ckpt} (step {start}/{cfg.steps})")
     warm = cfg.lr_warmup_steps
     # the schedule is a pure function of the global step, so resuming only offsets it
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -7,6 +7,7 @@ chunks, to a temp file first and then renamed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -104,20 +105,46 @@ def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dt
     check_safetensors(base_path, allow_pickle)
     # None, not False: False would mean "pickles only" to diffusers/transformers
     st = None if allow_pickle else True
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer"),
-        "text_encoder": load_cast(CLIPTextModel, base_path / "text_encoder", dtype, use_safetensors=st),
-        "vae": load_vae(base_path, allow_pickle),
-        "unet": load_cast(UNet2DConditionModel, base_path / "unet", dtype, use_safetensors=st),
-        "noise_scheduler": DDPMScheduler.from_pretrained(base_path, subfolder="scheduler"),
-    }
+    out = {}
+    with loading(base_path / "tokenizer"):
+        out["tokenizer"] = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
+    with loading(base_path / "text_encoder"):
+        out["text_encoder"] = load_cast(CLIPTextModel, base_path / "text_encoder", dtype, use_safetensors=st)
+    out["vae"] = load_vae(base_path, allow_pickle)
+    with loading(base_path / "unet"):
+        out["unet"] = load_cast(UNet2DConditionModel, base_path / "unet", dtype, use_safetensors=st)
+    with loading(base_path / "scheduler"):
+        out["noise_scheduler"] = DDPMScheduler.from_pretrained(base_path, subfolder="scheduler")
+    return out
+
+
+@contextlib.contextmanager
+def loading(folder: Path):
+    """A component folder that does not load (truncated or garbage weights, a broken config) is
+    one line naming it, not a traceback from deep inside safetensors or diffusers."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as e:
+        if e.errno is not None:  # the OS refusing (disk, permissions): the boundary words those
+            raise
+        raise UserError(f"{folder}: does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - only what reading these files raises reaches here
+        if type(e).__name__ not in ("SafetensorError", "JSONDecodeError", "ValueError", "HeaderTooLarge",
+                                    "EnvironmentError", "RuntimeError", "KeyError", "UnicodeDecodeError"):
+            raise
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"{folder}: damaged or not a {folder.name} ({type(e).__name__}: {first})") from None
 
 
 def load_vae(base_path: Path, allow_pickle: bool = False):
     """The base's VAE in fp32 (it only encodes the photos once and decodes a few samples)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(Path(base_path), subfolder="vae", use_safetensors=None if allow_pickle else True)
+    with loading(Path(base_path) / "vae"):
+        return AutoencoderKL.from_pretrained(Path(base_path), subfolder="vae",
+                                             use_safetensors=None if allow_pickle else True)
 
 
 def make_scheduler(name: str, config):

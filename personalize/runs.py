@@ -64,6 +64,10 @@ def read_run(run_dir: Path, finished: bool = False) -> dict:
         raise UserError(f"{path}: unreadable ({type(e).__name__})") from None
     if not isinstance(run, dict) or not isinstance(run.get("subject"), dict) or "name" not in run["subject"]:
         raise UserError(f"{path}: no subject.name; not a personalize run.json")
+    from .config import METHODS
+
+    if run.get("method", "lora") not in METHODS:
+        raise UserError(f"{path}: unknown method '{run.get('method')}' (this personalize knows {', '.join(METHODS)})")
     if finished and run.get("status") != "finished":
         raise UserError(f"{run_dir}: the run has not finished; continue it with `personalize "
                         f"{run.get('method', 'lora')} ... --resume` first")

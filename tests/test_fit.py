@@ -106,3 +106,34 @@ def test_adamw_uses_multi_tensor_kernels_only_on_cuda():
     cfg = FitConfig(steps=1, lr=1e-3)
     assert make_optimizer(params, cfg, on_cuda=False).defaults["foreach"] is False
     assert make_optimizer(params, cfg, on_cuda=True).defaults["foreach"] is True
+
+
+def _run_keep(d, steps, resume=False, every=0, kept=2, log=lambda s: None):
+    cfg = FitConfig(steps=steps, lr=1e-2, checkpoint_every=every, log_every=2, checkpoints_kept=kept)
+    return fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, d, resume=resume, log=log)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero-bytes", "garbage", "bad-json", "wrong-json-type"])
+def test_resume_passes_over_a_damaged_newest_checkpoint_saying_so(tmp_path, damage):
+    ref = _run_keep(tmp_path / "ref", 8)
+    d = tmp_path / "run"
+    _run_keep(d, 6, every=3)  # checkpoints at 3 and 6
+    newest = d / "checkpoints" / "step-000006"
+    f = newest / ("state.json" if "json" in damage else "trainable.safetensors")
+    data = f.read_bytes()
+    f.write_bytes({"truncate": data[: len(data) // 2], "zero-bytes": b"", "garbage": b"\x00garbage" * 40,
+                   "bad-json": b"{", "wrong-json-type": b"[1, 2]"}[damage])
+    said = []
+    r = _run_keep(d, 8, resume=True, log=said.append)
+    assert any("step-000006: damaged" in s and "trying the one before" in s for s in said), said
+    assert any("resuming from" in s and "step-000003" in s for s in said)
+    assert torch.equal(_flat(r), _flat(ref))  # resumed from step 3: still exact
+
+
+def test_resume_with_only_damaged_checkpoints_is_one_line(tmp_path):
+    d = tmp_path / "run"
+    _run_keep(d, 3, every=3, kept=1)
+    (d / "checkpoints" / "step-000003" / "optimizer.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no intact checkpoint") as e:
+        _run_keep(d, 6, resume=True)
+    assert "\n" not in str(e.value)

@@ -132,3 +132,33 @@ def test_debug_shows_the_traceback_of_a_handled_error(monkeypatch, capsys):
     assert cli_mod.main(["generate", "/nonexistent/run", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: /nonexistent/run")
+
+
+@pytest.mark.parametrize("component,damage", [("unet", "truncate"), ("text_encoder", "zero"), ("vae", "garbage"),
+                                              ("unet", "config")])
+def test_a_damaged_run_component_is_one_line_naming_it(component, damage, full_run, tmp_path, cli):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    if damage == "config":
+        (run / component / "config.json").write_text("{ not json")
+    else:
+        f = next((run / component).glob("*.safetensors"))
+        data = f.read_bytes()
+        f.write_bytes({"truncate": data[: len(data) // 3], "zero": b"", "garbage": b"\x07" * 4096}[damage])
+    r = cli("generate", run, "--prompt", "x", "--steps", "1", "-o", tmp_path / "out")
+    _one_line(r, f"{run / component}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_json_with_an_unknown_method_is_one_line(lora_run, tmp_path, cli):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(meta | {"method": "dreamfusion"}))
+    for argv in (["generate", run, "--prompt", "x"], ["export", run, "--format", "kohya", "-o", tmp_path / "k.st"]):
+        _one_line(cli(*argv), "method 'dreamfusion'")
