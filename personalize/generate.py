@@ -28,6 +28,7 @@ from .runs import base_name, read_run, run_token
 from .subjects import fill_prompt, load_prompts
 
 
+MAX_PROMPTS_BYTES = 4 * 2**20  # ~40k prompts; a larger "prompts file" is a wrong path (a log, /dev/zero)
 IMAGES_JSON = "images.json"  # index of one generate call's images, written last
 GRID_PNG = "grid.png"
 
@@ -332,8 +333,14 @@ def collect_prompts(src: Source, prompts: list[str] | None = None, prompts_file:
     `--protocol` (the subject's 25 DreamBooth prompts); none given: the run's instance prompt."""
     out = list(prompts or [])
     if prompts_file is not None:
+        pf = Path(prompts_file)
+        if pf.exists() and not pf.is_file():
+            raise UserError(f"--prompts {prompts_file}: not a regular file")
+        if pf.is_file() and pf.stat().st_size > MAX_PROMPTS_BYTES:
+            raise UserError(f"--prompts {prompts_file}: {pf.stat().st_size} bytes; a prompts file is at most "
+                            f"{MAX_PROMPTS_BYTES // 2**20} MiB (one prompt per line)")
         try:
-            lines = Path(prompts_file).read_text().splitlines()
+            lines = pf.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompts {prompts_file}: unreadable ({type(e).__name__})") from None
         out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

@@ -384,3 +384,35 @@ def test_launcher_env_becomes_a_single_process_worker(monkeypatch):
     import os
 
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6" and "WORLD_SIZE" not in os.environ
+
+
+def test_a_relative_base_path_never_makes_a_hidden_run_folder(data, tiny_base, tmp_path, monkeypatch, cli):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_base, tmp_path / "x")
+    monkeypatch.chdir(work)
+    r = cli("batch", "--bases", "../x", "--subjects", "dog", "--data-dir", data, "--batch-dir", tmp_path / "b",
+            *BATCH_FAST[2:], "--steps", "1")
+    assert r.code == 0, r.err
+    (run,) = [p.parent for p in (tmp_path / "b").rglob("run.json")]
+    assert not any(part.startswith(".") for part in run.relative_to(tmp_path / "b").parts), run
+    from personalize.runs import find_run_dirs
+
+    assert find_run_dirs(tmp_path / "b") == [run]  # eval and report find it (hidden folders are skipped)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--subjects", ""], "--subjects is empty"),
+    (["--subjects", " , "], "--subjects is empty"),
+    (["--bases", "tiny,bk-sdm-huge"], "unknown base 'bk-sdm-huge'"),
+    (["--methods", "lora,dreamfusion"], "unknown method 'dreamfusion'"),
+    (["--subjects", "dog", "--lr", "nan"], "--lr must be a finite number"),
+])
+def test_every_part_of_a_batch_is_checked_before_any_starts(argv, fragment, data, tmp_path, cli):
+    base = [] if "--bases" in argv else ["--base", "tiny"]
+    r = cli("batch", *base, "--data-dir", data, "--batch-dir", tmp_path / "b", *BATCH_FAST[2:], *argv)
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and fragment in lines[0], r.err
+    assert not (tmp_path / "b").exists()

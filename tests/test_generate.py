@@ -206,6 +206,8 @@ def test_adapter_on_a_base_it_does_not_fit_is_one_line(lora_run, other_arch_base
     (["{lora}", "--device", "cuda:7"], "--device cuda:7: this machine has 0 CUDA device"),
     (["{lora}", "--device", "potato"], "--device potato: not a device name"),
     (["{lora}", "--prompts", "/nonexistent/prompts.txt"], "unreadable"),
+    (["{lora}", "--prompts", "/dev/zero"], "not a regular file"),
+    (["{lora}", "--prompts", "/tmp"], "not a regular file"),
     (["/nonexistent/run"], "no run.json"),
     ([], "nothing to generate with"),
 ])

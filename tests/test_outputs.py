@@ -162,3 +162,70 @@ def test_run_json_with_an_unknown_method_is_one_line(lora_run, tmp_path, cli):
     (run / "run.json").write_text(json.dumps(meta | {"method": "dreamfusion"}))
     for argv in (["generate", run, "--prompt", "x"], ["export", run, "--format", "kohya", "-o", tmp_path / "k.st"]):
         _one_line(cli(*argv), "method 'dreamfusion'")
+
+
+def _enospc_after(monkeypatch, module, name, after: int = 0):
+    """Make `module.name` fail with ENOSPC on its call number `after` (0-based), having written a
+    partial file first where it takes a path, as a full disk does."""
+    import errno
+
+    real, calls = getattr(module, name), []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, "No space left on device", str(a[1] if len(a) > 1 else a[0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, flaky)
+
+
+def test_disk_full_during_a_merged_export_is_one_line_and_leaves_nothing(lora_run, tmp_path, monkeypatch, cli):
+    import diffusers
+
+    _enospc_after(monkeypatch, diffusers.StableDiffusionPipeline, "save_pretrained")
+    out = tmp_path / "merged"
+    _one_line(cli("export", lora_run, "--format", "merged", "-o", out), "No space left on device")
+    assert list(tmp_path.iterdir()) == []  # no output, no hidden temp folder, no lock file
+
+
+def test_disk_full_while_writing_a_full_run_then_the_rerun_completes(photos, tmp_path, monkeypatch, cli):
+    import diffusers
+
+    from conftest import FAST
+
+    args = ["full", "--subject", photos, "--class-noun", "dog", *FAST, "--steps", "2", "--validation-images", "0",
+            "--output-dir", tmp_path / "run"]
+    with monkeypatch.context() as m:
+        _enospc_after(m, diffusers.StableDiffusionPipeline, "save_pretrained")
+        _one_line(cli(*args), "No space left on device")
+    leftovers = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+    assert leftovers == [] and not (tmp_path / "run" / "run.json").exists()
+    assert cli(*args, "--resume").code == 0  # the checkpoint written before the disk filled is intact
+    assert (tmp_path / "run" / "run.json").is_file()
+
+
+def test_disk_full_while_generating_keeps_the_images_already_written(lora_run, tmp_path, monkeypatch, cli):
+    from personalize import fileio
+
+    out = tmp_path / "g"
+    real, calls = fileio.write_atomic, []
+
+    def flaky(path, data):
+        calls.append(path)
+        if str(path).endswith(".png") and len([c for c in calls if str(c).endswith(".png")]) > 1:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(fileio, "write_atomic", flaky)
+    import personalize.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "write_atomic", flaky)
+    r = cli("generate", lora_run, "--prompt", "a {token} {class}", "-n", "3", "--steps", "1", "-o", out)
+    _one_line(r, "No space left on device")
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")]  # no temp files, no lock
+    pngs = [n for n in names if n.endswith(".png")]
+    assert len(pngs) == 1 and all((out / n).stat().st_size > 0 for n in pngs)
