@@ -22,7 +22,10 @@ random horizontal flip, pixels scaled to [-1, 1]. PIL + numpy only, no model imp
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,9 @@ DATA_FILE_EXTS = {".parquet", ".arrow", ".tar"}  # shard formats `datasets` read
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "png", "pixel_values")
 CAPTION_COLUMN_GUESSES = ("text", "caption", "captions", "prompt", "txt", "sentences")
+SKIP_LOG_EVERY = 100  # one log line per this many examples skipped as undecodable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,7 +156,70 @@ def open_dataset(spec: DataSpec):
     image_col, caption_col = pick_columns(ds, spec)
     if not spec.streaming and len(ds) == 0:
         raise UserError(f"--data {spec.source}: split '{spec.split}' is empty")
+    ds = _undecoded(ds, image_col)
+    if root.is_dir() and not saved and n_images and not spec.streaming:
+        check_image_files(ds, image_col, spec.source)
     return ds, image_col, caption_col
+
+
+def _undecoded(ds, image_col: str):
+    """An Image column cast to ``decode=False``: rows then carry ``{"bytes", "path"}`` and the
+    decoding happens in `decode_image`, where a bad image is caught (skipped and counted) instead of
+    raising from inside `datasets` on row access."""
+    import datasets
+
+    feature = (ds.features or {}).get(image_col)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    return ds
+
+
+def _image_problem(path: str) -> str | None:
+    """Why the image file at `path` cannot be trained on, or None. `verify` checks the header and
+    structure; a reopened, fully decoded image (JPEGs in draft mode, 1/8 scale: every byte is still
+    read) catches truncated data."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if not os.path.exists(path):
+            return "no such file"
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except UnidentifiedImageError:
+        return "not a readable image"
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, decompression bomb, unreadable: all unusable
+        return "truncated" if "truncated" in str(e).lower() else _one_line(e)
+    return None
+
+
+def check_image_files(ds, image_col: str, source: str) -> None:
+    """Every row's image file exists and decodes, checked before training (a few ms per file, on a
+    thread pool). Raises one UserError naming the first bad file and how many there are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cells = ds[image_col]
+    paths = [c.get("path") if isinstance(c, dict) else None for c in cells]
+    if not all(paths):  # not file-backed (bytes in the table): decoded lazily, skipped if bad
+        return
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        problems = [(p, why) for p, why in zip(paths, pool.map(_image_problem, paths, chunksize=64)) if why]
+    if problems:
+        root = Path(source).expanduser()
+        first, why = problems[0]
+        try:
+            shown = str(Path(source) / Path(first).resolve().relative_to(root.resolve()))
+        except ValueError:
+            shown = first
+        if why == "no such file":
+            why = "named in the metadata, no such file"
+        raise UserError(f"--data {source}: {len(problems)} of {len(paths)} images are unusable "
+                        f"({shown}: {why}); fix or remove them")
 
 
 def _one_line(e: Exception) -> str:
@@ -180,21 +249,42 @@ def pick_columns(ds, spec: DataSpec) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------- preprocessing
-def preprocess_image(image, resolution: int, center_crop: bool, flip: bool, crop_seed: int) -> torch.Tensor:
-    """PIL image -> float32 CHW tensor in [-1, 1], BK-SDM recipe transforms (see module doc)."""
+class BadImage(Exception):
+    """An example whose image cannot be decoded; ``str()`` names it and why, in one line."""
+
+
+def decode_image(image):
+    """An image cell (PIL image, ``{"bytes", "path"}`` dict, bytes, path, array) -> RGB PIL image,
+    fully decoded; BadImage (naming the file where known) when it cannot be."""
     import io
 
     from PIL import Image
 
-    if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
-    elif isinstance(image, str):
-        image = Image.open(image)
-    elif not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
-    image = image.convert("RGB")
+    name = None
+    try:
+        if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
+            name = image.get("path")
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, str):
+            name = image
+            image = Image.open(image)
+        elif image is None:
+            raise ValueError("no image")
+        elif not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        return image.convert("RGB")  # convert() loads: truncated data fails here, not later
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises for bad bytes, it is bad data
+        raise BadImage(f"{name + ': ' if name else ''}{_one_line(e)}") from None
+
+
+def preprocess_image(image, resolution: int, center_crop: bool, flip: bool, crop_seed: int) -> torch.Tensor:
+    """Image cell -> float32 CHW tensor in [-1, 1], BK-SDM recipe transforms (see module doc).
+    Raises BadImage for an image that cannot be decoded."""
+    from PIL import Image
+
+    image = decode_image(image)
     w, h = image.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))

@@ -113,40 +113,6 @@ def remove_stale_temps(dest: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
-    """Build a directory in a temp folder beside `dest`, then rename it into place.
-
-    The block writes into the yielded folder. On success it becomes `dest`: a missing `dest` is
-    simply created; an existing one is swapped out only with `replace` (renamed aside, then
-    removed, so `dest` is never absent-yet-half-written), else it is an error. On any exception
-    the temp folder is removed and `dest` is untouched.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
-    try:
-        yield tmp
-        as_open_would(tmp)
-        if dest.exists() or dest.is_symlink():
-            if not replace:
-                raise FileExistsError(f"{dest} appeared while it was being written")
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
-            dest.rename(old)
-            try:
-                tmp.rename(dest)
-            except BaseException:
-                old.rename(dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
 def scratch_dir(dest: Path) -> Iterator[Path]:
     """A temp folder beside `dest` (same filesystem, so renames out of it are atomic), always
     removed at the end; for writers that need a folder to produce one file or a few entries."""
@@ -158,6 +124,34 @@ def scratch_dir(dest: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
+    """Build a directory in a temp folder beside `dest`, then rename it into place.
+
+    The block writes into the yielded folder. On success it becomes `dest`: a missing `dest` is
+    simply created; an existing one is swapped out only with `replace` (renamed aside, then
+    removed, so `dest` is never absent-yet-half-written), else it is an error. On any exception
+    the temp folder is removed and `dest` is untouched.
+    """
+    dest = Path(dest)
+    with scratch_dir(dest) as tmp:
+        yield tmp
+        as_open_would(tmp)
+        if not (dest.exists() or dest.is_symlink()):
+            tmp.rename(dest)
+            return
+        if not replace:
+            raise FileExistsError(f"{dest} appeared while it was being written")
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
+        dest.rename(old)
+        try:
+            tmp.rename(dest)
+        except BaseException:
+            old.rename(dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def move_into(src_dir: Path, dest_dir: Path) -> list[str]:
