@@ -26,7 +26,7 @@ import logging
 import os
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -264,17 +264,21 @@ def decode_image(image):
     try:
         if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
             name = image.get("path")
-            image = image.get("bytes") or image.get("path")
+            image = image.get("bytes") if image.get("bytes") is not None else image.get("path")
         if isinstance(image, (bytes, bytearray)):
+            if not image:
+                raise BadImage(f"{name + ': ' if name else ''}empty image data")
             image = Image.open(io.BytesIO(image))
         elif isinstance(image, str):
             name = image
             image = Image.open(image)
         elif image is None:
-            raise ValueError("no image")
+            raise BadImage("no image in the row")
         elif not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
         return image.convert("RGB")  # convert() loads: truncated data fails here, not later
+    except BadImage:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever PIL raises for bad bytes, it is bad data
         raise BadImage(f"{name + ': ' if name else ''}{_one_line(e)}") from None
 
@@ -317,9 +321,48 @@ def _example_seeds(seed: int, position: int, rank: int = 0) -> tuple[bool, int, 
 
 
 # ---------------------------------------------------------------------------- batches
+class _Skips:
+    """Examples skipped because their image does not decode: counted, logged (the first, then one
+    line per SKIP_LOG_EVERY), and a UserError once more than half of a recent window of examples
+    were bad (the data, not the odd file, is the problem)."""
+
+    def __init__(self, source: str, batch_size: int):
+        self.source, self.count = source, 0
+        self.window: deque[bool] = deque(maxlen=max(16, 2 * batch_size))
+
+    def ok(self) -> None:
+        self.window.append(False)
+
+    def bad(self, why: str) -> None:
+        self.count += 1
+        self.window.append(True)
+        if self.count == 1 or self.count % SKIP_LOG_EVERY == 0:
+            logger.warning("--data %s: skipped %d example(s) whose image does not decode so far (latest: %s)",
+                           self.source, self.count, why)
+        n_bad = sum(self.window)
+        if n_bad > self.window.maxlen // 2:
+            raise UserError(f"--data {self.source}: {n_bad} of the last {len(self.window)} examples have an image "
+                            f"that does not decode (latest: {why}); the data is mostly unusable")
+
+
+def _example(row: dict, e: Example, image_col: str, caption_col: str, spec: DataSpec) -> tuple[torch.Tensor, str]:
+    """One row -> (pixels, caption); BadImage when its image does not decode."""
+    pixels = preprocess_image(row[image_col], spec.resolution, spec.center_crop, e.flip, e.crop_seed)
+    return pixels, pick_caption(row[caption_col], e.caption_seed)
+
+
+def _stack(examples: list[tuple[torch.Tensor, str]], plan: list[Example]) -> dict:
+    return {"pixel_values": torch.stack([x[0] for x in examples]), "captions": [x[1] for x in examples],
+            "plan": plan}
+
+
 class MapBatches:
     """Batches of a map-style dataset by number: epoch-wise permutations seeded by (seed, epoch),
-    global batch ``k * world + rank``, so every process sees different rows and resume is exact."""
+    global batch ``k * world + rank``, so every process sees different rows and resume is exact.
+
+    A row whose image does not decode is skipped (counted in ``skipped``) and replaced by the next
+    decodable row of the dataset, so batch ``k`` keeps its size and stays a function of (seed, k,
+    rank); the returned ``plan`` names the rows actually used."""
 
     def __init__(self, ds, image_col: str, caption_col: str, spec: DataSpec, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1):
@@ -327,6 +370,13 @@ class MapBatches:
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.n = len(ds)
         self._perm: tuple[int, np.ndarray] | None = None
+        self._skips = _Skips(spec.source, batch_size)
+        self.bad_rows: dict[int, str] = {}  # row -> why its image does not decode
+
+    @property
+    def skipped(self) -> int:
+        """Examples skipped so far because their image does not decode."""
+        return self._skips.count
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
@@ -344,14 +394,35 @@ class MapBatches:
 
     def batch(self, k: int) -> dict:
         """``{"pixel_values": [B, 3, R, R], "captions": [str], "plan": [Example]}``."""
-        plan = self.plan(k)
-        rows = [self.ds[e.index] for e in plan]
-        return _collate(rows, plan, self.image_col, self.caption_col, self.spec)
+        examples, plan = [], []
+        for e in self.plan(k):
+            for step in range(self.n):  # walk forward from the planned row to a decodable one
+                i = (e.index + step) % self.n
+                if i in self.bad_rows:
+                    self._skips.bad(self.bad_rows[i])
+                    continue
+                try:
+                    examples.append(_example(self.ds[i], e, self.image_col, self.caption_col, self.spec))
+                except BadImage as b:
+                    self.bad_rows[i] = str(b)
+                    self._skips.bad(str(b))
+                    continue
+                self._skips.ok()
+                plan.append(replace(e, index=i))
+                break
+            else:
+                raise UserError(f"--data {self.spec.source}: none of the {self.n} examples has an image that "
+                                f"decodes (e.g. {next(iter(self.bad_rows.values()))})")
+        return _stack(examples, plan)
 
 
 class StreamBatches:
     """Batches of an `IterableDataset`, read in order (buffer-shuffled per epoch). A request for a
-    batch other than the next one (resume) re-opens the stream and skips to its position."""
+    batch other than the next one (resume) re-opens the stream and skips to its position.
+
+    An example whose image does not decode is skipped (counted in ``skipped``) and the next one
+    read in its place; resume positions count batch_size raw examples per batch, so after skips a
+    resumed run re-reads a few examples (the stream keeps no per-example state)."""
 
     def __init__(self, ds, image_col: str, caption_col: str, spec: DataSpec, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1):
@@ -364,6 +435,12 @@ class StreamBatches:
         self._epoch, self._pos = 0, 0  # epoch and position (in this node's stream) of the iterator
         self._it = None
         self._epoch_len: int | None = None
+        self._skips = _Skips(spec.source, batch_size)
+
+    @property
+    def skipped(self) -> int:
+        """Examples skipped so far because their image does not decode."""
+        return self._skips.count
 
     def _open(self, epoch: int, skip: int):
         d = self.ds.shuffle(seed=self.seed, buffer_size=self.spec.shuffle_buffer) if self.spec.shuffle_buffer > 1 else self.ds
@@ -372,9 +449,18 @@ class StreamBatches:
         d.set_epoch(epoch)
         self._it, self._epoch, self._pos = iter(d), epoch, skip
 
+    def _read_failed(self, e: Exception, where: str) -> UserError:
+        return UserError(f"--data {self.spec.source}: reading the stream failed {where} ({_one_line(e)}); "
+                         f"fix or remove the damaged shard, then resume")
+
     def _length(self) -> int:
         if self._epoch_len is None:  # caption-only pass: no image bytes decoded
-            self._epoch_len = sum(1 for _ in self.ds.select_columns([self.caption_col]))
+            try:
+                self._epoch_len = sum(1 for _ in self.ds.select_columns([self.caption_col]))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged shard, found only when read
+                raise self._read_failed(e, "while counting its examples") from None
             if self._epoch_len == 0:
                 raise UserError(f"--data {self.spec.source}: the stream is empty")
         return self._epoch_len
@@ -396,27 +482,39 @@ class StreamBatches:
                     break
                 self._epoch_len = self._pos
                 self._open(self._epoch + 1, 0)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged shard: the iterator is dead after it
+                raise self._read_failed(e, f"at example {self._pos} of epoch {self._epoch}") from None
         raise UserError(f"--data {self.spec.source}: the stream is empty")
 
     def batch(self, k: int) -> dict:
         if k != self._next_k:
             self._seek(k * self.batch_size)
-        rows, plan = [], []
+        examples, plan = [], []
         for i in range(self.batch_size):
             # positions are per node here (each rank reads its own split of the stream)
             flip, crop, cap = _example_seeds(self.seed, k * self.batch_size + i, self.rank)
-            rows.append(self._next_row())
-            plan.append(Example(None, flip and self.spec.random_flip, crop, cap))
+            e = Example(None, flip and self.spec.random_flip, crop, cap)
+            while True:
+                try:
+                    examples.append(_example(self._next_row(), e, self.image_col, self.caption_col, self.spec))
+                    break
+                except BadImage as b:
+                    self._skips.bad(str(b))  # raises once most of the recent examples were bad
+            self._skips.ok()
+            plan.append(e)
         self._next_k = k + 1
-        return _collate(rows, plan, self.image_col, self.caption_col, self.spec)
+        return _stack(examples, plan)
 
 
 def _collate(rows: list[dict], plan: list[Example], image_col: str, caption_col: str, spec: DataSpec) -> dict:
-    pixels = torch.stack([
-        preprocess_image(r[image_col], spec.resolution, spec.center_crop, e.flip, e.crop_seed) for r, e in zip(rows, plan)
-    ])
-    captions = [pick_caption(r[caption_col], e.caption_seed) for r, e in zip(rows, plan)]
-    return {"pixel_values": pixels, "captions": captions, "plan": plan}
+    """Rows -> a batch, every row used as is (precompute: one latent per row); an image that does
+    not decode is a UserError naming it."""
+    try:
+        return _stack([_example(r, e, image_col, caption_col, spec) for r, e in zip(rows, plan)], plan)
+    except BadImage as b:
+        raise UserError(f"--data {spec.source}: an image does not decode ({b}); fix or remove it") from None
 
 
 def make_batches(spec: DataSpec, batch_size: int, seed: int, rank: int = 0, world: int = 1):

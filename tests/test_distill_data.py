@@ -123,3 +123,125 @@ def test_bad_folders_give_one_line_errors(tmp_path):
     (broken / "metadata.jsonl").write_text(json.dumps({"file_name": "00.jpg", "text": "ok"}) + "\n{not json\n")
     with pytest.raises(UserError, match="cannot read as an image-caption folder"):
         make_batches(DataSpec(source=str(broken)), 2, seed=0)
+
+
+# ---------------------------------------------------------------------------- bad images
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+BAD_FILES = {  # how to spoil one image of a folder -> (the file named, what the message says)
+    "truncated jpeg": (lambda root: _truncate(root / "01.jpg"), "01.jpg", "truncated"),
+    "zero-byte image": (lambda root: (root / "01.jpg").write_bytes(b""), "01.jpg", "empty file"),
+    "not an image, .jpg suffix": (lambda root: (root / "01.jpg").write_text("<html>404</html>"), "01.jpg",
+                                  "not a readable image"),
+    "metadata names a missing file": (lambda root: (root / "01.jpg").unlink(), "01.jpg", "no such file"),
+}
+
+
+@pytest.mark.parametrize("meta", ["jsonl", "csv"])
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_image_folder_checked_up_front_one_line_naming_the_file(case, meta, tmp_path):
+    root = tmp_path / "imgs"
+    files = _photos(root)
+    if meta == "jsonl":
+        (root / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": p.name, "text": c}) + "\n" for p, c in zip(files, CAPTIONS)))
+    else:
+        with (root / "metadata.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([["file_name", "text"], *([p.name, c] for p, c in zip(files, CAPTIONS))])
+    spoil, name, why = BAD_FILES[case]
+    spoil(root)
+    with pytest.raises(UserError) as e:
+        make_batches(DataSpec(source=str(root), resolution=32), 2, seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"1 of {N} images are unusable ({root / name}: " in msg and why in msg and "fix or remove" in msg
+
+
+def test_up_front_check_counts_every_bad_file_and_names_the_first(tmp_path):
+    src = csv_folder(tmp_path)
+    _truncate(src / "02.jpg")
+    (src / "03.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=rf"2 of {N} images are unusable \({src / '02.jpg'}: truncated"):
+        make_batches(DataSpec(source=str(src), resolution=32), 2, seed=0)
+    # --max-samples: only the rows used are checked
+    assert make_batches(DataSpec(source=str(src), resolution=32, max_samples=2), 2, seed=0).n == 2
+
+
+def _bytes_dataset(root: Path, spoil: dict[int, bytes]):
+    """A saved dataset with the images' bytes in the table (decoded only when read): not checkable
+    up front, so a bad one is skipped when met."""
+    import datasets
+
+    imgs = [{"bytes": spoil.get(i, p.read_bytes()), "path": None} for i, p in enumerate(_photos(root / "src"))]
+    ds = datasets.Dataset.from_dict({"image": imgs, "text": CAPTIONS}).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(root / "saved"))
+    return root / "saved"
+
+
+def _bad_webdataset(root: Path, spoil: dict[int, bytes]) -> Path:
+    src = webdataset_folder(root)
+    members = []
+    with tarfile.open(src / "00000.tar") as tar:
+        for m in tar.getmembers():
+            members.append((m.name, tar.extractfile(m).read()))
+    with tarfile.open(src / "00000.tar", "w") as tar:
+        for name, data in members:
+            i = int(name.split(".")[0])
+            if name.endswith(".jpg") and i in spoil:
+                data = spoil[i]
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return src
+
+
+LAZY_SOURCES = {"saved bytes, map": (_bytes_dataset, False), "saved bytes, stream": (_bytes_dataset, True),
+                "webdataset, map": (_bad_webdataset, False), "webdataset, stream": (_bad_webdataset, True)}
+BAD_BYTES = {"truncated jpeg": lambda good: good[: len(good) // 2], "zero bytes": lambda good: b"",
+             "not an image": lambda good: b"<html>404</html>"}
+
+
+@pytest.mark.parametrize("bad", list(BAD_BYTES))
+@pytest.mark.parametrize("kind", list(LAZY_SOURCES))
+def test_lazily_decoded_bad_example_is_skipped_and_counted(kind, bad, tmp_path, caplog):
+    build, streaming = LAZY_SOURCES[kind]
+    good = _photos(tmp_path / "src")[1].read_bytes()
+    src = build(tmp_path, {1: BAD_BYTES[bad](good)})
+    spec = DataSpec(source=str(src), resolution=32, streaming=streaming, shuffle_buffer=1)
+    batches = make_batches(spec, batch_size=2, seed=0)
+    with caplog.at_level("WARNING", logger="distill.data"):
+        got = [batches.batch(k) for k in range(2)]  # one epoch's worth: the bad row is met once
+    for b in got:
+        assert b["pixel_values"].shape == (2, 3, 32, 32)
+    captions = [c for b in got for c in b["captions"]]
+    assert CAPTIONS[1] not in captions
+    assert batches.skipped == 1
+    assert any("skipped 1 example" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+def test_mostly_bad_data_stops_with_one_line(streaming, tmp_path):
+    src = _bytes_dataset(tmp_path, {i: b"junk" for i in range(1, N)})  # 3 of 4 bad
+    batches = make_batches(DataSpec(source=str(src), resolution=32, streaming=streaming, shuffle_buffer=1), 2, seed=0)
+    with pytest.raises(UserError, match="examples have an image that does not decode.*mostly unusable") as e:
+        for k in range(20):
+            batches.batch(k)
+    assert "\n" not in str(e.value)
+
+
+def test_all_bad_map_data_stops_with_one_line(tmp_path):
+    src = _bytes_dataset(tmp_path, {i: b"" for i in range(N)})
+    with pytest.raises(UserError, match=f"none of the {N} examples has an image that decodes .*empty image") as e:
+        make_batches(DataSpec(source=str(src), resolution=32), 2, seed=0).batch(0)
+    assert "\n" not in str(e.value)
+
+
+def test_precompute_collate_names_an_undecodable_row(tmp_path):
+    from distill.data import Example, _collate
+
+    src = _bytes_dataset(tmp_path, {0: b"junk"})
+    b = make_batches(DataSpec(source=str(src), resolution=32), 2, seed=0)
+    with pytest.raises(UserError, match="an image does not decode.*fix or remove it"):
+        _collate([b.ds[0]], [Example(0, False, 0, 0)], b.image_col, b.caption_col, b.spec)
