@@ -69,14 +69,14 @@ def dry_run(teacher: str, arch_name: str, resolution: int = 512) -> tuple[ArchRe
     return report(tcfg, "teacher", resolution), report(scfg, arch.name, resolution)
 
 
-def check_output(out: Path, overwrite: bool, flag: str = "-o") -> Path:
-    """Refuse an output that is a file, or a non-empty directory unless `overwrite` (cheap; run first)."""
+def check_output(out: Path, overwrite: bool, flag: str = "-o", inputs=()) -> Path:
+    """personalize's output check (not an input, right kind, writable, no symlink), where an
+    existing *empty* folder counts as free (cheap; run first)."""
+    from personalize.outputs import check_output as check
+
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another {flag} or pass --overwrite")
-    return out
+    empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    return check(out, kind="dir", inputs=inputs, flag=flag, overwrite=overwrite, allow_existing_dir=empty_dir)
 
 
 def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
@@ -157,6 +157,7 @@ def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allo
     arch = get_arch(arch_name)
     out = check_output(out, overwrite)
     tpath = resolve_teacher(teacher)
+    check_output(out, overwrite, inputs=[tpath])  # the student is never written over its teacher
     log(f"teacher {teacher} -> {tpath}")
     checked_student_config(_read_unet_config(tpath), arch, teacher)  # before reading any weights
     teacher_unet = load_unet(tpath, allow_pickle)

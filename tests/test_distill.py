@@ -687,3 +687,17 @@ def test_personalize_lora_trains_on_a_student(which, request, photos, tmp_path):
                  "--output-dir", str(out), "--steps", "2", "--resolution", "64", "--class-images", "0",
                  "--validation-images", "0"]) == 0
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where", ["teacher", "inside-teacher", "a-file"])
+def test_prune_output_over_its_teacher_or_a_file_is_one_line(where, teacher_dir, tmp_path, distill_cli):
+    before = sorted(p.name for p in teacher_dir.iterdir())
+    if where == "a-file":
+        out = tmp_path / "f"
+        out.write_text("x")
+    else:
+        out = teacher_dir if where == "teacher" else teacher_dir / "student"
+    code, _, err = distill_cli("prune", "--teacher", teacher_dir, "--arch", "bk-tiny", "-o", out, "--overwrite")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and ("the input" in lines[0] or "not a directory" in lines[0]), err
+    assert sorted(p.name for p in teacher_dir.iterdir()) == before
