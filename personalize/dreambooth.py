@@ -10,6 +10,8 @@ Text embeddings are cached whenever the text encoder is frozen.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from .diffusion import check_prediction_type, noise_latents
 from .errors import UserError
 from .fileio import move_into, scratch_dir
 from .fit import FitConfig, fit, make_accelerator
-from .outputs import check_output
+from .outputs import check_output, output_lock
 from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_text
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import is_finished, slug, write_run
@@ -77,7 +79,7 @@ class Prepared:
     class_prompt: str
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepared:
     cfg.validate()
     # the subject's name is checked first, the base next, and only then is the dataset fetched:
     # a base that cannot be had (offline) must not cost a download, nor leave one behind
@@ -92,6 +94,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / slug(base.name) / subject.name
     check_output(run_dir, kind="dir", inputs=[subject.image_dir, base.path], flag="--output-dir",
                  allow_existing_dir=True)  # an existing run dir is prepare_run_dir's to judge
+    # one lock per run, taken by the launch's first process (the others write nothing of their own)
+    if held is not None and int(os.environ.get("RANK", "0")) == 0:
+        held.enter_context(output_lock(run_dir, flag="--output-dir"))
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
@@ -152,11 +157,18 @@ class LoadedBase:
 
 
 def train_subject(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None,
-          profile_steps: bool = False) -> Path:
+                  profile_steps: bool = False) -> Path:
     """Run DreamBooth for one subject and write the run directory. Returns its path.
     `loaded`: a base already in memory (reset here); loaded from disk when None.
-    `profile_steps`: record each step's time in run.json (benchmarks; syncs the device each step)."""
-    p = prepare(cfg)
+    `profile_steps`: record each step's time in run.json (benchmarks; syncs the device each step).
+    The run dir is held by its writer's lock from before it is judged until the run ends, so a
+    second `personalize lora` into the same --output-dir is refused, not interleaved."""
+    with contextlib.ExitStack() as held:
+        return _train(prepare(cfg, held), log, progress, loaded, profile_steps)
+
+
+def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_steps: bool) -> Path:
+    cfg = p.cfg
     run_dir = p.run_dir
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
     device = accelerator.device

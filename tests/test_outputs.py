@@ -229,3 +229,13 @@ def test_disk_full_while_generating_keeps_the_images_already_written(lora_run, t
     assert not [n for n in names if n.startswith(".")]  # no temp files, no lock
     pngs = [n for n in names if n.endswith(".png")]
     assert len(pngs) == 1 and all((out / n).stat().st_size > 0 for n in pngs)
+
+
+def test_a_second_training_into_one_output_dir_is_refused(photos, tmp_path, cli):
+    from conftest import FAST
+
+    out = tmp_path / "run"
+    with output_lock(out):  # the first `personalize lora` into it, still running
+        r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--output-dir", out)
+    _one_line(r, "is writing it")
+    assert not out.exists()
