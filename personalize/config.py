@@ -35,6 +35,9 @@ class TrainConfig:
     use_8bit_adam: bool = False  # option on CUDA; plain AdamW elsewhere
 
     prior_loss_weight: float = 1.0  # BK-SDM: prior preservation weight 1.0
+    # min-SNR loss weighting (Hang et al. 2023; 5.0 is their recommended gamma): off in the BK-SDM recipe
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023; 0.05-0.1 is usual): off in the BK-SDM recipe
     class_images: int = 200  # BK-SDM: num_class_images 200; 0 turns prior preservation off
     class_image_steps: int = 25  # DPM-Solver++ steps, as the BK-SDM generation scripts
     class_image_batch_size: int = 4  # images per pipeline call when generating class images
@@ -100,6 +103,10 @@ class TrainConfig:
         for name in ("prior_loss_weight", "max_grad_norm", "lr_warmup_steps", "validation_images"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise UserError(f"--snr-gamma must be positive (5.0 is the paper's value), got {self.snr_gamma}")
+        if not 0 <= self.noise_offset <= 1:
+            raise UserError(f"--noise-offset must be in [0, 1] (0.05-0.1 is usual), got {self.noise_offset}")
         if not 0 <= self.guidance_scale <= 100:
             raise UserError(f"--guidance-scale must be in [0, 100], got {self.guidance_scale}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):

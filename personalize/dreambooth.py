@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import LORA_WEIGHTS, add_lora, save_lora
 from .backbones import ResolvedBase, native_resolution, resolve_base
@@ -26,7 +25,7 @@ from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
 from .data import load_training_images, make_grid, with_flips
-from .diffusion import check_prediction_type, noise_latents
+from .diffusion import check_prediction_type, diffusion_loss, noise_latents
 from .errors import UserError
 from .fileio import move_into, scratch_dir
 from .fit import FitConfig, fit, make_accelerator
@@ -276,14 +275,14 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
             jj = torch.randint(0, n_cls, (b,), generator=g, device=device)
             mean, std = torch.cat([mean, cls_mean[jj]]), torch.cat([std, cls_std[jj]])
         latents = (mean + std * torch.randn(mean.shape, generator=g, device=device)) * sf
-        x = noise_latents(noise_scheduler, latents, g)
+        x = noise_latents(noise_scheduler, latents, g, noise_offset=cfg.noise_offset)
         emb = ms["text_encoder"](te_ids)[0] if train_te else cached_emb
         pred = ms["unet"](x.noisy, x.timesteps, emb).sample.float()
         target = x.target
-        loss_inst = F.mse_loss(pred[:b], target[:b])
+        loss_inst = diffusion_loss(pred[:b], target[:b], x.timesteps[:b], noise_scheduler, cfg.snr_gamma)
         if not prior:
             return {"loss": loss_inst, "loss_instance": loss_inst}
-        loss_prior = F.mse_loss(pred[b:], target[b:])
+        loss_prior = diffusion_loss(pred[b:], target[b:], x.timesteps[b:], noise_scheduler, cfg.snr_gamma)
         return {"loss": loss_inst + cfg.prior_loss_weight * loss_prior, "loss_instance": loss_inst,
                 "loss_prior": loss_prior}
 

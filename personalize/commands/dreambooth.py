@@ -27,6 +27,8 @@ HELP = {
     "mixed_precision": "auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, fp16 or bf16",
     "use_8bit_adam": "bitsandbytes 8-bit AdamW (CUDA only)",
     "allow_pickle": "allow loading .bin/.ckpt pickle weights (only for sources you trust)",
+    "snr_gamma": "min-SNR loss weighting with this gamma (Hang et al. 2023; 5.0 is usual; default off)",
+    "noise_offset": "offset noise strength (Guttenberg 2023; 0.05-0.1 is usual; default 0)",
     "gradient_checkpointing": "recompute activations in backward to save memory (default: on for GPUs under "
                               "40 GiB, off on CPU)",
     "cpu_half_weights": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (2 bytes a frozen "
