@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from .defaults import DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, OPTIMIZERS
 from .errors import UserError
 
 METHODS = ("lora", "full")
@@ -32,7 +33,11 @@ class TrainConfig:
     lr: float | None = None  # None: 1e-4 for LoRA, 1e-6 for full (BK-SDM scripts)
     lr_warmup_steps: int = 0  # BK-SDM: constant LR, no warm-up
     max_grad_norm: float = 1.0  # diffusers DreamBooth default
-    use_8bit_adam: bool = False  # option on CUDA; plain AdamW elsewhere
+    use_8bit_adam: bool = False  # option on CUDA; plain AdamW elsewhere (older spelling of --optimizer adamw8bit)
+    # BK-SDM: constant LR; the names of diffusers' get_scheduler, which the DreamBooth scripts call
+    lr_scheduler: str = "constant"
+    # BK-SDM: AdamW; adamw8bit (bitsandbytes, CUDA); prodigy (Mishchenko & Defazio 2023, lr 1.0 as its README)
+    optimizer: str = "adamw"
 
     prior_loss_weight: float = 1.0  # BK-SDM: prior preservation weight 1.0
     # min-SNR loss weighting (Hang et al. 2023; 5.0 is their recommended gamma): off in the BK-SDM recipe
@@ -66,7 +71,21 @@ class TrainConfig:
     log_every: int = 10  # loss is synced to the host this often (no per-step host syncs)
     validation_images: int = 4  # images in validation.png (0: none)
     validation_steps: int = 25  # DPM-Solver++ steps for validation images
+    # in-run monitoring (personalize/monitor.py), all off as in the BK-SDM recipe, which keeps only the end
+    sample_every: int = 0  # a grid of fixed-seed samples every N steps (samples/step-N.png)
+    # one prompt per line ({token}/{class} filled); None: instance prompt + one recontextualisation +
+    # one property change of the subject's DreamBooth protocol prompts (Ruiz et al. 2023, Fig. 4 kinds)
+    sample_prompts: str | None = None
+    save_every: int = 0  # a loadable adapter (full: pipeline) every N steps (steps/step-N/); 0: final only
+    score_every: int = 0  # DINO / CLIP-I / CLIP-T every N steps (scores_by_step.csv), eval's evaluators
+    score_prompts: int = 4  # protocol prompts scored per step: a cheap, fixed subset of the 25
+    score_images: int = 2  # seeds per scored prompt
+    # a step counts as best only if its CLIP-T is at least this (DreamBooth reports ~0.3 for good runs)
+    min_clip_t: float = 0.0
+    dino: str = DEFAULT_DINO  # the eval command's DINO ViT-S/16 (DreamBooth section 4.1)
+    clip: str = DEFAULT_CLIP  # the eval command's CLIP ViT-B/32 (DreamBooth section 4.1)
     allow_upscale: bool = False  # refuse photos smaller than the resolution unless asked
+    alpha_mask: bool = False  # kohya's --alpha_mask: off, a transparent product shot is not always a mask
     allow_pickle: bool = False  # only safetensors weights are loaded unless the user says so
     resume: bool = False
     overwrite: bool = False
@@ -84,6 +103,8 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
+        if self.optimizer == "prodigy":
+            return 1.0  # Prodigy estimates the step size; lr is its multiplier (its README: 1.0)
         return 1e-4 if self.method == "lora" else 1e-6
 
     def validate(self) -> None:
@@ -113,6 +134,20 @@ class TrainConfig:
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.class_images < 0:
             raise UserError(f"--class-images must be >= 0, got {self.class_images}")
+        for name in ("sample_every", "save_every", "score_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
+        for name in ("score_prompts", "score_images"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not -1 <= self.min_clip_t <= 1:
+            raise UserError(f"--min-clip-t must be in [-1, 1] (a cosine similarity), got {self.min_clip_t}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{self.lr_scheduler}'")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use-8bit-adam and --optimizer {self.optimizer} contradict each other; pick one")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.lr is not None and self.lr <= 0:

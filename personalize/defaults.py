@@ -18,3 +18,7 @@ DEFAULT_SEED = 0
 # the DreamBooth paper's evaluators (section 4.1)
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
+# the training loop's choices (personalize/fit.py): diffusers' get_scheduler names, and optimizers
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")

@@ -29,6 +29,7 @@ from .diffusion import check_prediction_type, diffusion_loss, noise_latents
 from .errors import UserError
 from .fileio import move_into, scratch_dir
 from .fit import FitConfig, fit, make_accelerator
+from . import monitor
 from .outputs import check_output, output_lock
 from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_text
 from .precision import bf16_cpu_note, weight_dtype
@@ -57,7 +58,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
         raise UserError(f"{run_dir} holds an unfinished run (checkpoint at step {ckpts[-1][0]}); pass --resume "
                         f"to continue it or --overwrite to start over")
     # a run killed while writing its final outputs has some of them beside its checkpoints
-    ours = {"checkpoints", "logs"} | (OUTPUT_NAMES if ckpts else set())
+    ours = {"checkpoints", "logs"} | monitor.OUTPUT_NAMES | (OUTPUT_NAMES if ckpts else set())
     foreign = [p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(".")]
     if foreign:
         raise UserError(f"{run_dir} exists and is not a personalize run (holds {foreign[0]}); pass --overwrite "
@@ -204,6 +205,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
         m.eval()
     text_encoder.to(device)
     unet.to(device)
+    # --score-every: eval's evaluators, loaded once, before anything slow (a missing one is one line)
+    evaluators = monitor.load_evaluators(cfg, device) if accelerator.is_main_process else None
     t_load = time.perf_counter() - t_start
 
     # -- prior preservation: class images from the shared cache, generated on first use
@@ -232,9 +235,11 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
         cls_mean, cls_std = cache_latent_dists(vae, with_flips(class_imgs), device)
         del class_imgs
     sf = vae.config.scaling_factor
+    # in-run samples, scores and full step saves decode or save with the VAE: it stays
+    keep_vae = bool(cfg.sample_every or cfg.score_every or (cfg.save_every and cfg.method == "full"))
     if reuse:
-        vae.to("cpu")  # a batch keeps it for the next subject
-    else:
+        vae.to(device if keep_vae else "cpu")  # a batch keeps it for the next subject
+    elif not keep_vae:
         # not needed again until the outputs are written (reloaded then): its memory is the training's
         comps["vae"] = vae = None
     inst_ids, class_ids = tokenize(tokenizer, p.instance_prompt, device), tokenize(tokenizer, p.class_prompt, device)
@@ -286,9 +291,21 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
         return {"loss": loss_inst + cfg.prior_loss_weight * loss_prior, "loss_instance": loss_inst,
                 "loss_prior": loss_prior}
 
+    def components(ms: dict) -> dict:
+        return comps | {"unet": ms["unet"], "text_encoder": ms.get("text_encoder", text_encoder), "vae": vae}
+
+    def save_step(dest: Path, ms: dict, step: int) -> None:
+        c = components(ms)
+        checkpointing = c["unet"].is_gradient_checkpointing  # save_pipeline turns it off
+        outputs = save_weights(p, c, dest)
+        if checkpointing:
+            c["unet"].enable_gradient_checkpointing()
+        write_run_json(p, outputs, {"step": step, "steps": cfg.steps}, class_info, dest=dest, step=step)
+
+    hooks = monitor.make_hooks(p, components, save_step, evaluators) if accelerator.is_main_process else []
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
-                 description=f"{cfg.method} {p.subject.name}", log=log)
+                 description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
 
     if accelerator.is_main_process:
         unet, text_encoder = result.models["unet"], result.models.get("text_encoder", text_encoder)
@@ -303,6 +320,14 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
                  "device": str(device), "mixed_precision": accelerator.mixed_precision}
         if profile_steps:
             stats["step_seconds"] = [round(x, 5) for x in result.step_seconds]
+        if result.hook_seconds:
+            stats["monitor_seconds"] = {k: round(sum(v), 2) for k, v in result.hook_seconds.items()}
+        watched = monitor.summary(run_dir, cfg.min_clip_t, result.step)
+        if watched:
+            stats["monitor"] = watched
+            best = monitor.describe_best(watched, cfg.min_clip_t)
+            if best:
+                log(best)
         write_run_json(p, outputs, stats, class_info)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -314,13 +339,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
 def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
     """Weights (LoRA file or full pipeline), validation grid and model card."""
     run_dir, cfg = p.run_dir, p.cfg
-    if cfg.method == "lora":
-        save_lora(run_dir, comps["unet"], comps["text_encoder"])
-        outputs = [LORA_WEIGHTS]
-    else:
-        with scratch_dir(run_dir / "pipeline") as tmp:
-            save_pipeline(tmp, p.base.path, comps)
-            outputs = move_into(tmp, run_dir)
+    outputs = save_weights(p, comps, run_dir)
     if cfg.validation_images > 0:
         write_validation(p, comps, accelerator)
         outputs.append(VALIDATION_PNG)
@@ -329,6 +348,17 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
     write_text(run_dir / "README.md", model_card(p))
     outputs.append("README.md")
     return outputs
+
+
+def save_weights(p: Prepared, comps: dict, dest: Path) -> list[str]:
+    """The run's trained weights into `dest`: the LoRA file, or for `full` a complete pipeline.
+    The final save and every `--save-every` step save go through here, so they load alike."""
+    if p.cfg.method == "lora":
+        save_lora(dest, comps["unet"], comps["text_encoder"])
+        return [LORA_WEIGHTS]
+    with scratch_dir(Path(dest) / "pipeline") as tmp:
+        save_pipeline(tmp, p.base.path, comps)
+        return move_into(tmp, dest)
 
 
 def validation_prompts(p: Prepared) -> list[str]:
@@ -350,15 +380,19 @@ def write_validation(p: Prepared, comps: dict, accelerator) -> None:
               "guidance_scale": cfg.guidance_scale, "base": p.base.name, "method": cfg.method})
 
 
-def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dict) -> None:
+def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dict, dest: Path | None = None,
+                   step: int | None = None) -> None:
+    """run.json of the run (or, with `dest`/`step`, of a `--save-every` step dir: a finished run of
+    its own, so every command that reads runs reads it)."""
     import diffusers
     import peft
     import transformers
 
     from . import __version__
 
-    write_run(p.run_dir, {
+    write_run(dest or p.run_dir, {
         "status": "finished",
+        **({"step": step, "of_run": "../.."} if step is not None else {}),  # steps/step-N/ of that run
         "method": p.cfg.method,
         "subject": p.subject.to_json(),
         "base": p.base.to_json() | {"resolution": p.resolution},

@@ -9,6 +9,11 @@ Resume is exact: every random draw of a step comes from a generator seeded by (s
 process), and a checkpoint holds the trainable weights and the optimizer state, so an interrupted
 run continued with `resume=True` ends with the same weights as an uninterrupted one.
 Checkpoints are safetensors + JSON (no pickles).
+
+Periodic work (in-run samples, step saves, scores: `Hook`s) runs on the main process between
+steps, in eval mode under `no_grad`, with the global RNG state forked away: it never touches the
+weights, the optimizer or any generator the loop draws from, so a run with hooks ends with the same
+weights as one without, and resume stays exact.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from . import checkpoints
+from .defaults import LR_SCHEDULERS, OPTIMIZERS
 from .fileio import write_text
 from .precision import resolve_mixed_precision
 
@@ -43,7 +49,9 @@ class FitConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 0  # recipe: constant LR, no warm-up
-    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit; CUDA only
+    lr_scheduler: str = "constant"  # recipe: constant LR; any name diffusers' get_scheduler takes
+    optimizer: str = "adamw"  # recipe: torch AdamW; adamw8bit (bitsandbytes, CUDA), prodigy (prodigyopt)
+    use_8bit_adam: bool = False  # the older spelling of optimizer="adamw8bit"
     checkpoint_every: int = 0  # 0: only the final checkpoint
     checkpoints_kept: int = 1  # during training; older ones are deleted once a newer one is safely written
     log_every: int = 10  # host syncs only this often: the hot loop never calls .item()
@@ -66,6 +74,7 @@ class FitResult:
     seconds_per_step: float
     models: dict[str, nn.Module] = field(default_factory=dict)  # unwrapped, trained modules
     step_seconds: list[float] = field(default_factory=list)  # per step, with FitConfig.profile_steps
+    hook_seconds: dict[str, list[float]] = field(default_factory=dict)  # per hook, one entry per run
 
 
 def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1,
@@ -125,10 +134,44 @@ def trainable_parameters(models: dict[str, nn.Module]) -> dict[str, nn.Parameter
     return {f"{m}.{n}": p for m, mod in models.items() for n, p in mod.named_parameters() if p.requires_grad}
 
 
+
+
+def optimizer_name(cfg) -> str:
+    """`--use-8bit-adam` is kept as the older spelling of `--optimizer adamw8bit`."""
+    return "adamw8bit" if getattr(cfg, "use_8bit_adam", False) and cfg.optimizer == "adamw" else cfg.optimizer
+
+
+def scheduler_name(cfg) -> str:
+    """`--lr-warmup-steps` warmed the LR up before `--lr-scheduler` existed: with the default
+    `constant` it still does (diffusers' `constant` would silently ignore it)."""
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        return "constant_with_warmup"
+    return cfg.lr_scheduler
+
+
+def _prodigy():
+    try:
+        import prodigyopt
+    except ImportError:
+        from .errors import UserError
+
+        raise UserError("--optimizer prodigy: the prodigyopt package is not installed; "
+                        "pip install 'personalize[prodigy]'") from None
+    return prodigyopt
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, log=print) -> torch.optim.Optimizer:
     kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
+    name = optimizer_name(cfg)
+    if name not in OPTIMIZERS:
+        from .errors import UserError
+
+        raise UserError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
+    if name == "prodigy":
+        # Prodigy (Mishchenko & Defazio 2023) estimates the step size itself: lr is a multiplier (1.0)
+        return _prodigy().Prodigy(params, **kw)
+    if name == "adamw8bit":
         if on_cuda:
             import bitsandbytes as bnb
 
@@ -169,23 +212,83 @@ class _LossLog:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[sps]} s/step"),
-        TimeRemainingColumn(), disable=not enabled, transient=False,
+        TextColumn("eta {task.fields[eta]}"), disable=not enabled, transient=False,
     )
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------- periodic work
+@dataclass
+class Hook:
+    """Work done every `every` optimizer steps on the main process: `fn(step, models)` gets the
+    unwrapped modules (eval mode, no grad, autocast as in training). `at_end`: also after the
+    last step when that is not a multiple of `every`."""
+
+    name: str
+    every: int
+    fn: Callable[[int, dict], None]
+    at_end: bool = False
+    skip_last: bool = False  # not after the last step (a step save: the final outputs are that step)
+
+    def due(self, step: int, total: int) -> bool:
+        if self.every <= 0 or self.skip_last and step == total:
+            return False
+        return step % self.every == 0 or (self.at_end and step == total)
+
+    def remaining(self, step: int, total: int) -> int:
+        """Times it will still run after `step`."""
+        return sum(self.due(s, total) for s in range(step + 1, total + 1)) if self.every > 0 else 0
+
+
+def _run_hooks(due: list[Hook], step: int, accelerator, prepared: dict, seconds: dict) -> None:
+    models = {k: accelerator.unwrap_model(m) for k, m in prepared.items()}
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    # fork_rng: anything a hook draws from the global RNGs (a pipeline's latents, dropout) is
+    # undone afterwards; the loop's own generators are per step and never seen by a hook
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for m in models.values():
+            m.eval()
+        try:
+            for h in due:
+                t = time.perf_counter()
+                with accelerator.autocast():
+                    h.fn(step, models)
+                seconds.setdefault(h.name, []).append(time.perf_counter() - t)
+        finally:
+            for m in models.values():
+                m.train()
+
+
+def _eta(step: int, total: int, sps: float, hooks: Sequence[Hook], seconds: dict) -> float:
+    """Training steps left at the measured s/step, plus every hook still due at its mean cost."""
+    left = (total - step) * sps
+    for h in hooks:
+        spent = seconds.get(h.name)
+        if spent:
+            left += h.remaining(step, total) * sum(spent) / len(spent)
+    return left
 
 
 # ---------------------------------------------------------------------------- the loop
 def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConfig, run_dir: Path,
-        resume: bool = False, description: str = "train", log=print) -> FitResult:
+        resume: bool = False, description: str = "train", log=print, hooks: Sequence[Hook] = ()) -> FitResult:
     """Optimise the trainable parameters of `models` for `cfg.steps` optimizer steps.
 
     `loss_fn` receives the accelerate-prepared modules (same keys), the step, the micro-step
     within gradient accumulation and that step's generator; it returns a dict of scalar tensors
-    whose "loss" entry is backpropagated and every entry is logged.
+    whose "loss" entry is backpropagated and every entry is logged. `hooks` run between steps
+    (see `Hook`); the s/step shown excludes them, the ETA includes them.
     """
     run_dir = Path(run_dir)
     params = trainable_parameters(models)
@@ -195,6 +298,8 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     optimizer = make_optimizer(list(params.values()), cfg, on_cuda, log=log)
     for m in models.values():
         m.to(accelerator.device)
+    # made before a checkpoint is loaded: it records the base LR (initial_lr) the schedule scales
+    scheduler = make_lr_scheduler(optimizer, cfg)
 
     start, carried, last_logged = 0, {}, {}
     if resume:
@@ -205,10 +310,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
             # a run resumed at its last step still reports the losses it ended with
             last_logged = state.get("losses") or {}
             log(f"resuming from {ckpt} (step {start}/{cfg.steps})")
-    warm = cfg.lr_warmup_steps
-    # the schedule is a pure function of the global step, so resuming only offsets it
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + start + 1) / warm) if warm else 1.0)
+    _fast_forward(scheduler, start)
 
     names = list(models)
     prepared = accelerator.prepare(*models.values(), optimizer)
@@ -228,8 +330,9 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     t0, t_window, sps = time.perf_counter(), time.perf_counter(), float("nan")
     step = start
     step_seconds: list[float] = []
+    hook_seconds: dict[str, list[float]] = {}
     with _progress(is_main) as bar:
-        task = bar.add_task(description, total=cfg.steps, completed=start, loss="-", sps="-")
+        task = bar.add_task(description, total=cfg.steps, completed=start, loss="-", sps="-", eta="-")
         for step in range(start + 1, cfg.steps + 1):
             t_step = time.perf_counter()
             g = step_generator(cfg.seed, step, accelerator.process_index, accelerator.device)
@@ -264,8 +367,19 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                 if is_main:
                     loss_log.log(step, last)
                     accelerator.log({f"train/{k}": v for k, v in last.items()}, step=step)
-                bar.update(task, loss=f"{last['loss']:.4f}", sps=f"{sps:.2f}")
+                bar.update(task, loss=f"{last['loss']:.4f}", sps=f"{sps:.2f}",
+                           eta=_clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
             bar.update(task, completed=step)
+            due = [h for h in hooks if h.due(step, cfg.steps)]
+            if due:
+                # before the checkpoint: a run killed in between redoes this step's hooks on resume
+                t_hooks = time.perf_counter()
+                accelerator.wait_for_everyone()
+                if is_main:
+                    _run_hooks(due, step, accelerator, prepared_models, hook_seconds)
+                accelerator.wait_for_everyone()
+                t_window += time.perf_counter() - t_hooks  # s/step stays the training's own
+                bar.update(task, eta=_clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 accelerator.wait_for_everyone()
                 if is_main:
@@ -282,4 +396,28 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     total = time.perf_counter() - t0
     done = max(step - start, 1)
     return FitResult(step=step, losses=last, seconds_per_step=total / done,
-                     models=unwrapped, step_seconds=step_seconds)
+                     models=unwrapped, step_seconds=step_seconds, hook_seconds=hook_seconds)
+
+
+def make_lr_scheduler(optimizer, cfg: FitConfig):
+    """diffusers' `get_scheduler` (the one the DreamBooth scripts use), stepped once per optimizer
+    step: LR factor at step k (counted from 1) is the schedule's value at k - 1, so a warm-up
+    starts from 0 as in diffusers."""
+    from diffusers.optimization import get_scheduler
+
+    name = scheduler_name(cfg)
+    if name not in LR_SCHEDULERS:
+        from .errors import UserError
+
+        raise UserError(f"unknown lr scheduler '{name}' (choose from {', '.join(LR_SCHEDULERS)})")
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
+
+
+def _fast_forward(scheduler, steps: int) -> None:
+    """The schedule is a pure function of the step: a resumed run replays it to where it stopped."""
+    import warnings
+
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()

@@ -83,6 +83,8 @@ def find_run_dirs(path: Path) -> list[Path]:
         raise UserError(f"{path}: no such directory")
     found = sorted(p.parent for p in path.rglob(RUN_JSON)
                    if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    # a run's own steps/step-N/ (--save-every) are runs too, but belong to it: listed only when asked for
+    found = [d for d in found if not any(other in d.parents for other in found)]
     if not found:
         raise UserError(f"{path}: no {RUN_JSON} in it or below it; pass a `personalize lora/full` output dir")
     return found

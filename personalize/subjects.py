@@ -62,7 +62,9 @@ def fill_prompt(template: str, token: str, class_noun: str) -> str:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The photos of a folder; `photo.mask.png` files are the masks of photos, not photos."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.lower().endswith(".mask.png"))
 
 
 def data_dir(flag: str | None) -> tuple[Path, bool]:

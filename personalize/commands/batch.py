@@ -74,5 +74,6 @@ def add_parser(sub) -> None:
     e.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP evaluator: hub id or local dir (default: {DEFAULT_CLIP})")
     e.add_argument("--images-per-prompt", type=number(int, 1, 1000), default=4, help="protocol images per prompt (default: 4)")
     add_flags(p.add_argument_group("training (every subject)"),
-              skip={"subject", "base", "class_noun", "output_dir", "resume", "overwrite"})
+              # --dino/--clip: the evaluation group's flags, which also serve --score-every
+              skip={"subject", "base", "class_noun", "output_dir", "resume", "overwrite", "dino", "clip"})
     p.set_defaults(func=run)
