@@ -32,8 +32,9 @@ def _family(layers) -> str:
     return "sd-v2" if 1024 in widths else "sd-v1"
 
 
-def export_kohya(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
-    """RUN_DIR's adapter as one kohya-format safetensors file (`lora_unet_*`, `lora_te_*`, alphas)."""
+def export_kohya(run_dir: Path, out: Path, overwrite: bool = False, names: str = "diffusers") -> Path:
+    """RUN_DIR's adapter as one kohya-format safetensors file (`lora_unet_*`, `lora_te_*`, alphas).
+    names="ldm": U-Net keys by the base's real ldm layout (ldm_layout), for A1111 on BK-SDM."""
     from safetensors.torch import save_file
 
     from ..adapters import LORA_WEIGHTS, read_lora
@@ -46,22 +47,29 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     meta |= {"ss_output_name": out.stem, "personalize_subject": run["subject"]["name"],
              "personalize_base": base_name(run),
              "personalize_instance_prompt": str(run.get("instance_prompt", ""))}
-    tensors = to_kohya(layers)
+    unet_names = None
+    if names == "ldm":
+        from ..generate import resolve_source
+        from .ldm_layout import kohya_unet_namer
+
+        unet_names = kohya_unet_namer(resolve_source(run_dir).pipeline_dir)
+    meta["personalize_names"] = names
+    tensors = to_kohya(layers, unet_names)
     with output_lock(out), atomic_file(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return out
 
 
-def _kohya_name(comp: str, module: str) -> str:
+def _kohya_name(comp: str, module: str, unet_names=None) -> str:
     if comp == "unet":
-        return "lora_unet_" + module.replace(".", "_")
+        return "lora_unet_" + (unet_names(module) if unet_names else module).replace(".", "_")
     # kohya names the text encoder by the original CLIP module path, which has text_model.
     if not module.startswith("text_model."):
         module = "text_model." + module
     return "lora_te_" + module.replace(".", "_")
 
 
-def to_kohya(layers: dict[tuple[str, str], LoraLayer]) -> dict[str, "torch.Tensor"]:
+def to_kohya(layers: dict[tuple[str, str], LoraLayer], unet_names=None) -> dict[str, "torch.Tensor"]:
     """The `lora_unet_*` / `lora_te_*` key format of kohya's sd-scripts, which AUTOMATIC1111,
     ComfyUI and diffusers' own loader read: per layer `lora_down.weight`, `lora_up.weight` and a
     scalar `alpha` (the layer's output is scaled by alpha / rank, as in our diffusers file)."""
@@ -79,7 +87,7 @@ def to_kohya(layers: dict[tuple[str, str], LoraLayer]) -> dict[str, "torch.Tenso
                                                        x.up.new_zeros((width, x.rank)), x.alpha)
     out = {}
     for (comp, module), layer in layers.items():
-        name = _kohya_name(comp, module)
+        name = _kohya_name(comp, module, unet_names)
         out[f"{name}.lora_down.weight"] = layer.down.contiguous()
         out[f"{name}.lora_up.weight"] = layer.up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)

@@ -27,14 +27,9 @@ def export_merged(run_dir: Path, out: Path, lora_scale: float = 1.0, base: str |
 
 def _write_merged(run_dir: Path, run: dict, out: Path, src, lora_scale: float, overwrite: bool,
                   allow_pickle: bool) -> Path:
-    import torch
-
-    from ..generate import load_pipeline
     from ..pipeline import save_pipeline
 
-    pipe = load_pipeline(src, torch.device("cpu"), torch.float32, allow_pickle)
-    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
-    pipe.unload_lora_weights()
+    pipe = _fused(src, allow_pickle)
     with atomic_dir(out, replace=overwrite) as tmp:
         save_pipeline(tmp, src.pipeline_dir, pipe.components)
         write_json(tmp / "export.json", {"merged_from": str(run_dir.resolve()), "base": src.base_name,
@@ -46,3 +41,28 @@ def _write_merged(run_dir: Path, run: dict, out: Path, src, lora_scale: float, o
             f"from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\"{out}\")\n"
             f"pipe(\"{run.get('instance_prompt', '')} on the beach\").images[0]\n```\n")
     return out
+
+
+def _fused(src, allow_pickle: bool):
+    """The pipeline of `src` on the CPU in fp32 with its adapters fused in and PEFT removed."""
+    import torch
+
+    from ..generate import load_pipeline
+
+    pipe = load_pipeline(src, torch.device("cpu"), torch.float32, allow_pickle)
+    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def fused_components(run_dir: Path, base: str | None = None, lora_scale: float = 1.0, allow_pickle: bool = False):
+    """(components with the LoRA of RUN_DIR fused in, its resolved Source): what `merged` saves,
+    for exports that write another format (single-file)."""
+    from diffusers import DDPMScheduler
+
+    from ..generate import resolve_source
+
+    src = resolve_source(Path(run_dir), base=base, lora_scale=lora_scale)
+    comps = dict(_fused(src, allow_pickle).components)
+    comps["noise_scheduler"] = DDPMScheduler.from_pretrained(src.pipeline_dir, subfolder="scheduler")
+    return comps, src
