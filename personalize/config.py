@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass, field, fields
 from .defaults import DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, OPTIMIZERS
 from .errors import UserError
 
-METHODS = ("lora", "full")
+# the adapter methods (personalize/adapters.py ADAPTER_METHODS, same order) and full finetuning
+METHODS = ("lora", "dora", "loha", "lokr", "oft", "full")
 
 
 @dataclass
 class TrainConfig:
-    method: str  # "lora" | "full"
+    method: str  # one of METHODS
     subject: str  # dataset subject name, or a folder of the user's own photos
     base: str = "bk-sdm-base"  # the backbone the BK-SDM paper personalizes first
     class_noun: str | None = None  # from subjects/subjects.csv for dataset subjects
@@ -56,6 +57,10 @@ class TrainConfig:
     # the peft DreamBooth example's targets, which the BK-SDM LoRA script inherits
     lora_unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
     lora_text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # LoKr: -1 = the factor nearest sqrt(width), LyCORIS' and peft's default (decompose_factor)
+    lokr_factor: int = -1
+    # OFT: 32-wide orthogonal blocks, peft's default (OFTConfig.oft_block_size); must divide each target's input width
+    oft_block_size: int = 32
 
     # None = auto: on for GPUs under 40 GiB (BK-SDM turns it on to fit a 24 GB card), off on CPU,
     # where RAM is rarely the limit and recomputation costs step time (benchmarks/RESULTS.md)
@@ -105,11 +110,12 @@ class TrainConfig:
             return self.lr
         if self.optimizer == "prodigy":
             return 1.0  # Prodigy estimates the step size; lr is its multiplier (its README: 1.0)
-        return 1e-4 if self.method == "lora" else 1e-6
+        # every adapter method at LoRA's recipe LR (one LR, so the method table compares like with like)
+        return 1e-6 if self.method == "full" else 1e-4
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"unknown method '{self.method}' (lora or full)")
+            raise UserError(f"unknown method '{self.method}' ({', '.join(METHODS)})")
         for f in fields(self):  # a NaN or inf anywhere trains garbage with exit 0
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
@@ -146,10 +152,18 @@ class TrainConfig:
             raise UserError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{self.lr_scheduler}'")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+        if self.optimizer == "prodigy":
+            from .fit import require_prodigy
+
+            require_prodigy()  # before any model is loaded: a missing extra is one line up front
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise UserError(f"--use-8bit-adam and --optimizer {self.optimizer} contradict each other; pick one")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.oft_block_size <= 0:
+            raise UserError(f"--oft-block-size must be positive, got {self.oft_block_size}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise UserError(f"--lokr-factor must be -1 (automatic) or positive, got {self.lokr_factor}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.resume and self.overwrite:

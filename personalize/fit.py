@@ -149,7 +149,7 @@ def scheduler_name(cfg) -> str:
     return cfg.lr_scheduler
 
 
-def _prodigy():
+def require_prodigy():
     try:
         import prodigyopt
     except ImportError:
@@ -170,7 +170,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, lo
         raise UserError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
     if name == "prodigy":
         # Prodigy (Mishchenko & Defazio 2023) estimates the step size itself: lr is a multiplier (1.0)
-        return _prodigy().Prodigy(params, **kw)
+        return require_prodigy().Prodigy(params, **kw)
     if name == "adamw8bit":
         if on_cuda:
             import bitsandbytes as bnb

@@ -137,3 +137,125 @@ def test_resume_with_only_damaged_checkpoints_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no intact checkpoint") as e:
         _run_keep(d, 6, resume=True)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- --lr-scheduler, --optimizer
+def _lrs(name, warmup, steps=10, n=10):
+    """The LR each optimizer step 1..n trains with (what make_lr_scheduler gives the optimizer)."""
+    from personalize.fit import make_lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_lr_scheduler(opt, FitConfig(steps=steps, lr=1.0, lr_scheduler=name, lr_warmup_steps=warmup))
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_match_a_hand_computation():
+    import math
+
+    # diffusers' schedules at s = step - 1 (warm-up from 0), total T = 10, warm-up w
+    assert _lrs("constant", 0) == [1.0] * 10
+    assert _lrs("constant_with_warmup", 4) == pytest.approx([0, .25, .5, .75, 1, 1, 1, 1, 1, 1])
+    w, T = 2, 10
+    cos = [s / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / (T - w))) for s in range(10)]
+    assert _lrs("cosine", w) == pytest.approx(cos)
+    lin = [s / w if s < w else (T - s) / (T - w) for s in range(10)]
+    assert _lrs("linear", w) == pytest.approx(lin)
+    # polynomial, power 1, lr_end 1e-7 (diffusers' defaults): linear decay onto lr_end
+    poly = [s / w if s < w else (1 - 1e-7) * (1 - (s - w) / (T - w)) + 1e-7 for s in range(10)]
+    assert _lrs("polynomial", w) == pytest.approx(poly)
+    # --lr-warmup-steps alone (it predates --lr-scheduler) still warms up
+    assert _lrs("constant", 4) == _lrs("constant_with_warmup", 4)
+
+
+def test_first_warmup_step_is_at_lr_zero_so_weights_do_not_move(tmp_path):
+    before = _flat_model(_toy())
+    cfg = FitConfig(steps=1, lr=1e-1, lr_scheduler="constant_with_warmup", lr_warmup_steps=5)
+    r = fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, tmp_path, log=lambda s: None)
+    assert torch.equal(_flat(r), before)
+    cfg = FitConfig(steps=1, lr=1e-1)
+    r = fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, tmp_path / "b", log=lambda s: None)
+    assert not torch.equal(_flat(r), before)
+
+
+def _flat_model(m):
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("sched", ["cosine", "linear", "constant_with_warmup"])
+def test_resume_is_exact_under_every_schedule(tmp_path, sched):
+    def run(d, resume=False, every=0):
+        cfg = FitConfig(steps=8, lr=1e-2, lr_scheduler=sched, lr_warmup_steps=3, checkpoint_every=every, log_every=2)
+        return fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, d, resume=resume, log=lambda s: None)
+
+    # the interrupted run must be the same 8-step schedule: kill it after its step-5 checkpoint
+    import personalize.checkpoints as ck
+
+    a = run(tmp_path / "a")
+    real = ck.save_checkpoint
+
+    def die(run_dir, step, *x, **k):
+        real(run_dir, step, *x, **k)
+        if step == 5:
+            raise KeyboardInterrupt
+
+    ck.save_checkpoint = die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b", every=5)
+    finally:
+        ck.save_checkpoint = real
+    b = run(tmp_path / "b", resume=True)
+    assert torch.equal(_flat(a), _flat(b))
+
+
+def test_prodigy_trains_and_resumes_exactly(tmp_path):
+    pytest.importorskip("prodigyopt")
+
+    def run(d, steps, resume=False, every=0):
+        cfg = FitConfig(steps=steps, lr=1.0, optimizer="prodigy", checkpoint_every=every, log_every=2)
+        return fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, cfg, d, resume=resume, log=lambda s: None)
+
+    a = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3, every=3)
+    b = run(tmp_path / "b", 6, resume=True)
+    assert torch.equal(_flat(a), _flat(b))
+    adamw = fit(make_accelerator("no", 1, None), {"m": _toy()}, _loss, FitConfig(steps=6, lr=1.0), tmp_path / "c",
+                log=lambda s: None)
+    assert not torch.equal(_flat(a), _flat(adamw))
+
+
+def test_optimizer_choice_and_the_8bit_alias():
+    import prodigyopt  # noqa: F401 - installed by the test extra
+
+    from personalize.fit import make_optimizer, optimizer_name
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert optimizer_name(FitConfig(steps=1, lr=1, use_8bit_adam=True)) == "adamw8bit"
+    assert type(make_optimizer(params, FitConfig(steps=1, lr=1.0, optimizer="prodigy"), False)).__name__ == "Prodigy"
+    said = []
+    opt = make_optimizer(params, FitConfig(steps=1, lr=1e-3, optimizer="adamw8bit"), False, log=said.append)
+    assert isinstance(opt, torch.optim.AdamW) and "8-bit AdamW needs CUDA" in said[0]
+
+
+def test_prodigy_without_its_extra_is_one_line_exit_2(monkeypatch, cli, photos, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # what a missing package looks like to import
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", "--base", "tiny", "--optimizer", "prodigy",
+            "--output-dir", tmp_path / "r")
+    assert r.code == 2 and r.err.strip().count("\n") == 0
+    assert "pip install 'personalize[prodigy]'" in r.err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag, value, msg", [("--lr-scheduler", "cosine_restarts", "--lr-scheduler must be one of"),
+                                              ("--optimizer", "sgd", "--optimizer must be one of")])
+def test_unknown_scheduler_or_optimizer_is_one_line(cli, photos, tmp_path, flag, value, msg):
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", "--base", "tiny", flag, value,
+            "--output-dir", tmp_path / "r")
+    assert r.code == 2 and msg in r.err and r.err.strip().count("\n") == 0
