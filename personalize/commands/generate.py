@@ -29,10 +29,16 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
-    from ..export import export_kohya, export_merged
+    from ..export import export_kohya, export_merged, export_single_file
 
     if args.format == "kohya":
-        out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite)
+        out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite, names=args.names)
+    elif args.format == "single-file":
+        r = export_single_file(args.run_dir, args.out, half=args.half, base=args.base, lora_scale=args.lora_scale,
+                               overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+        for client, verdict in r.clients.items():
+            print(f"{client}: {verdict}")
+        out = "\n".join(str(p) for p in (r.path, r.yaml, r.readme) if p)
     else:
         out = export_merged(args.run_dir, args.out, lora_scale=args.lora_scale, base=args.base,
                             overwrite=args.overwrite, allow_pickle=args.allow_pickle)
@@ -76,11 +82,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a LoRA run: kohya file (A1111/ComfyUI) or merged pipeline",
                        description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas. "
                                    "merged: the LoRA fused into a complete diffusers pipeline directory.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished LoRA run")
-    p.add_argument("--format", required=True, choices=["kohya", "merged"])
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                   help="a finished LoRA run (single-file: also a full run, a distill output or any base)")
+    p.add_argument("--format", required=True, choices=["kohya", "merged", "single-file"],
+                   help="single-file: one original-SD checkpoint (ComfyUI / A1111) of a full or LoRA run, "
+                        "a distill output or any base")
     p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya) or directory (merged)")
-    p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged: scale the adapter is fused at")
-    p.add_argument("--base", default=None, help="merged: fuse into this base instead of the training base")
+    p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged/single-file: scale the adapter is fused at")
+    p.add_argument("--half", action="store_true", help="single-file: fp16 tensors (half the size)")
+    p.add_argument("--names", default="diffusers", choices=["diffusers", "ldm"],
+                   help="kohya: U-Net key names; ldm = lora_unet_input_blocks_N_... from the base's real layout "
+                        "(A1111 on BK-SDM); never mixed in one file")
+    p.add_argument("--base", default=None, help="merged/single-file: fuse a LoRA into this base instead of the training base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt base weights")
     p.set_defaults(func=_export)

@@ -1,9 +1,11 @@
 """Exports of a finished run: `kohya` (one adapter file for AUTOMATIC1111 / ComfyUI / kohya) and
-`merged` (the adapter fused into a complete diffusers pipeline)."""
+`merged` (the adapter fused into a complete diffusers pipeline), `single-file` (one original-SD
+checkpoint in the ldm layout of the real U-Net, for ComfyUI / AUTOMATIC1111)."""
 
 from .kohya import export_kohya
 from .merged import export_merged
+from .single_file import export_single_file
 
-FORMATS = ("kohya", "merged")
+FORMATS = ("kohya", "merged", "single-file")
 
-__all__ = ["FORMATS", "export_kohya", "export_merged"]
+__all__ = ["FORMATS", "export_kohya", "export_merged", "export_single_file"]
