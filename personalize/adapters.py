@@ -1,6 +1,18 @@
-"""LoRA adapters: attach (peft), and save/load in the diffusers format that plain
-`pipe.load_lora_weights(run_dir)` reads, with each adapter's rank/alpha in the safetensors
-metadata (so alpha != rank, as in the BK-SDM recipe's 16/27, round-trips)."""
+"""Parameter-efficient adapters, one registry of methods, all attached with peft:
+
+- LoRA (Hu et al. 2022): W + (alpha/r) B A.
+- DoRA (Liu et al. 2024, weight-decomposed LoRA): W' = m (W + (alpha/r) B A) / ||W + (alpha/r) B A||,
+  a learned magnitude m per output row (peft's `use_dora`).
+- LoHa (Hyeon-Woo et al. 2022, FedPara; LyCORIS): W + (alpha/r) (B1 A1) * (B2 A2), a Hadamard product.
+- LoKr (Yeh et al. 2024, LyCORIS): W + (alpha/r) kron(W1, B2 A2), a Kronecker product.
+- OFT (Qiu et al. 2023, orthogonal finetuning): the layer's input rotated by a block-diagonal
+  orthogonal R (Cayley transform of a skew-symmetric matrix), W R.
+
+LoRA and DoRA are saved in the diffusers format that plain `pipe.load_lora_weights(run_dir)`
+reads (rank/alpha and `use_dora` in the safetensors metadata, DoRA's magnitudes as
+`lora_magnitude_vector`); LoHa, LoKr and OFT as a peft adapter folder per component
+(`adapter/unet/`, `adapter/text_encoder/`: `adapter_config.json` + `adapter_model.safetensors`) that
+`PeftModel.from_pretrained` loads. `save_adapter` is the one writer of a run's adapter."""
 
 from __future__ import annotations
 
@@ -8,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 from .fileio import move_into, scratch_dir
@@ -17,55 +29,163 @@ if TYPE_CHECKING:
     import torch
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers looks for by default
+ADAPTER_DIR = "adapter"  # peft-format methods: adapter/<component>/ (PeftModel.save_pretrained's layout)
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every key
+COMPONENTS = ("unet", "text_encoder")
 
 
-def lora_config(rank: int, alpha: float, targets: list[str]):
+def _part(cfg, part: str) -> tuple[int, float, list[str]]:
+    if part == "unet":
+        return cfg.rank, cfg.lora_alpha, list(cfg.lora_unet_targets)
+    return cfg.text_encoder_rank, cfg.text_encoder_alpha, list(cfg.lora_text_encoder_targets)
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], use_dora: bool = False):
     from peft import LoraConfig
 
     # gaussian init of A (B = 0): the adapter starts as the identity, as in the diffusers scripts
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets),
-                      lora_dropout=0.0)
+                      lora_dropout=0.0, use_dora=use_dora)
+
+
+def _lora(cfg, part):
+    return lora_config(*_part(cfg, part))
+
+
+def _dora(cfg, part):
+    # DoRA at LoRA's rank/alpha: the paper swaps it in for LoRA at the same settings
+    return lora_config(*_part(cfg, part), use_dora=True)
+
+
+def _loha(cfg, part):
+    from peft import LoHaConfig
+
+    r, alpha, targets = _part(cfg, part)
+    # init_weights=True: B2 = 0, so the adapter starts as the identity (peft's and LyCORIS' default)
+    return LoHaConfig(r=r, alpha=alpha, target_modules=targets, init_weights=True)
+
+
+def _lokr(cfg, part):
+    from peft import LoKrConfig
+
+    r, alpha, targets = _part(cfg, part)
+    return LoKrConfig(r=r, alpha=alpha, target_modules=targets, decompose_factor=cfg.lokr_factor, init_weights=True)
+
+
+def _oft(cfg, part):
+    from peft import OFTConfig
+
+    _, _, targets = _part(cfg, part)
+    # r = 0 with a block size: peft derives the block count per layer (its recommended way)
+    return OFTConfig(r=0, oft_block_size=cfg.oft_block_size, target_modules=targets, init_weights=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    algorithm: str  # the paper
+    peft_type: str  # PeftConfig.peft_type of its adapters
+    storage: str  # "diffusers" (pytorch_lora_weights.safetensors) or "peft" (adapter/<component>/)
+    mixable: bool  # several adapters of it add up (generate --adapter A --adapter B, weights, scale)
+    build: Callable  # (cfg, "unet" | "text_encoder") -> a peft config
+
+    @property
+    def weights_file(self) -> str:
+        return LORA_WEIGHTS if self.storage == "diffusers" else ADAPTER_DIR
+
+
+ADAPTER_METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lora", "LoRA (Hu et al. 2022)", "LORA", "diffusers", True, _lora),
+    Method("dora", "DoRA (Liu et al. 2024)", "LORA", "diffusers", True, _dora),
+    Method("loha", "LoHa (Hyeon-Woo et al. 2022; LyCORIS)", "LOHA", "peft", True, _loha),
+    Method("lokr", "LoKr (LyCORIS, Yeh et al. 2024)", "LOKR", "peft", True, _lokr),
+    # rotations compose by multiplication: a weighted sum of two OFTs is not an OFT
+    Method("oft", "OFT (Qiu et al. 2023)", "OFT", "peft", False, _oft),
+)}
+
+
+def method_of(name: str) -> Method:
+    if name not in ADAPTER_METHODS:
+        raise UserError(f"'{name}' is not an adapter method ({', '.join(ADAPTER_METHODS)})")
+    return ADAPTER_METHODS[name]
 
 
 def attach_adapter(model, config, adapter_name: str = "default") -> None:
     """Inject a peft adapter into `model` with peft's own `inject_adapter_in_model`, the call
     diffusers' loaders make. Never through transformers' `PreTrainedModel.add_adapter`: its peft
     version gate is a transformers release's to move (5.24 demanded an unreleased peft and broke
-    every text-encoder LoRA), and the adapter we save is peft's state dict either way."""
+    every text-encoder LoRA), and the adapter we save is peft's state dict either way. A config
+    that does not fit the model (no such target module, an OFT block size that does not divide a
+    width) is a one-line UserError."""
     from peft import inject_adapter_in_model
 
     config.base_model_name_or_path = None  # the base is recorded in run.json, not in the adapter
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except ValueError as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{str(config.peft_type.value).lower()} on {type(model).__name__}: {what}") from None
     if adapter_name not in getattr(model, "peft_config", {}):  # pragma: no cover - peft sets it
         raise RuntimeError(f"peft did not record adapter '{adapter_name}' on {type(model).__name__}")
 
 
-def add_lora(unet, text_encoder, cfg) -> None:
-    """Attach LoRA to the U-Net (and to the text encoder when it is trained); freeze everything else."""
+def add_adapter(unet, text_encoder, cfg) -> None:
+    """Attach cfg.method's adapter to the U-Net (and to the text encoder when it is trained);
+    freeze everything else."""
     import torch
 
+    method = method_of(cfg.method)
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    # peft draws A from the global RNG: seed it (in a fork, leaving the caller's RNG alone) so the
-    # same --seed gives the same adapter init, which exact resume and reproducible runs rely on
+    # peft draws the init from the global RNG: seed it (in a fork, leaving the caller's RNG alone)
+    # so the same --seed gives the same adapter init, which exact resume and reproducible runs rely on
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        attach_adapter(unet, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_unet_targets))
+        attach_adapter(unet, method.build(cfg, "unet"))
         if cfg.train_text_encoder:
-            attach_adapter(text_encoder, lora_config(cfg.text_encoder_rank, cfg.text_encoder_alpha,
-                                                     cfg.lora_text_encoder_targets))
+            attach_adapter(text_encoder, method.build(cfg, "text_encoder"))
+
+
+add_lora = add_adapter  # the name it had when LoRA was the only method
+
+
+def check_attach(base_path: Path, cfg) -> None:
+    """Attach cfg.method's adapter to empty (meta-device) copies of the base's U-Net and text
+    encoder, so that a target or block size the base cannot take fails in one line before any
+    weight is read or anything written."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    method = method_of(cfg.method)
+    base_path = Path(base_path)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))
+        attach_adapter(unet, method.build(cfg, "unet"))
+        if cfg.train_text_encoder:
+            te = CLIPTextModel(CLIPTextConfig.from_pretrained(base_path / "text_encoder"))
+            attach_adapter(te, method.build(cfg, "text_encoder"))
 
 
 def has_lora(model) -> bool:
     return bool(getattr(model, "peft_config", None))
 
 
+has_adapter = has_lora
+
+
 def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """peft's own key layout (`<module>.lora_A/lora_B.weight`, DoRA's `lora_magnitude_vector`) for
+    every targeted module. Not diffusers' `convert_state_dict_to_diffusers`: it renames only the
+    attention projections it knows (to `lora.down/up`) and leaves conv and feed-forward layers as
+    `lora_A/B`, and diffusers' loader, seeing two formats in one file, skips the attention layers
+    with only a warning. peft keys are what that loader reads natively."""
     from peft.utils import get_peft_model_state_dict
 
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, save_embedding_layers=False))
-    te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, save_embedding_layers=False)) if has_lora(text_encoder) else None
+    unet_sd = get_peft_model_state_dict(unet, save_embedding_layers=False)
+    te_sd = get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if has_lora(text_encoder) else None
     return unet_sd, te_sd
 
 
@@ -87,11 +207,42 @@ def save_lora(run_dir: Path, unet, text_encoder) -> Path:
     return run_dir / LORA_WEIGHTS
 
 
+def save_peft(run_dir: Path, unet, text_encoder) -> Path:
+    """run_dir/adapter/<component>/ in PeftModel.save_pretrained's layout, written atomically."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    with scratch_dir(run_dir / ADAPTER_DIR) as tmp:
+        folder = tmp / ADAPTER_DIR
+        for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+            if not has_adapter(model):
+                continue
+            (folder / name).mkdir(parents=True)
+            sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+            save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in sd.items()},
+                      str(folder / name / PEFT_WEIGHTS), metadata={"format": "pt"})
+            model.peft_config["default"].save_pretrained(str(folder / name))
+        move_into(tmp, run_dir)
+    return run_dir / ADAPTER_DIR
+
+
+def save_adapter(run_dir: Path, method: str, unet, text_encoder) -> list[str]:
+    """THE writer of a run's adapter into `run_dir` (the final save and any step save): the
+    method's own format. Returns the names it wrote."""
+    if method_of(method).storage == "diffusers":
+        save_lora(run_dir, unet, text_encoder)
+        return [LORA_WEIGHTS]
+    save_peft(run_dir, unet, text_encoder)
+    return [ADAPTER_DIR]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading a saved adapter and checking it fits a base (the kohya format: personalize/export/kohya.py)
 # --------------------------------------------------------------------------------------------
 # diffusers has written LoRA keys three ways over its releases; all name (component, module, down|up)
 _LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(?:lora\.(down|up)|lora_linear_layer\.(down|up)|lora_(A|B))\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.lora_magnitude_vector(?:\.weight)?$")  # DoRA's m
 
 
 @dataclass
@@ -99,6 +250,7 @@ class LoraLayer:
     down: "torch.Tensor"  # (rank, in_features[, 1, 1])
     up: "torch.Tensor"  # (out_features, rank[, 1, 1])
     alpha: float  # the output is scaled by alpha / rank
+    magnitude: "torch.Tensor | None" = None  # DoRA: the learned norm of each output row (out_features,)
 
     @property
     def rank(self) -> int:
@@ -133,6 +285,10 @@ def read_lora(path: Path) -> dict[tuple[str, str], LoraLayer]:
     config = json.loads(meta.get("lora_adapter_metadata", "{}"))
     parts: dict[tuple[str, str], dict] = {}
     for key, t in tensors.items():
+        mag = _MAGNITUDE_KEY.match(key)
+        if mag:
+            parts.setdefault((mag.group(1), mag.group(2)), {})["magnitude"] = t
+            continue
         m = _LORA_KEY.match(key)
         if not m:
             raise UserError(f"{path}: unexpected key '{key}'; not a diffusers-format LoRA of a U-Net/text encoder")
@@ -141,7 +297,7 @@ def read_lora(path: Path) -> dict[tuple[str, str], LoraLayer]:
         parts.setdefault((comp, module), {})[which] = t
     layers = {}
     for (comp, module), p in sorted(parts.items()):
-        if set(p) != {"down", "up"}:
+        if not {"down", "up"} <= set(p):
             raise UserError(f"{path}: layer {comp}.{module} lacks its {'up' if 'down' in p else 'down'} weight")
         rank = int(p["down"].shape[0])
         if p["down"].ndim < 2 or p["up"].ndim != p["down"].ndim or int(p["up"].shape[1]) != rank:
@@ -149,7 +305,11 @@ def read_lora(path: Path) -> dict[tuple[str, str], LoraLayer]:
                             f"up {tuple(p['up'].shape)}: the ranks differ); the file is damaged")
         alpha = config.get(f"{comp}.lora_alpha", rank)
         alpha = _pattern_value(module, config.get(f"{comp}.alpha_pattern"), alpha)
-        layers[(comp, module)] = LoraLayer(p["down"], p["up"], alpha)
+        mag = p.get("magnitude")
+        if mag is not None and mag.numel() != int(p["up"].shape[0]):
+            raise UserError(f"{path}: layer {comp}.{module} has {mag.numel()} DoRA magnitudes for "
+                            f"{int(p['up'].shape[0])} outputs; the file is damaged")
+        layers[(comp, module)] = LoraLayer(p["down"], p["up"], alpha, mag)
     if not layers:
         raise UserError(f"{path}: holds no LoRA layers")
     return layers

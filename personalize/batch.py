@@ -135,7 +135,7 @@ def check_inputs(template: TrainConfig, bases: list[str], methods: list[str]) ->
 
     for m in methods:
         if m not in METHODS:
-            raise UserError(f"--methods: unknown method '{m}' ({' or '.join(METHODS)})")
+            raise UserError(f"--methods: unknown method '{m}' ({', '.join(METHODS)})")
     for b in bases:
         # registry names and hub ids resolve (maybe download) when their turn comes
         if not (b in BACKBONES or b == "tiny" or b.startswith("tiny:") or "/" in b or Path(b).expanduser().exists()):

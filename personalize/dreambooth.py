@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LORA_WEIGHTS, add_lora, save_lora
+from .adapters import ADAPTER_DIR, LORA_WEIGHTS, add_adapter, check_attach, save_adapter
 from .backbones import ResolvedBase, native_resolution, resolve_base
 from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
@@ -38,7 +38,7 @@ from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_i
 
 VALIDATION_PNG = "validation.png"
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
-OUTPUT_NAMES = {LORA_WEIGHTS, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
+OUTPUT_NAMES = {LORA_WEIGHTS, ADAPTER_DIR, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
                 "tokenizer", "scheduler", "feature_extractor", "safety_checker"}
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
 
@@ -97,6 +97,8 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     # one lock per run, taken by the launch's first process (the others write nothing of their own)
     if held is not None and int(os.environ.get("RANK", "0")) == 0:
         held.enter_context(output_lock(run_dir, flag="--output-dir"))
+    if cfg.method != "full":
+        check_attach(base.path, cfg)  # a target or block size this base cannot take: one line, nothing written
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
@@ -179,9 +181,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     t_start = time.perf_counter()
     # LoRA keeps the base frozen, so under mixed precision its weights live in half precision
     # (the diffusers recipe); full finetuning keeps fp32 master weights and relies on autocast
-    frozen_dtype = compute_dtype if cfg.method == "lora" else torch.float32
+    frozen_dtype = compute_dtype if cfg.method != "full" else torch.float32
     reuse = loaded is not None and loaded.base.path == p.base.path
-    half_store = (cfg.cpu_half_weights and cfg.method == "lora" and device.type == "cpu"
+    half_store = (cfg.cpu_half_weights and cfg.method != "full" and device.type == "cpu"
                   and compute_dtype == torch.float32)
     if half_store and reuse:
         log("note: --cpu-half-weights applies to single runs; a batch keeps its in-memory base in fp32")
@@ -250,8 +252,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     t_cache = time.perf_counter() - t0
 
     # -- what is trained
-    if cfg.method == "lora":
-        add_lora(unet, text_encoder, cfg)  # LoRA weights are made fp32 below: the optimizer's master copy
+    if cfg.method != "full":
+        add_adapter(unet, text_encoder, cfg)  # adapter weights are made fp32 below: the optimizer's master copy
         for m in (unet, text_encoder):
             for prm in m.parameters():
                 if prm.requires_grad:
@@ -353,9 +355,8 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
 def save_weights(p: Prepared, comps: dict, dest: Path) -> list[str]:
     """The run's trained weights into `dest`: the LoRA file, or for `full` a complete pipeline.
     The final save and every `--save-every` step save go through here, so they load alike."""
-    if p.cfg.method == "lora":
-        save_lora(dest, comps["unet"], comps["text_encoder"])
-        return [LORA_WEIGHTS]
+    if p.cfg.method != "full":
+        return save_adapter(dest, p.cfg.method, comps["unet"], comps["text_encoder"])
     with scratch_dir(Path(dest) / "pipeline") as tmp:
         save_pipeline(tmp, p.base.path, comps)
         return move_into(tmp, dest)

@@ -40,9 +40,15 @@ class AdapterRef:
     weight: float
     run: dict
 
+    @property
+    def method(self) -> str:
+        return str(self.run.get("method", "lora"))
+
     def describe(self) -> dict:
-        return {"run": str(self.run_dir.resolve()), "subject": self.run["subject"]["name"], "weight": self.weight,
-                "trained_on": base_name(self.run), "finished_at": self.run.get("finished_at")}
+        d = {"run": str(self.run_dir.resolve()), "subject": self.run["subject"]["name"], "weight": self.weight,
+             "trained_on": base_name(self.run), "finished_at": self.run.get("finished_at")}
+        # LoRA adapters keep the description they always had, so their cached images stay valid
+        return d if self.method == "lora" else d | {"method": self.method}
 
 
 @dataclass
@@ -111,10 +117,13 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
             full = (Path(run_dir), run)
         else:
             adapter_dirs.insert(0, Path(run_dir))
+    from .adapters import ADAPTER_METHODS
+    from .peft_adapters import check_mix
+
     refs = []
     for i, d in enumerate(adapter_dirs):
         run = read_run(d, finished=True)
-        if run.get("method") != "lora":
+        if run.get("method", "lora") not in ADAPTER_METHODS:
             raise UserError(f"--adapter {d}: a {run.get('method')} run is a whole pipeline, not an adapter; "
                             f"pass it as RUN_DIR")
         refs.append(AdapterRef(d, _adapter_name(i, run), 1.0, run))
@@ -123,6 +132,7 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
             raise UserError(f"--adapter-weights has {len(adapter_weights)} values for {len(refs)} adapter(s)")
         for r, w in zip(refs, adapter_weights):
             r.weight = float(w)
+    check_mix([r.method for r in refs], [r.weight for r in refs], float(lora_scale))
     if full is not None:
         if base is not None:
             raise UserError(f"{full[0]} is a full finetune and is its own pipeline; --base applies to LoRA runs")
@@ -170,24 +180,28 @@ def load_pipeline(src: Source, device: torch.device | None = None, dtype: torch.
     """The diffusers pipeline of `src` with its adapters loaded and weighted, on `device`. Every
     adapter is checked against the base first: one that does not fit (trained on another
     architecture) is a one-line error naming both bases, not a shape traceback from peft."""
-    from .adapters import LORA_WEIGHTS, lora_misfits, read_lora
+    from .adapters import method_of
+    from .peft_adapters import activate, check_lora_file, load_peft_adapter
 
     device = device or pick_device(None)
     dtype = dtype or pick_dtype(None, device)
     comps = load_components(src.pipeline_dir, allow_pickle, dtype=dtype)
     comps["vae"].to(dtype=dtype)
+    diffusers_refs = [a for a in src.adapters if method_of(a.method).storage == "diffusers"]
+    for a in diffusers_refs:
+        check_lora_file(a.run_dir, a.method, comps, base_name(a.run), src.base_name)
     for a in src.adapters:
-        problems = lora_misfits(read_lora(a.run_dir / LORA_WEIGHTS), comps)
-        if problems:
-            raise UserError(f"adapter {a.run_dir} was trained on {base_name(a.run)} and does not fit "
-                            f"{src.base_name}: {len(problems)} layer(s) differ, e.g. {problems[0]}; "
-                            f"generate on {base_name(a.run)} (or a base of the same architecture)")
+        if a not in diffusers_refs:
+            load_peft_adapter(comps, a.run_dir, a.method, a.name, base_name(a.run), src.base_name)
+    if len(diffusers_refs) < len(src.adapters):
+        activate(comps, {a.name: a.weight * src.lora_scale for a in src.adapters})
     pipe = build_pipeline(comps, src.scheduler)
-    for a in src.adapters:
+    for a in diffusers_refs:
         pipe.load_lora_weights(str(a.run_dir), adapter_name=a.name)
-    if src.adapters:
-        pipe.set_adapters([a.name for a in src.adapters], adapter_weights=[a.weight * src.lora_scale for a in src.adapters])
-    return pipe.to(device)
+    if diffusers_refs:
+        pipe.set_adapters([a.name for a in diffusers_refs],
+                          adapter_weights=[a.weight * src.lora_scale for a in diffusers_refs])
+    return pipe.to(dtype=dtype).to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,11 +404,11 @@ def generate_to_dir(src: Source, templates: list[str], out_dir: Path | None = No
 def input_paths(src: Source) -> list[Path]:
     """What a generation reads: the adapters' files and the pipeline's own entries (an output
     folder beside them, like the default RUN_DIR/samples/, is fine; one over them is not)."""
-    from .adapters import LORA_WEIGHTS
+    from .adapters import ADAPTER_DIR, LORA_WEIGHTS
     from .runs import RUN_JSON
 
     paths = [src.pipeline_dir / n for n in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer",
                                             "scheduler", RUN_JSON)]
     for a in src.adapters:
-        paths += [a.run_dir / LORA_WEIGHTS, a.run_dir / RUN_JSON]
+        paths += [a.run_dir / LORA_WEIGHTS, a.run_dir / ADAPTER_DIR, a.run_dir / RUN_JSON]
     return paths

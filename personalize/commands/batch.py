@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("batch")
     g.add_argument("--methods", "--method", dest="methods", default="lora", metavar="M[,M]",
-                   help="lora, full or lora,full (default: lora)")
+                   help="comma list of lora, dora, loha, lokr, oft, full (default: lora)")
     g.add_argument("--bases", "--base", dest="bases", default="bk-sdm-base", metavar="BASE[,BASE]",
                    help="comma list of backbones: registry names (`personalize backbones`), hub ids or local "
                         "pipeline dirs (default: bk-sdm-base)")

@@ -21,6 +21,8 @@ HELP = {
     "class_images": "class images for prior preservation (0 turns it off)",
     "rank": "LoRA rank of the U-Net",
     "lora_alpha": "LoRA alpha of the U-Net",
+    "lokr_factor": "LoKr: the Kronecker factor's size (-1: the one nearest sqrt of the width)",
+    "oft_block_size": "OFT: size of the orthogonal blocks; must divide every target's input width",
     "checkpoint_every": "save a resumable checkpoint every N steps (0: only at the end)",
     "resume": "continue an unfinished run from its last checkpoint",
     "overwrite": "replace a finished run in the output directory",
@@ -100,7 +102,20 @@ def run(args: argparse.Namespace, method: str) -> int:
     return 0
 
 
+# flags that only one adapter method reads: shown on that method's command (and on batch)
+METHOD_FLAGS = {"lokr_factor": "lokr", "oft_block_size": "oft"}
+ADAPTER_HELP = {"lora": "DreamBooth-LoRA: train a small adapter for one subject",
+                "dora": "DreamBooth with DoRA (weight-decomposed LoRA, Liu et al. 2024): LoRA plus a learned magnitude",
+                "loha": "DreamBooth with LoHa (low-rank Hadamard product, LyCORIS)",
+                "lokr": "DreamBooth with LoKr (low-rank Kronecker product, LyCORIS)",
+                "oft": "DreamBooth with OFT (orthogonal finetuning, Qiu et al. 2023): block-diagonal rotations"}
+
+
 def add_parser(sub) -> None:
-    for method, text in (("lora", "DreamBooth-LoRA: train a small adapter for one subject"),
-                         ("full", "full DreamBooth finetuning of one subject (U-Net + text encoder)")):
-        add_flags(sub.add_parser(method, help=text, description=text), method)
+    from ..adapters import ADAPTER_METHODS
+
+    commands = {m: ADAPTER_HELP.get(m, f"DreamBooth with {ADAPTER_METHODS[m].algorithm}") for m in ADAPTER_METHODS}
+    commands["full"] = "full DreamBooth finetuning of one subject (U-Net + text encoder)"
+    for method, text in commands.items():
+        skip = {f for f, m in METHOD_FLAGS.items() if m != method}
+        add_flags(sub.add_parser(method, help=text, description=text), method, skip=skip)
