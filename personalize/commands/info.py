@@ -23,6 +23,9 @@ def _backbones(args) -> int:
     t.add_column("name", no_wrap=True, min_width=15)
     t.add_column("U-Net params", no_wrap=True)
     t.add_column("local", no_wrap=True)
+    if getattr(args, "cost", False):  # counted on the meta device (personalize.cost), 512 px
+        for c in ("U-Net (counted)", "whole pipeline", "U-Net MACs/step", "VAE decode MACs"):
+            t.add_column(c, no_wrap=True)
     t.add_column("hub id", overflow="fold")
     t.add_column("about", overflow="fold")
     for spec in BACKBONES.values():
@@ -37,9 +40,19 @@ def _backbones(args) -> int:
         count = unet_param_count(path) if path else None
         params = f"{count / 1e6:.1f}M" if count else (
             f"{spec.unet_params_card} (card)" if spec.unet_params_card else "?")
-        t.add_row(spec.name, params, where, spec.hub_id or "-", spec.description)
+        extra = _cost_cells(spec.name, path) if getattr(args, "cost", False) else []
+        t.add_row(spec.name, params, where, *extra, spec.hub_id or "-", spec.description)
     _console().print(t)
     return 0
+
+
+def _cost_cells(name: str, path) -> list[str]:
+    from ..cost import fmt_macs, fmt_params, pipeline_cost, registry_cost
+
+    c = pipeline_cost(path, 512) if path else registry_cost(name, 512)
+    if c is None:
+        return ["?"] * 4
+    return [fmt_params(c.unet_params), fmt_params(c.pipeline_params), fmt_macs(c.unet_macs), fmt_macs(c.vae_decoder_macs)]
 
 
 def _subjects(args) -> int:
@@ -69,6 +82,9 @@ def _env(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("backbones", help="list the backbones with U-Net sizes and local availability")
+    p.add_argument("--cost", action="store_true", help="also count (meta device, no download) the parameters of "
+                   "U-Net and whole pipeline (text encoder + U-Net + VAE decoder) and MACs per U-Net step and "
+                   "VAE decode at 512 px")
     p.set_defaults(func=_backbones, loads_models=False)
     p = sub.add_parser("subjects", help="list the 30 DreamBooth subjects and whether their photos are present")
     p.add_argument("--data-dir", default=None, help="DreamBooth dataset/ folder (default $PERSONALIZE_DATA, "

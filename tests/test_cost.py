@@ -1,0 +1,67 @@
+"""personalize.cost: counted parameters and MACs of whole pipelines, on the real registry configs
+(meta device: no weights), against BK-SDM's published sizes and an independent count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from personalize.cost import pipeline_cost, registry_cost
+
+
+def _card(n: int) -> float:
+    # the BK-SDM cards round up to two decimals of a billion (SD-v1.4 1.032B -> "1.04B")
+    return math.ceil(n / 1e7 - 1e-9) / 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, unet, whole", [
+    ("bk-sdm-base", 0.58, 0.76), ("bk-sdm-small", 0.49, 0.66), ("bk-sdm-tiny", 0.33, 0.50), ("sd-v1.4", 0.86, 1.04),
+])
+def test_published_unet_and_whole_pipeline_sizes(name, unet, whole):
+    c = registry_cost(name)
+    assert _card(c.unet_params) == unet
+    assert _card(c.pipeline_params) == whole
+    # SD-v1's CLIP ViT-L/14 text tower and VAE decoder (BK-SDM's get_sdm_params: 123.1M, 49.5M)
+    assert round(c.text_encoder_params / 1e5) == 1231 and round(c.vae_decoder_params / 1e5) == 495
+
+
+@pytest.mark.slow
+def test_unet_macs_equal_the_hooked_count_of_distill_arch():
+    """Two independent counts (FlopCounterMode vs forward hooks on conv/linear/attention) agree;
+    without attention it is the paper's conv+linear figure (BK-SDM-Small: 217.7G at 512 px)."""
+    from distill.arch import ARCHS, SD_V1_UNET_CONFIG, count_macs, student_config
+
+    c = registry_cost("bk-sdm-small", 512)
+    hooked = count_macs(student_config(SD_V1_UNET_CONFIG, ARCHS["bk-small"]), 512)
+    assert c.unet_macs == hooked.total and c.unet_attention_macs == hooked.attention
+    assert round((c.unet_macs - c.unet_attention_macs) / 1e8) == 2176
+    assert registry_cost("bk-sdm-small", 256).unet_macs < c.unet_macs / 3
+
+
+def test_local_pipeline_dir_counts_equal_its_loaded_modules(tiny_base):
+    from personalize.pipeline import load_components
+
+    c = pipeline_cost(tiny_base, 64)
+    comps = load_components(tiny_base)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert c.unet_params == n(comps["unet"]) and c.text_encoder_params == n(comps["text_encoder"])
+    assert c.vae_decoder_params == n(comps["vae"].decoder)
+    assert c.pipeline_params == c.unet_params + c.text_encoder_params + c.vae_decoder_params
+    assert c.unet_macs > 0 and c.vae_decoder_macs > 0 and c.text_encoder_macs > 0
+    # MACs of a conv net grow with the pixel count: 4x the pixels, ~4x the decoder MACs
+    assert pipeline_cost(tiny_base, 128).vae_decoder_macs == pytest.approx(4 * c.vae_decoder_macs, rel=0.02)
+
+
+def test_unknown_architecture_has_no_registry_cost():
+    assert registry_cost("small-sd-v0") is None and registry_cost("tiny") is None
+
+
+def test_backbones_cost_flag_prints_counts(cli):
+    r = cli("backbones", "--cost")
+    assert r.code == 0, r.err
+    row = next(line for line in r.out.splitlines() if " bk-sdm-small " in line)
+    assert "0.482B" in row and "0.655B" in row  # U-Net, whole pipeline
+    assert "255.4G" in row  # MACs per U-Net step at 512 px, attention included
+    assert "whole pipeline" not in cli("backbones").out
