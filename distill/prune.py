@@ -82,8 +82,10 @@ def check_output(out: Path, overwrite: bool, flag: str = "-o", inputs=()) -> Pat
 def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """`pipeline.save_pretrained` (safetensors) into a temp sibling of `out`, then renamed into place."""
     out = check_output(out, overwrite).resolve()
+    from personalize.pipeline import save_pretrained
+
     with atomic_dir(out, replace=True) as tmp:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained(pipeline, tmp)  # safetensors; text encoder in transformers 4.x names too
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out

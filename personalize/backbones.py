@@ -254,8 +254,10 @@ def materialize_tiny(seed: int = 0) -> Path:
     from .fileio import atomic_dir
 
     try:
+        from .pipeline import save_pretrained
+
         with atomic_dir(out) as tmp:
-            build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+            save_pretrained(build_tiny_pipeline(seed), tmp)
     except OSError:  # another process won the race; theirs is identical
         if not is_pipeline_dir(out):
             raise

@@ -59,6 +59,8 @@ def load_cast(cls, folder: Path, dtype: torch.dtype, **pretrained_kw):
     try:
         for f in files:
             for key, tensor in iter_safetensors(f):
+                if key not in expected and key.startswith(TEXT_MODEL_PREFIX) and key[len(TEXT_MODEL_PREFIX):] in expected:
+                    key = key[len(TEXT_MODEL_PREFIX):]  # transformers 4.x naming of a transformers 5 model
                 if key not in expected:
                     raise KeyError(key)
                 set_module_tensor_to_device(model, key, "cpu", value=tensor, dtype=dtype)
@@ -210,4 +212,40 @@ def save_pipeline(dest: Path, base_path: Path, comps: dict) -> None:
     pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to(torch.float32).save_pretrained(dest, safe_serialization=True)
+    save_pretrained(pipe.to(torch.float32), dest)
+
+
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def save_pretrained(pipe, dest: Path) -> None:
+    """`pipe.save_pretrained` (safetensors), with the text encoder's tensors under transformers 4.x
+    names. transformers 5 saves CLIPTextModel without the `text_model.` prefix that 4.x (and
+    ComfyUI's CLIP loader) require, and loads either; so every pipeline we write carries it."""
+    pipe.save_pretrained(dest, safe_serialization=True)
+    prefix_text_encoder(Path(dest) / "text_encoder")
+
+
+def prefix_text_encoder(folder: Path) -> None:
+    """Rewrite the safetensors of a saved CLIP text encoder to `text_model.*` keys (and its shard
+    index, if any); files already in that naming are left alone."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def named(k: str) -> str:
+        return k if k.startswith(TEXT_MODEL_PREFIX) or k.startswith("text_projection") else TEXT_MODEL_PREFIX + k
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            meta, keys = h.metadata() or {"format": "pt"}, list(h.keys())
+        if all(named(k) == k for k in keys):
+            continue
+        tensors = {named(k): v for k, v in load_file(str(f)).items()}
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(f)
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {named(k): v for k, v in data.get("weight_map", {}).items()}
+        write_json(index, data)
