@@ -91,6 +91,8 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     subject = subject or find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
     resolution = cfg.resolution or native_resolution(base.path)
     images = load_training_images(list_images(subject.image_dir), resolution, cfg.allow_upscale)
+    if cfg.sample_prompts:  # read now: a bad file must fail before any model is loaded
+        monitor.read_prompts_file(cfg.sample_prompts, cfg.token, subject.class_noun)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / slug(base.name) / subject.name
     check_output(run_dir, kind="dir", inputs=[subject.image_dir, base.path], flag="--output-dir",
                  allow_existing_dir=True)  # an existing run dir is prepare_run_dir's to judge
@@ -159,17 +161,19 @@ class LoadedBase:
 
 
 def train_subject(cfg: TrainConfig, log=print, progress: bool = True, loaded: LoadedBase | None = None,
-                  profile_steps: bool = False) -> Path:
+                  profile_steps: bool = False, hooks: tuple = ()) -> Path:
     """Run DreamBooth for one subject and write the run directory. Returns its path.
     `loaded`: a base already in memory (reset here); loaded from disk when None.
     `profile_steps`: record each step's time in run.json (benchmarks; syncs the device each step).
+    `hooks`: extra `fit.Hook`s run between steps after the run's own (the app's progress and Cancel).
     The run dir is held by its writer's lock from before it is judged until the run ends, so a
     second `personalize lora` into the same --output-dir is refused, not interleaved."""
     with contextlib.ExitStack() as held:
-        return _train(prepare(cfg, held), log, progress, loaded, profile_steps)
+        return _train(prepare(cfg, held), log, progress, loaded, profile_steps, hooks)
 
 
-def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_steps: bool) -> Path:
+def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_steps: bool,
+           extra_hooks: tuple = ()) -> Path:
     cfg = p.cfg
     run_dir = p.run_dir
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
@@ -304,7 +308,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
             c["unet"].enable_gradient_checkpointing()
         write_run_json(p, outputs, {"step": step, "steps": cfg.steps}, class_info, dest=dest, step=step)
 
-    hooks = monitor.make_hooks(p, components, save_step, evaluators) if accelerator.is_main_process else []
+    hooks = [*monitor.make_hooks(p, components, save_step, evaluators), *extra_hooks] if accelerator.is_main_process else []
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
                  description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
