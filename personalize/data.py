@@ -88,3 +88,113 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+# ---------------------------------------------------------------------------- captions
+CAPTION_SUFFIX = ".txt"  # kohya's caption_extension default for DreamBooth-style folders
+METADATA_JSONL = "metadata.jsonl"  # Hugging Face `imagefolder`: one {"file_name": ..., "text": ...} a line
+MASK_SUFFIX = ".mask.png"
+
+
+def read_captions(paths: list[Path]) -> list[str | None]:
+    """Each photo's caption template: `photo.txt` beside `photo.jpg`, else its line of the folder's
+    `metadata.jsonl` (`file_name` + `text`, the HF imagefolder layout), else None (the run's
+    instance prompt). `{token}` / `{class}` are filled by the caller."""
+    import json
+
+    by_name: dict[Path, dict[str, str]] = {}
+    out = []
+    for p in paths:
+        side = p.with_suffix(CAPTION_SUFFIX)
+        if side.is_file():
+            out.append(_caption_text(_read_caption(side), side))
+            continue
+        folder = p.parent
+        if folder not in by_name:
+            by_name[folder] = {}
+            meta = folder / METADATA_JSONL
+            if meta.is_file():
+                for i, line in enumerate(meta.read_text().splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        by_name[folder][str(row["file_name"])] = str(row["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise UserError(f"{meta}:{i}: not a JSON object with file_name and text") from None
+        text = by_name[folder].get(p.name)
+        out.append(None if text is None else _caption_text(text, folder / METADATA_JSONL))
+    return out
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable caption ({type(e).__name__})") from None
+
+
+def _caption_text(text: str, where: Path) -> str:
+    text = " ".join(text.split())
+    if not text:
+        raise UserError(f"{where}: empty caption")
+    return text
+
+
+# ---------------------------------------------------------------------------- masks
+def mask_path(photo: Path) -> Path:
+    """`photo.jpg` -> `photo.mask.png` beside it."""
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def _mask_image(photo: Path, alpha: bool) -> Image.Image | None:
+    """The photo's mask as 8-bit L at the photo's (EXIF-upright) size: its mask file (R channel of
+    an RGB one, as kohya), else with `alpha` its alpha channel, else None."""
+    mp = mask_path(photo)
+    if mp.is_file():
+        try:
+            with Image.open(mp) as im:
+                im.load()
+                m = ImageOps.exif_transpose(im)
+                m = m.getchannel(0) if m.mode not in ("L", "1", "I;16", "I") else m.convert("L")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"{mp}: unreadable or corrupt mask ({type(e).__name__})") from None
+        with Image.open(photo) as ph:
+            size = ImageOps.exif_transpose(ph).size
+        if m.size != size:
+            raise UserError(f"{mp}: mask is {m.size[0]}x{m.size[1]}, its photo {size[0]}x{size[1]}; "
+                            f"a mask must match its photo's size")
+        return m
+    if alpha:
+        with Image.open(photo) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            if im.mode in ("RGBA", "LA", "PA"):
+                return im.getchannel("A")
+    return None
+
+
+def load_masks(paths: list[Path], resolution: int, alpha: bool = False) -> torch.Tensor | None:
+    """(N, 1, R, R) loss masks in [0, 1] (white = learn), cropped like their photos; photos without
+    one get all ones; None when no photo has a mask (the loss is then exactly the unmasked one)."""
+    found = [_mask_image(p, alpha) for p in paths]
+    if all(m is None for m in found):
+        return None
+    out = []
+    for m in found:
+        if m is None:
+            out.append(torch.ones(1, resolution, resolution))
+            continue
+        m = resize_center_crop(m, resolution)
+        out.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None])
+    return torch.stack(out)
+
+
+def latent_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks at the VAE latent resolution `size` (area average over each patch one latent covers,
+    as kohya's `interpolate(mode="area")`)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(masks, size=tuple(size), mode="area")

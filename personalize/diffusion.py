@@ -74,12 +74,22 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                   snr_gamma: float | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between prediction and target; with `snr_gamma`, each sample's MSE is min-SNR weighted
-    before the batch mean. Without it, exactly `F.mse_loss` (bit for bit as before)."""
+    before the batch mean. Without either option, exactly `F.mse_loss` (bit for bit as before).
+
+    `mask` (B, 1, h, w) in [0, 1] at the latent resolution weights each latent position's squared
+    error before the mean, as kohya's masked loss (sd-scripts `apply_masked_loss`: white = learn,
+    black = ignore, grey = partial weight; not renormalised by the mask's area, so a mask covering
+    half the photo halves the loss of uniform errors)."""
     import torch.nn.functional as F
 
-    if snr_gamma is None:
+    if snr_gamma is None and mask is None:
         return F.mse_loss(pred.float(), target.float())
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    return (per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        err = err * mask.to(err.dtype)
+    per_sample = err.mean(dim=tuple(range(1, pred.ndim)))
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)
+    return per_sample.mean()

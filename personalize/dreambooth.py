@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from .backbones import ResolvedBase, native_resolution, resolve_base
 from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
-from .data import load_training_images, make_grid, with_flips
+from .data import latent_masks, load_masks, load_training_images, make_grid, read_captions, with_flips
 from .diffusion import check_prediction_type, diffusion_loss, noise_latents
 from .errors import UserError
 from .fileio import move_into, scratch_dir
@@ -77,6 +77,8 @@ class Prepared:
     images: torch.Tensor  # (N, 3, R, R) instance photos in [-1, 1]
     instance_prompt: str
     class_prompt: str
+    captions: list[str | None] = field(default_factory=list)  # per photo, filled in; None: the instance prompt
+    masks: torch.Tensor | None = None  # (N, 1, R, R) loss masks in [0, 1]; None when no photo has one
 
 
 def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepared:
@@ -90,7 +92,11 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     base = resolve_base(cfg.base)
     subject = subject or find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
     resolution = cfg.resolution or native_resolution(base.path)
-    images = load_training_images(list_images(subject.image_dir), resolution, cfg.allow_upscale)
+    photos = list_images(subject.image_dir)
+    images = load_training_images(photos, resolution, cfg.allow_upscale)
+    # per-photo captions (photo.txt, metadata.jsonl) and loss masks (photo.mask.png, --alpha-mask)
+    captions = [c and fill_prompt(c, cfg.token, subject.class_noun) for c in read_captions(photos)]
+    masks = load_masks(photos, resolution, cfg.alpha_mask)
     if cfg.sample_prompts:  # read now: a bad file must fail before any model is loaded
         monitor.read_prompts_file(cfg.sample_prompts, cfg.token, subject.class_noun)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / slug(base.name) / subject.name
@@ -104,7 +110,7 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
-                    fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun))
+                    fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun), captions, masks)
 
 
 @torch.no_grad()
@@ -248,7 +254,15 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     elif not keep_vae:
         # not needed again until the outputs are written (reloaded then): its memory is the training's
         comps["vae"] = vae = None
-    inst_ids, class_ids = tokenize(tokenizer, p.instance_prompt, device), tokenize(tokenizer, p.class_prompt, device)
+    # one token row per distinct caption (a photo's own, else the instance prompt), shared by the
+    # photo's flip; the frozen text encoder's embedding cache is keyed by caption the same way
+    captions = [c or p.instance_prompt for c in (p.captions or [None] * len(p.images))] * 2
+    distinct = list(dict.fromkeys(captions))
+    caption_of = torch.tensor([distinct.index(c) for c in captions], device=device)
+    inst_ids = torch.cat([tokenize(tokenizer, c, device) for c in distinct])
+    class_ids = tokenize(tokenizer, p.class_prompt, device)
+    # loss masks at the latent resolution (kohya's masked loss), flipped with their photos
+    inst_mask = None if p.masks is None else latent_masks(with_flips(p.masks), inst_mean.shape[-2:]).to(device)
     train_te = cfg.train_text_encoder
     with torch.no_grad():
         inst_emb = None if train_te else text_encoder(inst_ids)[0]
@@ -276,8 +290,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     n_inst = inst_mean.shape[0]
     n_cls = cls_mean.shape[0] if prior else 0
     check_prediction_type(noise_scheduler)
-    te_ids = torch.cat([inst_ids.expand(b, -1)] + ([class_ids.expand(b, -1)] if prior else []))
-    cached_emb = None if train_te else torch.cat([inst_emb.expand(b, -1, -1)] + ([class_emb.expand(b, -1, -1)] if prior else []))
+    class_te = [class_ids.expand(b, -1)] if prior else []
+    class_cached = [class_emb.expand(b, -1, -1)] if prior and not train_te else []
 
     def loss_fn(ms, step, micro, g):
         ii = torch.randint(0, n_inst, (b,), generator=g, device=device)
@@ -287,10 +301,12 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
             mean, std = torch.cat([mean, cls_mean[jj]]), torch.cat([std, cls_std[jj]])
         latents = (mean + std * torch.randn(mean.shape, generator=g, device=device)) * sf
         x = noise_latents(noise_scheduler, latents, g, noise_offset=cfg.noise_offset)
-        emb = ms["text_encoder"](te_ids)[0] if train_te else cached_emb
+        ci = caption_of[ii]
+        emb = ms["text_encoder"](torch.cat([inst_ids[ci], *class_te]))[0] if train_te else torch.cat([inst_emb[ci], *class_cached])
         pred = ms["unet"](x.noisy, x.timesteps, emb).sample.float()
         target = x.target
-        loss_inst = diffusion_loss(pred[:b], target[:b], x.timesteps[:b], noise_scheduler, cfg.snr_gamma)
+        loss_inst = diffusion_loss(pred[:b], target[:b], x.timesteps[:b], noise_scheduler, cfg.snr_gamma,
+                                   mask=None if inst_mask is None else inst_mask[ii])
         if not prior:
             return {"loss": loss_inst, "loss_instance": loss_inst}
         loss_prior = diffusion_loss(pred[b:], target[b:], x.timesteps[b:], noise_scheduler, cfg.snr_gamma)
