@@ -123,7 +123,7 @@ def activate(comps: dict, weights: dict[str, float]) -> None:
         model = comps.get(comp)
         for module in (model.modules() if model is not None else ()):
             if isinstance(module, BaseTunerLayer):
-                names = [n for n in weights if n in module._available_adapters]
+                names = [n for n in weights if n in module._get_available_adapters()]
                 module.set_adapter(names)
                 if isinstance(module, LycorisLayer):
                     for n in names:

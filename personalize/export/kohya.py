@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 
 
 def lora_run(run_dir: Path) -> dict:
+    """run.json of a finished adapter run (any method of adapters.ADAPTER_METHODS)."""
+    from ..adapters import ADAPTER_METHODS
+
     run = read_run(run_dir, finished=True)
-    if run.get("method") != "lora":
+    if run.get("method", "lora") not in ADAPTER_METHODS:
         raise UserError(f"{run_dir} is a {run.get('method')} run: it already is a complete pipeline directory "
-                        f"(load it with from_pretrained); export works on LoRA runs")
+                        f"(load it with from_pretrained); export works on adapter runs ({', '.join(ADAPTER_METHODS)})")
     return run
 
 
@@ -39,9 +42,15 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False, names: str =
 
     from ..adapters import LORA_WEIGHTS, read_lora
 
+    from ..adapters import method_of
+
     run_dir, out = Path(run_dir), Path(out)
     run = lora_run(run_dir)
     check_output(out, kind="file", inputs=[run_dir], overwrite=overwrite)
+    if method_of(run.get("method", "lora")).storage == "peft":
+        from .lycoris import export_lycoris
+
+        return export_lycoris(run_dir, run, out, names)
     layers = read_lora(run_dir / LORA_WEIGHTS)
     meta = kohya_metadata(layers, _family(layers))
     meta |= {"ss_output_name": out.stem, "personalize_subject": run["subject"]["name"],
@@ -77,7 +86,9 @@ def to_kohya(layers: dict[tuple[str, str], LoraLayer], unet_names=None) -> dict[
 
     layers = dict(layers)
     te = [(m, x) for (c, m), x in layers.items() if c == "text_encoder"]
-    if te and not any(m.endswith("out_proj") for m, _ in te):
+    dora = any(x.magnitude is not None for x in layers.values())
+    # (not for DoRA: a padding layer would need the base's row norms as its magnitude)
+    if te and not dora and not any(m.endswith("out_proj") for m, _ in te):
         # diffusers (0.42) recognises a kohya text-encoder part only by an out_proj layer in it; a
         # zero-valued one (up = 0: it adds exactly nothing) lets its loader read q/v-only adapters
         module, x = te[0]
@@ -91,6 +102,10 @@ def to_kohya(layers: dict[tuple[str, str], LoraLayer], unet_names=None) -> dict[
         out[f"{name}.lora_down.weight"] = layer.down.contiguous()
         out[f"{name}.lora_up.weight"] = layer.up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
+        if layer.magnitude is not None:
+            # LyCORIS' / ComfyUI's DoRA key: the magnitude per output row, shaped (out, 1[, 1, 1])
+            # (their wd_on_out layout), the norm taken over each row as peft's DoRA does
+            out[f"{name}.dora_scale"] = layer.magnitude.reshape(-1, *[1] * (layer.up.ndim - 1)).contiguous()
     return out
 
 
@@ -100,4 +115,6 @@ def kohya_metadata(layers: dict[tuple[str, str], LoraLayer], family: str | None)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(unet[0].rank),
             "ss_network_alpha": f"{unet[0].alpha:g}", "ss_v2": str(family == "sd-v2"),
             "ss_base_model_version": "sd_v2" if family == "sd-v2" else "sd_v1"}
+    if any(x.magnitude is not None for x in layers.values()):
+        meta["ss_network_args"] = '{"dora_wd": "True"}'  # how sd-scripts records a DoRA network
     return meta

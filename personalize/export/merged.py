@@ -1,4 +1,4 @@
-"""A LoRA run fused into its base and saved as a complete diffusers pipeline directory, which
+"""An adapter run (LoRA, DoRA, LoHa, LoKr, OFT) fused into its base and saved as a complete diffusers pipeline directory, which
 `from_pretrained` loads without PEFT (the starting point of the deploy formats). Written atomically."""
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ def _write_merged(run_dir: Path, run: dict, out: Path, src, lora_scale: float, o
     from ..pipeline import save_pipeline
 
     pipe = _fused(src, allow_pickle)
+    method = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}.get(run.get("method"), "LoRA")
     with atomic_dir(out, replace=overwrite) as tmp:
         save_pipeline(tmp, src.pipeline_dir, pipe.components)
         write_json(tmp / "export.json", {"merged_from": str(run_dir.resolve()), "base": src.base_name,
                                          "base_path": str(src.pipeline_dir), "lora_scale": lora_scale,
+                                         "method": run.get("method", "lora"),
                                          "subject": run["subject"], "instance_prompt": run.get("instance_prompt")})
         write_text(tmp / "README.md",
-            f"# {run['subject']['name']} on {src.base_name} (LoRA merged)\n\nThe LoRA adapter of `{run_dir}` fused "
+            f"# {run['subject']['name']} on {src.base_name} ({method} merged)\n\nThe {method} adapter of `{run_dir}` fused "
             f"into {src.base_name} at scale {lora_scale:g}; a plain diffusers pipeline:\n\n```python\n"
             f"from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(\"{out}\")\n"
             f"pipe(\"{run.get('instance_prompt', '')} on the beach\").images[0]\n```\n")
@@ -49,9 +51,17 @@ def _fused(src, allow_pickle: bool):
 
     from ..generate import load_pipeline
 
+    from ..adapters import has_adapter, method_of
+    from ..peft_adapters import merge_and_unload
+
     pipe = load_pipeline(src, torch.device("cpu"), torch.float32, allow_pickle)
-    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
-    pipe.unload_lora_weights()
+    if all(method_of(a.method).storage == "diffusers" for a in src.adapters):
+        pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=[a.name for a in src.adapters])
+        pipe.unload_lora_weights()
+    else:  # LoHa / LoKr / OFT: peft's own merge of each layer (W + delta, or W R for OFT)
+        for model in (pipe.unet, pipe.text_encoder):
+            if has_adapter(model):
+                merge_and_unload(model)
     return pipe
 
 
