@@ -87,12 +87,10 @@ def _flags(f) -> tuple[str, ...]:
     return () if flag is None else (flag,) if isinstance(flag, str) else tuple(flag)
 
 
-def _add_train(sub):
-    p = sub.add_parser("train", help="KD pretraining of a pruned student (BK-SDM recipe defaults)",
-                       description="BK-SDM distillation: lambda_sd * denoising MSE + lambda_kd_out * output KD + "
-                                   "lambda_kd_feat * stage-feature KD; writes OUT/student as a pipeline dir.")
+def _add_config_flags(p, root, groups_by_class: dict) -> None:
+    """One flag per leaf field of dataclass `root` (see the comment above `TRAIN_GROUPS`)."""
     groups = {}
-    for cls, f, tp in train_fields():
+    for cls, f, tp in train_fields(root):
         flags, meta = _flags(f), f.metadata
         if not flags:
             continue
@@ -100,7 +98,7 @@ def _add_train(sub):
         if required:  # the run's inputs and output, above the groups
             g = p
         else:
-            name = meta.get("group", TRAIN_GROUPS[cls.__name__])
+            name = meta.get("group", groups_by_class[cls.__name__])
             g = groups.get(name) or groups.setdefault(name, p.add_argument_group(name))
         kw = dict(dest=f.name, help=meta["help"])
         if tp is not bool and "choices" not in meta:  # named after the flag, not the field (--data DATA)
@@ -113,6 +111,15 @@ def _add_train(sub):
             g.add_argument(*flags, type=tp, required=True, **kw)
         else:
             g.add_argument(*flags, type=tp, default=f.default, choices=meta.get("choices"), **kw)
+
+
+def _add_train(sub):
+    from .train import DistillConfig
+
+    p = sub.add_parser("train", help="KD pretraining of a pruned student (BK-SDM recipe defaults)",
+                       description="BK-SDM distillation: lambda_sd * denoising MSE + lambda_kd_out * output KD + "
+                                   "lambda_kd_feat * stage-feature KD; writes OUT/student as a pipeline dir.")
+    _add_config_flags(p, DistillConfig, TRAIN_GROUPS)
     p.set_defaults(func=_run_train)
 
 
@@ -141,6 +148,50 @@ def _run_train(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------- `distill eval` / `distill report`
+EVAL_GROUPS = {"GenerationConfig": "generation (BK-SDM generate.py defaults)", "EvalConfig": "benchmark"}
+
+
+def _add_eval(sub):
+    from .benchmark import EvalConfig
+
+    p = sub.add_parser("eval", help="BK-SDM's zero-shot MS-COCO benchmark of a backbone: FID, IS, CLIP score, cost",
+                       description="Generate one image per MS-COCO caption (resumable; `accelerate launch -m distill "
+                                   "eval ...` shards the prompts over processes), then score them: FID against real "
+                                   "statistics, IS, CLIP score, and the whole-pipeline cost. Writes images/, "
+                                   "scores.json and scores.md into -o.")
+    _add_config_flags(p, EvalConfig, EVAL_GROUPS)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .benchmark import EvalConfig, evaluate
+
+    evaluate(train_config(args, EvalConfig))
+    return 0
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="one table + plot of several `distill eval` outputs",
+                       description="Gathers scores.json under each EVAL_DIR (searched recursively) into "
+                                   "benchmark.md, benchmark.csv and benchmark.png.")
+    p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="`distill eval` outputs or folders holding them")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for benchmark.md/.csv/.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in -o")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from .benchmark_report import build_report
+
+    paths, skipped = build_report([Path(d) for d in args.eval_dirs], Path(args.output), overwrite=args.overwrite)
+    for p, why in skipped:
+        print(f"skipped {p}: {why}", file=sys.stderr)
+    for p in paths.values():
+        print(f"wrote {p}")
+    return 1 if skipped else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from personalize.cli import one_line_parser
 
@@ -148,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune(sub)
     _add_train(sub)
+    _add_eval(sub)
+    _add_report(sub)
     return parser
 
 

@@ -1,0 +1,125 @@
+"""`distill report`: several `distill eval` outputs in one table (markdown + CSV, the BK-SDM model
+cards' columns) and one plot: FID against MACs per U-Net step, one point per backbone (the paper's
+quality-vs-compute view; lower-left is better), drawn with PIL (matplotlib is not a dependency)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from personalize.errors import UserError
+
+from .benchmark import COLUMNS, SCORES_FILE, markdown_row, markdown_table
+
+OUTPUTS = ("benchmark.md", "benchmark.csv", "benchmark.png")
+
+
+def collect(dirs: list[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Every scores.json under `dirs` (recursively), in a stable order; unreadable ones are
+    returned as (path, why) instead."""
+    docs, skipped, seen = [], [], set()
+    for d in dirs:
+        d = Path(d).expanduser()
+        if not d.exists():
+            raise UserError(f"{d}: no such folder")
+        files = [d] if d.is_file() else sorted(d.rglob(SCORES_FILE))
+        for f in files:
+            r = f.resolve()
+            if r in seen:
+                continue
+            seen.add(r)
+            try:
+                doc = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                skipped.append((f, f"unreadable ({type(e).__name__})"))
+                continue
+            if not isinstance(doc, dict) or "fid" not in doc or "cost" not in doc:
+                skipped.append((f, "not a `distill eval` scores.json (no fid/cost)"))
+                continue
+            doc["_path"] = str(f)
+            docs.append(doc)
+    return docs, skipped
+
+
+def _csv(docs: list[dict]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["model", "fid", "is", "is_std", "clip_score", "unet_params", "pipeline_params", "unet_macs",
+                "n_images", "scores"])
+    for d in docs:
+        c = d.get("cost") or {}
+        w.writerow([d.get("name"), d.get("fid"), d.get("is"), d.get("is_std"), d.get("clip_score"),
+                    c.get("unet_params"), c.get("pipeline_params"), c.get("unet_macs"), d.get("n_images"), d["_path"]])
+    return buf.getvalue()
+
+
+def _png(docs: list[dict]) -> bytes:
+    from PIL import Image, ImageDraw, ImageFont
+
+    from personalize.evaluation.report import _PALETTE
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except (TypeError, OSError):
+            return ImageFont.load_default()
+
+    pts = [(d["cost"]["unet_macs"] / 1e9, d["fid"], d.get("name") or "?") for d in docs
+           if d.get("fid") is not None and math.isfinite(d["fid"]) and (d.get("cost") or {}).get("unet_macs")]
+    W, H, L, T, R, B = 760, 520, 70, 50, 30, 60 + 18 * max(1, len(pts))
+    img = Image.new("RGB", (W, H + B), "white")
+    dr = ImageDraw.Draw(img)
+    dr.text((L, 15), "FID (lower is better) vs MACs per U-Net step", fill="black", font=font(16))
+    x0, x1, y0, y1 = L, W - R, T, H
+    dr.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
+    if pts:
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xmin, xmax = min(xs) * 0.9, max(xs) * 1.1 or 1.0
+        ymin, ymax = 0.0, max(ys) * 1.15 or 1.0
+        for k in range(6):  # axis ticks
+            yv = ymin + (ymax - ymin) * k / 5
+            yy = y1 - (y1 - y0) * k / 5
+            dr.line([(x0 - 4, yy), (x0, yy)], fill="black")
+            dr.text((5, yy - 7), f"{yv:.1f}", fill=(80, 80, 80), font=font(12))
+            xv = xmin + (xmax - xmin) * k / 5
+            xx = x0 + (x1 - x0) * k / 5
+            dr.line([(xx, y1), (xx, y1 + 4)], fill="black")
+            dr.text((xx - 15, y1 + 6), f"{xv:.3g}G", fill=(80, 80, 80), font=font(12))
+        for i, (xv, yv, name) in enumerate(pts):
+            c = _PALETTE[i % len(_PALETTE)]
+            xx = x0 + (x1 - x0) * (xv - xmin) / ((xmax - xmin) or 1)
+            yy = y1 - (y1 - y0) * (yv - ymin) / ((ymax - ymin) or 1)
+            dr.ellipse([xx - 6, yy - 6, xx + 6, yy + 6], fill=c, outline="black")
+            ly = H + 30 + 18 * i
+            dr.rectangle([L, ly, L + 12, ly + 12], fill=c)
+            dr.text((L + 20, ly - 1), f"{name}: FID {yv:.2f}, {xv:.1f}G MACs/step", fill="black", font=font(13))
+    else:
+        dr.text((L + 20, T + 20), "no finite FID with a MAC count to plot", fill="black", font=font(14))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_report(dirs: list[Path], out: Path, overwrite: bool = False):
+    """Write benchmark.md/.csv/.png into `out`; returns ({kind: path}, skipped)."""
+    from personalize.fileio import write_atomic, write_text
+    from personalize.outputs import check_output
+
+    docs, skipped = collect(dirs)
+    if not docs:
+        raise UserError(f"no `distill eval` scores.json under {', '.join(map(str, dirs))}")
+    out = check_output(Path(out), kind="dir", inputs=[], allow_existing_dir=True)
+    if not overwrite and any((out / n).exists() for n in OUTPUTS):
+        raise UserError(f"-o {out}: holds a report already; pass --overwrite to replace it")
+    docs.sort(key=lambda d: ((d.get("cost") or {}).get("unet_macs") or 0, d.get("name") or ""))
+    paths = {"md": out / OUTPUTS[0], "csv": out / OUTPUTS[1], "png": out / OUTPUTS[2]}
+    write_text(paths["md"], markdown_table(docs))
+    write_text(paths["csv"], _csv(docs))
+    write_atomic(paths["png"], _png(docs))
+    return paths, skipped
+
+
+__all__ = ["COLUMNS", "build_report", "collect", "markdown_row"]
