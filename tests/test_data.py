@@ -52,3 +52,119 @@ def test_small_image_refused_unless_upscale(tmp_path):
     with pytest.raises(UserError, match="a.png: image is 20x30"):
         load_training_images([tmp_path / "a.png"], 32)
     assert load_training_images([tmp_path / "a.png"], 32, allow_upscale=True).shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------- captions and masks
+def _photo(folder, name, size=(16, 16), mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, (200, 10, 10, 255) if mode == "RGBA" else (200, 10, 10)).save(folder / name)
+    return folder / name
+
+
+def test_captions_from_a_txt_beside_the_photo_or_metadata_jsonl(tmp_path):
+    import json
+
+    from personalize.data import read_captions
+
+    a, b, c = _photo(tmp_path, "a.jpg"), _photo(tmp_path, "b.jpg"), _photo(tmp_path, "c.jpg")
+    (tmp_path / "a.txt").write_text("a photo of {token} {class}\n on grass ")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "b.jpg", "text": "{token} {class} asleep"}) + "\n"
+                                             + json.dumps({"file_name": "a.jpg", "text": "loses to a.txt"}) + "\n")
+    assert read_captions([a, b, c]) == ["a photo of {token} {class} on grass", "{token} {class} asleep", None]
+
+
+@pytest.mark.parametrize("name, text, msg", [("a.txt", "  \n", "empty caption"),
+                                             ("metadata.jsonl", "{not json", "metadata.jsonl:1: not a JSON object")])
+def test_bad_captions_are_one_line(tmp_path, name, text, msg):
+    from personalize.data import read_captions
+
+    a = _photo(tmp_path, "a.jpg")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=msg):
+        read_captions([a])
+
+
+def test_mask_file_and_alpha_masks(tmp_path):
+    from personalize.data import latent_masks, load_masks
+    from personalize.subjects import list_images
+
+    a, b = _photo(tmp_path, "a.jpg"), _photo(tmp_path, "b.png", mode="RGBA")
+    assert load_masks([a, b], 16) is None  # no mask anywhere: the unmasked loss, exactly
+    m = np.zeros((16, 16), np.uint8)
+    m[:, :8] = 255  # the left half is the subject
+    Image.fromarray(m).save(tmp_path / "a.mask.png")
+    assert list_images(tmp_path) == [a, b]  # a mask is not a training photo
+    masks = load_masks([a, b], 16)
+    assert masks.shape == (2, 1, 16, 16)
+    assert masks[0, 0, :, :8].eq(1).all() and masks[0, 0, :, 8:].eq(0).all() and masks[1].eq(1).all()
+    lat = latent_masks(masks, (2, 2))  # 8x8 patches: area averages
+    assert lat[0, 0].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    # alpha only with --alpha-mask: a transparent PNG
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 3] = 0
+    rgba[:8, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(b)
+    assert load_masks([b], 16) is None
+    assert load_masks([b], 16, alpha=True)[0, 0, :8].eq(1).all()
+    assert load_masks([b], 16, alpha=True)[0, 0, 8:].eq(0).all()
+
+
+def test_a_mask_of_another_size_is_one_line(tmp_path):
+    from personalize.data import load_masks
+
+    a = _photo(tmp_path, "a.jpg")
+    Image.new("L", (8, 8), 255).save(tmp_path / "a.mask.png")
+    with pytest.raises(UserError, match="a mask must match its photo's size"):
+        load_masks([a], 16)
+
+
+def _own_photos(folder, n=3):
+    from conftest import write_photos
+
+    return write_photos(folder, n=n, size=(64, 64))
+
+
+@pytest.mark.slow
+def test_a_zero_mask_gives_zero_instance_loss_in_a_run(tmp_path, cli):
+    import json
+
+    from conftest import FAST
+
+    photos = _own_photos(tmp_path / "dog")
+    for p in sorted(photos.glob("*.jpg")):
+        Image.new("L", (64, 64), 0).save(p.with_name(p.stem + ".mask.png"))
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--class-images", "0",
+            "--validation-images", "0", "--output-dir", tmp_path / "r")
+    assert r.code == 0, r.err
+    losses = json.loads((tmp_path / "r" / "run.json").read_text())["stats"]["final_losses"]
+    assert losses["loss_instance"] == 0.0 and losses["loss"] == 0.0
+
+
+@pytest.mark.slow
+def test_captions_reach_the_text_encoder_once_per_distinct_caption(tmp_path, cli, monkeypatch):
+    from conftest import FAST
+    from transformers import CLIPTextModel
+
+    photos = _own_photos(tmp_path / "dog")
+    first, second, third = sorted(photos.glob("*.jpg"))
+    first.with_suffix(".txt").write_text("a {token} {class} asleep")
+    second.with_suffix(".txt").write_text("a {token} {class} asleep")  # the same caption: one cache entry
+    seen = []
+    real = CLIPTextModel.forward
+
+    def recording(self, input_ids=None, *a, **k):
+        seen.append(input_ids.clone())
+        return real(self, input_ids, *a, **k)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", recording)
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--class-images", "0",
+            "--validation-images", "0", "--no-train-text-encoder", "--output-dir", tmp_path / "r")
+    assert r.code == 0, r.err
+    from personalize.pipeline import load_components
+    from personalize.backbones import materialize_tiny
+
+    tok = load_components(materialize_tiny(0))["tokenizer"]
+    captions = {tok.decode(row, skip_special_tokens=True) for row in seen[0]}
+    # frozen text encoder: the distinct captions (own + the instance prompt for the third photo)
+    # embedded once, in one call, then the class prompt: no per-step forwards
+    assert captions == {"a sks dog asleep", "a sks dog"} and len(seen) == 2

@@ -78,3 +78,25 @@ def test_the_flags_train_and_are_recorded(photos, tmp_path, cli):
     bad = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--snr-gamma", "0",
               "--output-dir", tmp_path / "x")
     assert bad.code == 2 and "--snr-gamma must be positive" in bad.err
+
+
+# ---------------------------------------------------------------------------- masked loss (kohya)
+def test_masked_loss_by_hand():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, sched = torch.tensor([10, 500]), _scheduler()
+    se = (pred - target) ** 2
+    zero = torch.zeros(2, 1, 8, 8)
+    assert diffusion_loss(pred, target, t, sched, mask=zero).item() == 0.0
+    half = torch.zeros(2, 1, 8, 8)
+    half[..., :4] = 1.0  # the left half of every latent
+    # kohya's apply_masked_loss: error x mask, then the plain mean (no renormalisation by area)
+    assert diffusion_loss(pred, target, t, sched, mask=half).item() == pytest.approx(se[..., :4].sum().item() / se.numel())
+    grey = torch.full((2, 1, 8, 8), 0.5)  # a 127-grey mask: half weight everywhere
+    assert diffusion_loss(pred, target, t, sched, mask=grey).item() == pytest.approx(0.5 * se.mean().item())
+    ones = torch.ones(2, 1, 8, 8)
+    assert diffusion_loss(pred, target, t, sched, mask=ones).item() == pytest.approx(F.mse_loss(pred, target).item())
+    # with min-SNR: each sample's masked MSE, then its weight
+    w = min_snr_weights(sched, t, 5.0)
+    per = (se * half).mean(dim=(1, 2, 3))
+    assert diffusion_loss(pred, target, t, sched, 5.0, mask=half).item() == pytest.approx((per * w).mean().item())
