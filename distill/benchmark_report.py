@@ -83,7 +83,7 @@ def _png(docs: list[dict]) -> bytes:
             yv = ymin + (ymax - ymin) * k / 5
             yy = y1 - (y1 - y0) * k / 5
             dr.line([(x0 - 4, yy), (x0, yy)], fill="black")
-            dr.text((5, yy - 7), f"{yv:.1f}", fill=(80, 80, 80), font=font(12))
+            dr.text((5, yy - 7), f"{yv:.3g}", fill=(80, 80, 80), font=font(12))
             xv = xmin + (xmax - xmin) * k / 5
             xx = x0 + (x1 - x0) * k / 5
             dr.line([(xx, y1), (xx, y1 + 4)], fill="black")
@@ -95,7 +95,7 @@ def _png(docs: list[dict]) -> bytes:
             dr.ellipse([xx - 6, yy - 6, xx + 6, yy + 6], fill=c, outline="black")
             ly = H + 30 + 18 * i
             dr.rectangle([L, ly, L + 12, ly + 12], fill=c)
-            dr.text((L + 20, ly - 1), f"{name}: FID {yv:.2f}, {xv:.1f}G MACs/step", fill="black", font=font(13))
+            dr.text((L + 20, ly - 1), f"{name}: FID {yv:.2f}, {xv:.4g}G MACs/step", fill="black", font=font(13))
     else:
         dr.text((L + 20, T + 20), "no finite FID with a MAC count to plot", fill="black", font=font(14))
     buf = io.BytesIO()
