@@ -225,3 +225,32 @@ def test_bad_monitoring_flags_are_one_line(photos, tmp_path, cli, flag, value, m
     extra = ["--sample-every", "2"] if flag == "--sample-prompts" else []
     r = cli(*_lora_args(photos, flag, value, *extra, "--output-dir", tmp_path / "r"))
     assert r.code == 2 and msg in r.err and r.err.strip().count("\n") == 0
+
+
+def test_batch_passes_the_new_flags_through(monkeypatch, tmp_path):
+    """`personalize batch` builds each subject's TrainConfig from the same generated flags; its
+    --dino/--clip (the evaluation group's) also serve --score-every."""
+    import personalize.batch as batch_mod
+    from personalize.cli import build_parser
+
+    seen = {}
+
+    def fake_run_batch(template, bases, methods, subjects, batch_dir, shard, make_eval):
+        seen["template"] = template
+        return {"jobs": []}
+
+    monkeypatch.setattr(batch_mod, "run_batch", fake_run_batch)
+    monkeypatch.setattr(batch_mod, "select_subjects", lambda names, data_dir: ["dog"])
+    monkeypatch.setattr(batch_mod, "print_summary", lambda s: None)
+    monkeypatch.setattr(batch_mod, "exit_code", lambda s: 0)
+    args = build_parser().parse_args([
+        "batch", "--base", "tiny", "--batch-dir", str(tmp_path / "b"), "--save-every", "200", "--sample-every", "100",
+        "--score-every", "200", "--min-clip-t", "0.28", "--dino", "/d", "--lr-scheduler", "cosine",
+        "--lr-warmup-steps", "50", "--optimizer", "adamw8bit", "--alpha-mask", "--snr-gamma", "5"])
+    assert args.func(args) == 0
+    t = seen["template"]
+    assert (t.save_every, t.sample_every, t.score_every, t.min_clip_t, t.dino) == (200, 100, 200, 0.28, "/d")
+    assert (t.lr_scheduler, t.lr_warmup_steps, t.optimizer, t.alpha_mask, t.snr_gamma) == ("cosine", 50, "adamw8bit",
+                                                                                          True, 5.0)
+    # they change no weights: a rerun may change them without mixing two setups in one table
+    assert {"save_every", "sample_every", "score_every", "min_clip_t"} <= batch_mod.RERUN_MAY_CHANGE
