@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "personalize.commands.batch",
     "personalize.commands.evaluate",
     "personalize.commands.generate",
+    "personalize.commands.app",
     # -- further command modules register here --
 ]
 

@@ -251,6 +251,12 @@ class Hook:
         return sum(self.due(s, total) for s in range(step + 1, total + 1)) if self.every > 0 else 0
 
 
+class StopRun(Exception):
+    """Raised by a hook to end the run after this step (the app's Cancel): `fit` first writes the
+    step's checkpoint, so the run continues with `resume=True` as if never stopped. Single-process
+    runs only (a hook runs on the main process alone)."""
+
+
 def _run_hooks(due: list[Hook], step: int, accelerator, prepared: dict, seconds: dict) -> None:
     models = {k: accelerator.unwrap_model(m) for k, m in prepared.items()}
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
@@ -331,6 +337,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     step = start
     step_seconds: list[float] = []
     hook_seconds: dict[str, list[float]] = {}
+    stopped: StopRun | None = None
     with _progress(is_main) as bar:
         task = bar.add_task(description, total=cfg.steps, completed=start, loss="-", sps="-", eta="-")
         for step in range(start + 1, cfg.steps + 1):
@@ -376,16 +383,21 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                 t_hooks = time.perf_counter()
                 accelerator.wait_for_everyone()
                 if is_main:
-                    _run_hooks(due, step, accelerator, prepared_models, hook_seconds)
+                    try:
+                        _run_hooks(due, step, accelerator, prepared_models, hook_seconds)
+                    except StopRun as e:
+                        stopped = e
                 accelerator.wait_for_everyone()
                 t_window += time.perf_counter() - t_hooks  # s/step stays the training's own
                 bar.update(task, eta=_clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stopped:
                 accelerator.wait_for_everyone()
                 if is_main:
                     pending = {"sums": {k: v.item() for k, v in sums.items()}, "window": window}
                     checkpoints.save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
                                     cfg.checkpoints_kept)
+            if stopped:
+                raise stopped
     accelerator.wait_for_everyone()
     # trackers only: `end_training()` would also destroy the process group, and the caller still
     # needs it under `accelerate launch` (rank 0 writes the outputs while the others wait)

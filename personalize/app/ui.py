@@ -1,0 +1,480 @@
+"""The app's pages (Gradio Blocks): Train, Generate, Runs. Handlers are thin: they check the
+browser's input (`workspace`), hand long work to `jobs`, and call the library exactly as the CLI
+does (`TrainConfig` -> `dreambooth.train_subject` in the worker; `generate.resolve_source` /
+`generate_to_dir`; `personalize export` / `personalize eval` through the CLI's own parser). A
+user's error is the CLI's one line, shown as a Gradio error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from ..errors import UserError
+from .jobs import JobManager, clock
+from .workspace import MAX_PHOTOS, Photo, Workspace, check_name, thumbnail
+
+OWN, DATASET = "my photos", "DreamBooth subject"
+RUN_COLUMNS = ["run", "status", "base", "method", "subject", "steps", "train time", "final loss", "DINO", "CLIP-I",
+               "CLIP-T"]
+LONG = {"concurrency_limit": 1, "concurrency_id": "job"}  # one long job at a time, the rest wait in the queue
+
+
+def methods() -> list[str]:
+    from .. import config
+
+    return list(getattr(config, "METHODS", ("lora", "full")))
+
+
+def export_formats() -> list[str]:
+    try:
+        from ..export import FORMATS
+    except ImportError:
+        return ["kohya", "merged"]
+    return list(FORMATS)
+
+
+def base_choices(ws: Workspace) -> list[tuple[str, str]]:
+    """Registry names with their U-Net sizes, then local pipeline dirs in the workspace."""
+    from ..backbones import BACKBONES, is_pipeline_dir
+
+    out = [(f"{s.name} ({s.unet_params_card} U-Net)" if s.unet_params_card else f"{s.name} ({s.description})", s.name)
+           for s in BACKBONES.values()]
+    for root in (ws.root / "bases", ws.exports):
+        if root.is_dir():
+            out += [(f"{p.name} (local: {p})", str(p)) for p in sorted(root.iterdir()) if is_pipeline_dir(p)]
+    return out
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Folders below `root` that are runs (run.json, logs/ or checkpoints/), not descending into
+    one (its steps/step-N/ saves, samples/, eval/ belong to it); hidden folders are skipped."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        d = Path(dirpath)
+        if d != root and any((d / n).exists() for n in ("run.json", "logs", "checkpoints")):
+            found.append(d)
+            dirnames.clear()
+            continue
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+    return sorted(found)
+
+
+@functools.cache
+def _quiet() -> None:
+    """The CLI's start-up for commands that load models (version check, library chatter off), once."""
+    from ..cli import quiet_libraries
+    from ..environment import check
+
+    check()
+    quiet_libraries()
+
+
+def user_errors(fn):
+    """UserError -> gr.Error (the one line, shown in the page; gradio_client raises it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        import gradio as gr
+
+        try:
+            return fn(*a, **kw)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    @functools.wraps(fn)
+    def gen_wrapper(*a, **kw):
+        import gradio as gr
+
+        try:
+            yield from fn(*a, **kw)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    import inspect
+
+    return gen_wrapper if inspect.isgeneratorfunction(fn) else wrapper
+
+
+def _photos(files) -> list[Photo]:
+    out = []
+    for f in files or []:
+        path = Path(f if isinstance(f, str) else getattr(f, "name", f))
+        # gradio keeps the browser's file name as the temp file's own name
+        out.append(Photo(path, path.name))
+    return out
+
+
+def _num(v, cast=float):
+    return None if v in (None, "") or not float(v) else cast(v)
+
+
+class App:
+    def __init__(self, workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None):
+        self.ws = Workspace(workspace)
+        self.jobs = JobManager()
+        self.train_defaults = dict(train_defaults or {})  # TrainConfig fields the page does not show
+        if max_photo_mb is not None:
+            from . import workspace as w
+
+            w.MAX_PHOTO_MB = max_photo_mb
+
+    # ------------------------------------------------------------------ Train
+    def resolution_for(self, base: str, resolution) -> int:
+        if _num(resolution, int):
+            return int(resolution)
+        from ..backbones import BACKBONES, is_pipeline_dir, native_resolution
+
+        if base in BACKBONES:
+            return BACKBONES[base].resolution
+        p = Path(base or "")
+        return native_resolution(p) if is_pipeline_dir(p) else 512
+
+    @user_errors
+    def check_photos(self, files, base, resolution):
+        good, bad = self.ws.check_photos(_photos(files), self.resolution_for(base, resolution))
+        thumbs = [(thumbnail(p.source), p.name) for p in good]
+        lines = [f"{len(good)} photo(s) accepted" + (f", {len(bad)} refused:" if bad else "")]
+        lines += [f"- error: {m}" for m in bad]
+        return thumbs, "\n".join(lines)
+
+    def make_config(self, name, base, source, subject, files, class_noun, method, steps, resolution, lr, rank,
+                    prior, class_images, sample_every, overwrite):
+        from ..config import TrainConfig
+
+        name = check_name(name)
+        run_dir = self.ws.new_run_dir(name)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in self.train_defaults.items() if k in fields}
+        if source == OWN:
+            good, bad = self.ws.check_photos(_photos(files), self.resolution_for(base, resolution))
+            if bad:
+                raise UserError(bad[0] + (f" (and {len(bad) - 1} more refused)" if len(bad) > 1 else ""))
+            if not (class_noun or "").strip():
+                raise UserError("your own photos: say what the subject is in 'class noun' (e.g. dog)")
+            subject = str(self.ws.store_photos(name, good))
+        elif not subject:
+            raise UserError("pick a DreamBooth subject or switch to your own photos")
+        steps = int(steps)
+        values.update(method=method, subject=subject, base=base, class_noun=(class_noun or "").strip() or None,
+                      output_dir=str(run_dir), steps=steps, resolution=_num(resolution, int), lr=_num(lr),
+                      overwrite=bool(overwrite))
+        if _num(rank, int):
+            values["rank"] = int(rank)
+        if not prior:
+            values["class_images"] = 0
+        elif _num(class_images, int):
+            values["class_images"] = int(class_images)
+        if "sample_every" in fields and sample_every not in (None, ""):
+            values["sample_every"] = int(sample_every)
+        # the loss on the page is as fresh as loss.csv: log often enough for ~50 points a run
+        values["log_every"] = min(values.get("log_every", 10), max(1, steps // 50))
+        cfg = TrainConfig(**values)
+        cfg.validate()
+        return name, run_dir, cfg
+
+    @user_errors
+    def train(self, *inputs):
+        name, run_dir, cfg = self.make_config(*inputs)
+        yield from self._start(name, run_dir, cfg)
+
+    @user_errors
+    def resume(self, name):
+        name = check_name(name or "", "interrupted run")
+        config = self.ws.load_job(name)
+        if config is None:
+            raise UserError(f"run '{name}': not started by this app (no job record); resume it with "
+                            f"`personalize <method> ... --resume`")
+        from ..config import TrainConfig
+
+        cfg = TrainConfig(**(config | {"resume": True, "overwrite": False}))
+        yield from self._start(name, Path(cfg.output_dir), cfg)
+
+    def _start(self, name, run_dir, cfg):
+        self.ws.contained(run_dir, "run")
+        job_file = self.ws.save_job(name, cfg.to_json())
+        job = self.jobs.start_train(name, run_dir, job_file, cfg.steps, cwd=self.ws.root)
+        yield from self._follow(job)
+
+    def _follow(self, job):
+        while job.alive:
+            yield job.progress_line(), job.samples(), job.log_tail()
+            job.wait(0.5)
+        yield job.progress_line(), job.samples(), job.log_tail()
+        if job.status == "error":
+            raise UserError(job.message.removeprefix("error: "))
+
+    def watch(self):
+        """The current (or last) training's progress: a reopened page re-attaches to a run."""
+        job = self.jobs.train
+        if job is None:
+            yield "no training yet", [], ""
+            return
+        while job.alive:
+            yield job.progress_line(), job.samples(), job.log_tail()
+            job.wait(0.5)
+        yield job.progress_line(), job.samples(), job.log_tail()
+
+    def cancel(self):
+        return self.jobs.cancel()
+
+    # ------------------------------------------------------------------ Runs
+    def list_runs(self) -> list[dict]:
+        """Every run below runs/: finished (run.json), running, interrupted (checkpoints, no final
+        run.json) or empty; step saves (`steps/step-N/`) belong to their run and are not listed."""
+        from ..checkpoints import list_checkpoints
+        from ..runs import base_name, final_loss, load_run_json
+
+        out = []
+        live = self.jobs.train.run_dir if self.jobs.train and self.jobs.train.alive else None
+        for d in run_folders(self.ws.runs):
+            run = load_run_json(d)
+            row = {"run": self.ws.rel(d), "path": d, "run_json": run}
+            if live is not None and d == live:
+                row["status"] = "running"
+            elif run and run.get("status") == "finished":
+                row["status"] = "finished"
+            else:
+                ckpts = list_checkpoints(d)
+                row["status"] = f"interrupted at step {ckpts[-1][0]}" if ckpts else "interrupted (no checkpoint)"
+            cfg = (run or {}).get("config") or self.ws.load_job(d.name) or {}
+            stats = (run or {}).get("stats") or {}
+            row.update(base=base_name(run) if run else cfg.get("base", "?"), method=(run or cfg).get("method", "?"),
+                       subject=((run or {}).get("subject") or {}).get("name") or Path(str(cfg.get("subject", "?"))).name,
+                       steps=cfg.get("steps", ""),
+                       time=clock(stats["seconds_per_step"] * cfg.get("steps", 0)) if stats.get("seconds_per_step") else "",
+                       loss=final_loss(run) if run else None)
+            row["scores"] = self._scores(d)
+            out.append(row)
+        return out
+
+    @staticmethod
+    def _scores(run_dir: Path) -> dict:
+        try:
+            return json.loads((run_dir / "eval" / "scores.json").read_text()).get("scores") or {}
+        except (OSError, ValueError):
+            return {}
+
+    def runs_table(self):
+        import gradio as gr
+
+        rows = self.list_runs()
+        fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+        table = [[r["run"], r["status"], r["base"], r["method"], r["subject"], r["steps"], r["time"], fmt(r["loss"]),
+                  fmt(r["scores"].get("dino")), fmt(r["scores"].get("clip_i")), fmt(r["scores"].get("clip_t"))]
+                 for r in rows]
+        finished = [r["run"] for r in rows if r["status"] == "finished"]
+        resumable = [r["run"] for r in rows if r["status"].startswith("interrupted") and "/" not in r["run"]
+                     and self.ws.load_job(r["run"]) is not None]
+        return (table, gr.update(choices=finished), gr.update(choices=[r["run"] for r in rows]),
+                gr.update(choices=resumable, value=resumable[0] if resumable else None))
+
+    @user_errors
+    def run_details(self, rel):
+        run_dir = self.ws.run_dir(rel)
+        from ..runs import load_run_json
+
+        run = load_run_json(run_dir) or {"status": "not finished", "job": self.ws.load_job(run_dir.name)}
+        grid = run_dir / "validation.png"
+        summary = {k: run.get(k) for k in ("status", "method", "base", "subject", "instance_prompt", "resolution", "lr",
+                                           "stats", "finished_at", "job") if run.get(k) is not None}
+        if self._scores(run_dir):
+            summary["scores"] = self._scores(run_dir)
+        return (str(grid) if grid.is_file() else None), summary
+
+    def _cli(self, argv: list[str]):
+        """Run a `personalize` subcommand in-process through the CLI's own parser and handler."""
+        from ..cli import build_parser, user_facing
+
+        _quiet()
+
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            raise UserError(f"personalize {' '.join(argv[:1])}: bad arguments {argv[1:]}") from None
+        try:
+            return args.func(args)
+        except Exception as e:  # noqa: BLE001 - the CLI's boundary: a user's error is one line
+            line = user_facing(e)
+            if line is None:
+                raise
+            raise UserError(line) from None
+
+    @user_errors
+    def export(self, rel, fmt, overwrite):
+        run_dir = self.ws.run_dir(rel)
+        if fmt not in export_formats():
+            raise UserError(f"unknown export format '{fmt}' ({', '.join(export_formats())})")
+        suffix = ".safetensors" if fmt in ("kohya", "single-file") else ""
+        out = self.ws.exports / f"{rel.replace('/', '-')}-{fmt}{suffix}"
+        with self.jobs.exclusive(f"export {rel}"):
+            self._cli(["export", str(run_dir), "--format", fmt, "-o", str(out)] + (["--overwrite"] if overwrite else []))
+        if out.is_file():
+            return str(out), f"exported `{rel}` as {fmt}: `{out}`"
+        return None, f"exported `{rel}` as {fmt}: folder `{out}` (in the workspace)"
+
+    @user_errors
+    def evaluate(self, rel, dino, clip, images_per_prompt):
+        run_dir = self.ws.run_dir(rel)
+        argv = ["eval", str(run_dir), "--images-per-prompt", str(int(images_per_prompt or 4))]
+        argv += (["--dino", dino] if dino else []) + (["--clip", clip] if clip else [])
+        with self.jobs.exclusive(f"eval {rel}"):
+            self._cli(argv)
+        s = self._scores(run_dir)
+        return (f"`{rel}`: DINO {s.get('dino', float('nan')):.3f} · CLIP-I {s.get('clip_i', float('nan')):.3f} · "
+                f"CLIP-T {s.get('clip_t', float('nan')):.3f}  (eval/scores.md in the run)")
+
+    # ------------------------------------------------------------------ Generate
+    @user_errors
+    def generate(self, runs, weights, prompt, negative, seed, n, steps, guidance, resolution):
+        from ..commands.types import float_list
+        from ..generate import default_out_dir, generate_to_dir, resolve_source
+
+        runs = [runs] if isinstance(runs, str) else list(runs or [])
+        if not runs:
+            raise UserError("pick one or more finished runs to generate with")
+        dirs = [self.ws.run_dir(r) for r in runs]
+        w = None
+        if (weights or "").strip():
+            try:
+                w = float_list(-10, 10)(weights)
+            except argparse.ArgumentTypeError as e:
+                raise UserError(f"adapter weights: {e}") from None
+        # a full run is the pipeline the adapters go on, so it comes first (as RUN_DIR on the CLI)
+        from ..runs import read_run
+
+        methods_ = [read_run(d, finished=True).get("method") for d in dirs]
+        order = sorted(range(len(dirs)), key=lambda i: methods_[i] != "full")
+        dirs = [dirs[i] for i in order]
+        w = [w[i] for i in order] if w is not None and len(w) == len(dirs) else w
+        _quiet()
+        src = resolve_source(dirs[0], dirs[1:], w)
+        out = default_out_dir(src)
+        while out.exists():  # two calls in one second: a folder each
+            out = out.with_name(out.name + "-1")
+        self.ws.contained(out, "output")
+        with self.jobs.exclusive("generate"):
+            out, jobs, _ = generate_to_dir(src, [prompt or "a {token} {class}"], out, images_per_prompt=int(n),
+                                           seed=int(seed), steps=int(steps), guidance_scale=float(guidance),
+                                           negative_prompt=(negative or None), resolution=_num(resolution, int),
+                                           progress=False)
+        archive = out / "images.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            for p in sorted(out.iterdir()):
+                if p.suffix in (".png", ".json") and p != archive:
+                    z.write(p, p.name)
+        gallery = [(str(j.path), f"{j.prompt} · seed {j.seed}") for j in jobs]
+        return gallery, str(archive), f"{len(jobs)} image(s) in `{out}`; each PNG carries its settings (as `personalize generate`)"
+
+
+def build(app: App):
+    """The Gradio Blocks of `app` (not launched)."""
+    import gradio as gr
+
+    from ..subjects import load_subjects
+
+    subjects = load_subjects()
+    with gr.Blocks(title="personalize") as demo:
+        gr.Markdown(f"# personalize\nDreamBooth on BK-SDM backbones, the same code as the `personalize` CLI. "
+                    f"Workspace: `{app.ws.root}`")
+        with gr.Tab("Train"):
+            with gr.Row():
+                name = gr.Textbox(label="run name", value="my-run", info="a folder under runs/ in the workspace")
+                base = gr.Dropdown(base_choices(app.ws), value="bk-sdm-base", label="base", allow_custom_value=True,
+                                   info="registry name, or a local diffusers pipeline folder")
+                method = gr.Dropdown(methods(), value="lora", label="method")
+            with gr.Row():
+                source = gr.Radio([DATASET, OWN], value=OWN, label="subject")
+                subject = gr.Dropdown(list(subjects), value="dog", label="DreamBooth subject")
+                class_noun = gr.Textbox(label="class noun", placeholder="dog, backpack, ...")
+            photos = gr.File(label=f"your photos (3-{MAX_PHOTOS})", file_count="multiple", file_types=["image"],
+                             elem_id="photos")
+            thumbs = gr.Gallery(label="accepted photos", columns=6, height=160, elem_id="thumbs")
+            photo_msg = gr.Markdown(elem_id="photo-msg")
+            with gr.Row():
+                steps = gr.Number(800, label="steps", precision=0)
+                resolution = gr.Number(0, label="resolution (0: the base's)", precision=0)
+                lr = gr.Number(0, label="learning rate (0: the recipe's)")
+                rank = gr.Number(16, label="LoRA rank", precision=0)
+            with gr.Row():
+                prior = gr.Checkbox(True, label="prior preservation")
+                class_images = gr.Number(200, label="class images", precision=0)
+                sample_every = gr.Number(0, label="sample grid every N steps (0: off)", precision=0)
+                overwrite = gr.Checkbox(False, label="overwrite a finished run of this name")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="start")
+                cancel = gr.Button("Cancel", elem_id="cancel")
+            with gr.Row():
+                interrupted = gr.Dropdown([], label="interrupted runs", allow_custom_value=True)
+                resume = gr.Button("Resume", elem_id="resume")
+            progress = gr.Markdown("no training yet", elem_id="progress")
+            samples = gr.Gallery(label="sample grids", columns=4, elem_id="samples")
+            log = gr.Textbox(label="log", lines=4, max_lines=12)
+
+        with gr.Tab("Generate"):
+            with gr.Row():
+                gen_runs = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="finished runs",
+                                       elem_id="gen-runs")
+                weights = gr.Textbox(label="adapter weights (one per run, e.g. 0.7,0.5)", placeholder="1 each")
+            prompt = gr.Textbox("a {token} {class} on the beach", label="prompt ({token} and {class} fill in)",
+                                elem_id="prompt")
+            negative = gr.Textbox(label="negative prompt")
+            with gr.Row():
+                seed = gr.Number(0, label="first seed", precision=0)
+                n = gr.Slider(1, 16, 4, step=1, label="images")
+                gen_steps = gr.Number(25, label="steps", precision=0)
+                guidance = gr.Number(7.5, label="guidance")
+                gen_res = gr.Number(0, label="resolution (0: the run's)", precision=0)
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(label="images", columns=4, format="png", elem_id="gallery",
+                                 buttons=["download", "download_all", "fullscreen"])
+            gen_info = gr.Markdown(elem_id="gen-info")
+            archive = gr.File(label="all images (zip)")
+
+        with gr.Tab("Runs"):
+            refresh = gr.Button("Refresh")
+            table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, elem_id="runs")
+            pick = gr.Dropdown([], label="run", allow_custom_value=True)
+            with gr.Row():
+                grid = gr.Image(label="validation grid", type="filepath")
+                details = gr.JSON(label="run.json")
+            with gr.Row():
+                fmt = gr.Dropdown(export_formats(), value="kohya", label="export format")
+                exp_over = gr.Checkbox(False, label="overwrite")
+                export = gr.Button("Export")
+            exported = gr.File(label="exported file")
+            exp_msg = gr.Markdown()
+            with gr.Row():
+                from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
+
+                dino = gr.Textbox(DEFAULT_DINO, label="DINO model")
+                clip = gr.Textbox(DEFAULT_CLIP, label="CLIP model")
+                ipp = gr.Number(4, label="images per prompt", precision=0)
+                evaluate = gr.Button("Evaluate")
+            eval_msg = gr.Markdown()
+
+        train_inputs = [name, base, source, subject, photos, class_noun, method, steps, resolution, lr, rank, prior,
+                        class_images, sample_every, overwrite]
+        listing = [table, gen_runs, pick, interrupted]
+        photos.change(app.check_photos, [photos, base, resolution], [thumbs, photo_msg], api_name="check_photos")
+        start.click(app.train, train_inputs, [progress, samples, log], api_name="train", **LONG).then(
+            app.runs_table, None, listing, api_name=False)
+        resume.click(app.resume, [interrupted], [progress, samples, log], api_name="resume", **LONG).then(
+            app.runs_table, None, listing, api_name=False)
+        cancel.click(app.cancel, None, [progress], api_name="cancel", concurrency_limit=None)
+        go.click(app.generate, [gen_runs, weights, prompt, negative, seed, n, gen_steps, guidance, gen_res],
+                 [gallery, archive, gen_info], api_name="generate", **LONG)
+        refresh.click(app.runs_table, None, listing, api_name="runs", concurrency_limit=None)
+        pick.change(app.run_details, [pick], [grid, details], api_name="run_details")
+        export.click(app.export, [pick, fmt, exp_over], [exported, exp_msg], api_name="export", **LONG).then(
+            app.runs_table, None, listing, api_name=False)
+        evaluate.click(app.evaluate, [pick, dino, clip, ipp], [eval_msg], api_name="evaluate", **LONG).then(
+            app.runs_table, None, listing, api_name=False)
+        demo.load(app.runs_table, None, listing, api_name=False)
+        demo.load(app.watch, None, [progress, samples, log], api_name="watch", concurrency_limit=None)
+    return demo
