@@ -1,0 +1,93 @@
+"""Deploy exports of a run where small Stable Diffusion runs without PyTorch: ONNX (onnxruntime),
+OpenVINO IR (CPU servers, laptops) and Core ML (Mac/iPhone, Apple's ml-stable-diffusion layout).
+A LoRA run is fused into its base first; full runs and `distill` pipelines convert as they are.
+Everything is built in a temp folder and renamed into place: an export is whole or absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import UserError
+from .common import EXPORT_JSON, read_export, require_extra, resolve_deploy_source
+
+DEPLOY_FORMATS = ("onnx", "openvino", "coreml")
+RUNTIMES = ("onnx", "openvino")  # the formats `personalize generate` runs (Core ML predicts on macOS only)
+
+__all__ = ["DEPLOY_FORMATS", "EXPORT_JSON", "RUNTIMES", "export_deploy", "read_export"]
+
+
+def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0, base: str | None = None,
+                  overwrite: bool = False, allow_pickle: bool = False, resolution: int | None = None,
+                  weight_format: str = "fp32", quantize_nbits: int | None = 6, attention: str = "original",
+                  bundle_resources: bool = False) -> Path:
+    """RUN_DIR (LoRA run, full run or pipeline dir) -> OUT in `fmt`. `resolution` fixes Core ML's
+    shapes (default the run's training resolution); ONNX/OpenVINO keep them dynamic."""
+    from ...fileio import atomic_dir
+    from ...outputs import check_output, output_lock
+
+    if fmt not in DEPLOY_FORMATS:
+        raise UserError(f"unknown deploy format '{fmt}' ({', '.join(DEPLOY_FORMATS)})")
+    settings = _settings(fmt, weight_format, quantize_nbits, attention, bundle_resources)
+    require_extra(fmt, ("nncf",) if settings.get("weight_format") == "int8" else ())
+    run_dir, out = Path(run_dir), Path(out)
+    ds = resolve_deploy_source(run_dir, base=base, lora_scale=lora_scale)
+    check_output(out, kind="dir", inputs=[run_dir, ds.pipeline_dir], overwrite=overwrite)
+    res = _resolution(ds, resolution)
+    if fmt == "coreml" and bundle_resources:
+        from .coreml import check_bundle_tools
+
+        check_bundle_tools()
+    with output_lock(out):
+        from .common import load_fused, write_common, write_record
+
+        comps = load_fused(ds, allow_pickle)
+        with atomic_dir(out, replace=overwrite) as tmp:
+            readme = _convert(fmt, comps, tmp, res, settings)
+            write_common(tmp, comps, ds, fmt, settings, res)
+            write_record(tmp, ds, fmt, settings, res, readme)
+    return out
+
+
+def _settings(fmt: str, weight_format: str, quantize_nbits, attention: str, bundle_resources: bool) -> dict:
+    if fmt == "openvino":
+        from .openvino import WEIGHT_FORMATS
+
+        if weight_format not in WEIGHT_FORMATS:
+            raise UserError(f"--weight-format {weight_format}: choose from {', '.join(WEIGHT_FORMATS)}")
+        return {"runtime": "openvino", "weight_format": weight_format}
+    if fmt == "onnx":
+        if weight_format != "fp32":
+            raise UserError("--weight-format applies to --format openvino (the ONNX export is fp32)")
+        return {"runtime": "onnx", "weight_format": "fp32"}
+    from .coreml import ATTENTION, NBITS
+
+    if quantize_nbits is not None and quantize_nbits not in NBITS:
+        raise UserError(f"--quantize-nbits {quantize_nbits}: choose from {', '.join(map(str, NBITS))} or none")
+    if attention not in ATTENTION:
+        raise UserError(f"--attention {attention}: choose from {', '.join(ATTENTION)}")
+    return {"quantize_nbits": quantize_nbits, "attention": attention, "bundle_resources": bundle_resources}
+
+
+def _resolution(ds, resolution: int | None) -> int:
+    from ...backbones import native_resolution
+
+    res = resolution or int((ds.run or {}).get("resolution") or native_resolution(ds.pipeline_dir))
+    if res <= 0 or res % 8:
+        raise UserError(f"--resolution must be a positive multiple of 8, got {res}")
+    return res
+
+
+def _convert(fmt: str, comps: dict, tmp: Path, res: int, settings: dict) -> str:
+    if fmt == "onnx":
+        from .onnx import README, write_onnx
+
+        write_onnx(comps, tmp, res)
+        return README
+    if fmt == "openvino":
+        from .openvino import README, write_openvino
+
+        write_openvino(comps, tmp, res, settings["weight_format"])
+        return README
+    from .coreml import write_coreml
+
+    return write_coreml(comps, tmp, res, settings)

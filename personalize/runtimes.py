@@ -1,0 +1,132 @@
+"""Generation with an exported ONNX or OpenVINO folder on CPU.
+
+The diffusers `StableDiffusionPipeline` runs unchanged (prompt encoding, classifier-free guidance,
+the scheduler loop, latents from the same per-image generators, post-processing); only its text
+encoder, U-Net and VAE decoder are stand-ins that call the exported models. So an exported folder
+gives the torch pipeline's images for the same prompt, seed, scheduler and steps, up to the
+runtimes' float rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+class _Session:
+    """One exported model: named numpy inputs -> list of numpy outputs."""
+
+    def __init__(self, runtime: str, folder: Path):
+        if runtime == "onnx":
+            import onnxruntime as ort
+
+            self._s = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+            self.run = lambda feeds: self._s.run(None, feeds)
+        else:
+            import openvino as ov
+
+            # the CPU plugin computes in bf16 by default where the CPU has it; f32 matches torch
+            self._m = ov.Core().compile_model(str(folder / "openvino_model.xml"), "CPU",
+                                              {"INFERENCE_PRECISION_HINT": "f32"})
+            self.run = lambda feeds: list(self._m(feeds).values())
+
+
+class _Stub(torch.nn.Module):
+    """What diffusers' pipeline reads from a model besides calling it: config, dtype, device."""
+
+    def __init__(self, config: dict, session: _Session):
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.config = FrozenDict(config)
+        self.session = session
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class TextEncoderStub(_Stub):
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **_):
+        if output_hidden_states:
+            raise UserError("clip skip is not supported by exported text encoders")
+        outs = self.session.run({"input_ids": input_ids.cpu().numpy().astype(np.int64)})
+        return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+
+
+class UNetStub(_Stub):
+    def forward(self, sample, timestep, encoder_hidden_states, *_, return_dict=False, **__):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        out = self.session.run({"sample": sample.float().numpy(), "timestep": t.contiguous().numpy(),
+                                "encoder_hidden_states": encoder_hidden_states.float().numpy()})[0]
+        return (torch.from_numpy(np.ascontiguousarray(out)),)
+
+
+class VAEDecoderStub(_Stub):
+    def decode(self, z, return_dict=False, generator=None):
+        out = self.session.run({"latent_sample": z.float().numpy()})[0]
+        return (torch.from_numpy(np.ascontiguousarray(out)),)
+
+
+def _config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
+def load_runtime_pipeline(export_dir: Path, runtime: str, scheduler: str, device: torch.device | None = None,
+                          dtype: torch.dtype | None = None):
+    """A diffusers StableDiffusionPipeline whose three models run on `runtime` (CPU)."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from .pipeline import build_pipeline
+
+    if device is not None and device.type != "cpu":
+        raise UserError(f"--device {device}: an exported {runtime} folder runs on the CPU here")
+    if dtype not in (None, torch.float32):
+        raise UserError(f"--dtype: an exported {runtime} folder computes in fp32 (its weight format was set at export)")
+    export_dir = Path(export_dir)
+    _require(runtime)
+    comps = {"tokenizer": CLIPTokenizer.from_pretrained(str(export_dir / "tokenizer")),
+             "noise_scheduler": DDPMScheduler.from_pretrained(str(export_dir / "scheduler"))}
+    for name, cls in (("text_encoder", TextEncoderStub), ("unet", UNetStub), ("vae_decoder", VAEDecoderStub)):
+        folder = export_dir / name
+        comps["vae" if name == "vae_decoder" else name] = cls(_config(folder), _Session(runtime, folder))
+    return build_pipeline(comps, scheduler)
+
+
+def _require(runtime: str) -> None:
+    from .export.deploy.common import require_extra
+
+    require_extra(runtime)
+
+
+def export_source(path: Path, adapters: list, base: str | None, scheduler: str):
+    """A generate.Source for an ONNX/OpenVINO export folder, or None when `path` is not an export."""
+    from .export.deploy import RUNTIMES, read_export
+    from .generate import Source
+
+    rec = read_export(path)
+    if rec is None:
+        return None
+    if rec.get("runtime") not in RUNTIMES:
+        raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "
+                        f"ml-stable-diffusion pipelines, see its README.md); generate runs onnx/openvino exports")
+    if adapters or base is not None:
+        raise UserError(f"{path}: an exported pipeline (adapters already fused); --adapter/--base do not apply")
+    missing = [c for c in (*COMPONENTS, "tokenizer", "scheduler") if not (Path(path) / c).is_dir()]
+    if missing:
+        raise UserError(f"{path}: incomplete {rec['format']} export (no {missing[0]}/); export it again")
+    return Source(Path(path).resolve(), str(rec.get("base", "?")), export=rec, scheduler=scheduler)
