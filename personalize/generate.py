@@ -59,6 +59,7 @@ class Source:
     pipeline_dir: Path
     base_name: str
     full_run: dict | None = None  # run.json of a full-finetune run (then pipeline_dir is that run)
+    export: dict | None = None  # export.json of an ONNX/OpenVINO export (then pipeline_dir is that folder)
     adapters: list[AdapterRef] = field(default_factory=list)
     lora_scale: float = 1.0
     scheduler: str = DEFAULT_SCHEDULER
@@ -66,10 +67,12 @@ class Source:
     @property
     def subject_run(self) -> dict | None:
         """The run whose token and class fill `{token}` / `{class}`: the full run, else the first adapter."""
-        return self.full_run or (self.adapters[0].run if self.adapters else None)
+        return self.full_run or (self.export or {}).get("run") or (self.adapters[0].run if self.adapters else None)
 
     def describe(self) -> dict:
         d = {"base": self.base_name, "base_path": str(self.pipeline_dir), "scheduler": self.scheduler}
+        if self.export is not None:
+            d["export"] = {k: self.export.get(k) for k in ("format", "weight_format", "from", "method")}
         if self.full_run is not None:
             d["full_run"] = {"run": str(self.pipeline_dir), "subject": self.full_run["subject"]["name"],
                              "trained_on": base_name(self.full_run), "finished_at": self.full_run.get("finished_at")}
@@ -109,6 +112,12 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
     A LoRA RUN_DIR is the first adapter; a full RUN_DIR is the pipeline the adapters go on."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
+    if run_dir is not None:
+        from .runtimes import export_source
+
+        exported = export_source(Path(run_dir), list(adapters), base, scheduler)
+        if exported is not None:
+            return exported
     adapter_dirs = [Path(a) for a in adapters]
     full = None
     if run_dir is not None:
@@ -183,6 +192,10 @@ def load_pipeline(src: Source, device: torch.device | None = None, dtype: torch.
     from .adapters import method_of
     from .peft_adapters import activate, check_lora_file, load_peft_adapter
 
+    if src.export is not None:
+        from .runtimes import load_runtime_pipeline
+
+        return load_runtime_pipeline(src.pipeline_dir, src.export["runtime"], src.scheduler, device, dtype)
     device = device or pick_device(None)
     dtype = dtype or pick_dtype(None, device)
     comps = load_components(src.pipeline_dir, allow_pickle, dtype=dtype)
@@ -245,6 +258,8 @@ def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: i
 def default_resolution(src: Source) -> int:
     from .backbones import native_resolution
 
+    if src.export is not None:
+        return int(src.export["resolution"])
     run = src.subject_run
     if run and run.get("resolution"):
         return int(run["resolution"])
@@ -273,7 +288,7 @@ def run_jobs(src: Source, jobs: list[ImageJob], *, batch_size: int | None = None
     todo = [j for j in jobs if not is_up_to_date(j)]
     if not todo:
         return 0
-    dev = pick_device(device)
+    dev = pick_device(device or ("cpu" if src.export is not None else None))  # exports run on the CPU
     if pipe is None:
         pipe = load_pipeline(src, dev, pick_dtype(dtype, dev), allow_pickle)
     batch_size = batch_size or (8 if dev.type == "cuda" else 2)
@@ -375,7 +390,7 @@ def collect_prompts(src: Source, prompts: list[str] | None = None, prompts_file:
 
 def default_out_dir(src: Source) -> Path:
     """<first run>/samples/<time>, or ./samples/<time> for a plain base: a new folder per call."""
-    run_dirs = ([src.pipeline_dir] if src.full_run is not None else []) + [a.run_dir for a in src.adapters]
+    run_dirs = ([src.pipeline_dir] if src.full_run is not None or src.export is not None else []) + [a.run_dir for a in src.adapters]
     root = Path(run_dirs[0]) / "samples" if run_dirs else Path("samples")
     return root / time.strftime("%Y%m%d-%H%M%S")
 
@@ -407,6 +422,10 @@ def input_paths(src: Source) -> list[Path]:
     from .adapters import ADAPTER_DIR, LORA_WEIGHTS
     from .runs import RUN_JSON
 
+    if src.export is not None:
+        from .runtimes import COMPONENTS
+
+        return [src.pipeline_dir / n for n in (*COMPONENTS, "tokenizer", "scheduler", "export.json")]
     paths = [src.pipeline_dir / n for n in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer",
                                             "scheduler", RUN_JSON)]
     for a in src.adapters:

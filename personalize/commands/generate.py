@@ -13,6 +13,13 @@ SCALE = number(float, -10, 10)  # an adapter's weight; |w| > a few already break
 SEED = number(int, 0, 2**63 - 1)
 
 
+def nbits(text: str):
+    """--quantize-nbits: a palette size in bits, or none (fp16 weights)."""
+    if text.lower() == "none":
+        return None
+    return number(int, 1, 8)(text)
+
+
 def _generate(args) -> int:
     from ..generate import collect_prompts, generate_to_dir, resolve_source
 
@@ -31,7 +38,14 @@ def _generate(args) -> int:
 def _export(args) -> int:
     from ..export import export_kohya, export_merged, export_single_file
 
-    if args.format == "kohya":
+    if args.format in ("onnx", "openvino", "coreml"):
+        from ..export.deploy import export_deploy
+
+        out = export_deploy(args.run_dir, args.out, args.format, lora_scale=args.lora_scale, base=args.base,
+                            overwrite=args.overwrite, allow_pickle=args.allow_pickle, resolution=args.resolution,
+                            weight_format=args.weight_format, quantize_nbits=args.quantize_nbits,
+                            attention=args.attention, bundle_resources=args.bundle_resources)
+    elif args.format == "kohya":
         out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite, names=args.names)
     elif args.format == "single-file":
         r = export_single_file(args.run_dir, args.out, half=args.half, base=args.base, lora_scale=args.lora_scale,
@@ -84,7 +98,7 @@ def add_parser(sub) -> None:
                                    "merged: the LoRA fused into a complete diffusers pipeline directory.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                    help="a finished LoRA run (single-file: also a full run, a distill output or any base)")
-    p.add_argument("--format", required=True, choices=["kohya", "merged", "single-file"],
+    p.add_argument("--format", required=True, choices=["kohya", "merged", "single-file", "onnx", "openvino", "coreml"],
                    help="single-file: one original-SD checkpoint (ComfyUI / A1111) of a full or LoRA run, "
                         "a distill output or any base")
     p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya) or directory (merged)")
@@ -94,6 +108,18 @@ def add_parser(sub) -> None:
                    help="kohya: U-Net key names; ldm = lora_unet_input_blocks_N_... from the base's real layout "
                         "(A1111 on BK-SDM); never mixed in one file")
     p.add_argument("--base", default=None, help="merged/single-file: fuse a LoRA into this base instead of the training base")
+    # deploy formats (personalize.export.deploy): LoRA fused first; full runs and distill pipelines as they are
+    p.add_argument("--weight-format", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="openvino: weights as fp32, fp16 or int8 (NNCF weight compression)")
+    p.add_argument("--quantize-nbits", type=nbits, default=6, metavar="{1,2,3,4,6,8,none}",
+                   help="coreml: k-means palettization bits (default 6, as Apple's and BK-SDM's published "
+                        "Core ML weights); none keeps fp16")
+    p.add_argument("--attention", default="original", choices=["original", "split_einsum"],
+                   help="coreml: attention layout (split_einsum targets the Neural Engine)")
+    p.add_argument("--resolution", type=resolution, default=None,
+                   help="coreml: the fixed image size (default the run's training resolution)")
+    p.add_argument("--bundle-resources", action="store_true",
+                   help="coreml: also compile .mlmodelc resources for the Swift pipeline (needs macOS + Xcode)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt base weights")
     p.set_defaults(func=_export)
