@@ -150,6 +150,8 @@ def test_lora_step_saves_equal_an_uninterrupted_run_and_samples_change_nothing(p
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
     r = cli("generate", step2, "--prompt", "a {token} {class}", "-n", "1", "--steps", "2", "-o", tmp_path / "gen")
     assert r.code == 0, r.err
+    r = cli("export", step2, "--format", "kohya", "-o", tmp_path / "step2.safetensors")
+    assert r.code == 0, r.err
     # and a folder of runs lists the run, not its step dirs
     from personalize.runs import find_run_dirs
 
@@ -211,6 +213,11 @@ def test_scores_by_step_and_the_best_step(photos, tmp_path, cli, tiny_model_dirs
     want = max(rows, key=lambda x: x["dino"])
     assert best["step"] == want["step"] and best["dir"] == ("." if want["step"] == 4 else "steps/step-000002")
     assert f"best step {want['step']}" in r.out
+    # the saved step dir is scored by `eval` like any run
+    step2 = out / "steps" / "step-000002"
+    r = cli("eval", step2, *ev, "--images-per-prompt", "1", "--steps", "2")
+    assert r.code == 0, r.err
+    assert (step2 / "eval" / "scores.json").is_file()
     # no step reaches CLIP-T 1.0: said, and recorded as none
     r = cli(*_lora_args(photos, "--score-every", "4", "--score-prompts", "1", "--score-images", "1",
                         "--validation-images", "0", "--min-clip-t", "1.0", "--output-dir", tmp_path / "strict", *ev))
