@@ -67,12 +67,11 @@ def checkpoint_tensors(comps: dict, half: bool = False) -> tuple[dict, UNetLayou
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, layout
 
 
-def clients(layout: UNetLayout, comps: dict) -> dict[str, str]:
+def clients(layout: UNetLayout, vae_groups: int = LDM_GROUPS, v2: bool = False) -> dict[str, str]:
     """Which client loads the file, and why not where one does not (from the clients' loaders:
     ComfyUI detects SD1.x/2.x by model_channels 320 and the context width; A1111 builds ldm's
     UNetModel, which has one num_res_blocks and always a middle block)."""
-    groups = {layout.norm_groups, int(comps["vae"].config.norm_num_groups)}
-    v2 = is_open_clip(comps["text_encoder"])
+    groups = {layout.norm_groups, int(vae_groups)}
     out = {"diffusers": "yes: StableDiffusionPipeline.from_single_file(FILE, config=<a pipeline dir of this architecture>)"}
     ldm_ok = None if groups == {LDM_GROUPS} else f"no: GroupNorm with {min(groups)} groups (ldm clients build 32)"
     family = (layout.context_dim, layout.linear_proj) in ((768, False), (1024, True))
@@ -194,7 +193,7 @@ def export_single_file(source, out: Path, half: bool = False, base: str | None =
     for p in (out, yaml_path, readme):
         check_output(p, kind="file", inputs=inputs, overwrite=overwrite)
     tensors, layout = checkpoint_tensors(comps, half)
-    who = clients(layout, comps)
+    who = clients(layout, comps["vae"].config.norm_num_groups, is_open_clip(comps["text_encoder"]))
     needs_yaml = who["AUTOMATIC1111"].startswith("yes") and "yaml" in who["AUTOMATIC1111"]
     meta = {"format": "pt", "personalize_source": label, "personalize_layout": _layout_line(layout),
             "personalize_config_dir": str(pipeline_dir), "personalize_clients": json.dumps(who)}
