@@ -136,7 +136,7 @@ def add_adapter(unet, text_encoder, cfg) -> None:
     freeze everything else."""
     import torch
 
-    method = method_of(cfg.method)
+    method = method_of(getattr(cfg, "method", "lora"))
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     # peft draws the init from the global RNG: seed it (in a fork, leaving the caller's RNG alone)
@@ -159,7 +159,7 @@ def check_attach(base_path: Path, cfg) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    method = method_of(cfg.method)
+    method = method_of(getattr(cfg, "method", "lora"))
     base_path = Path(base_path)
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))
@@ -186,6 +186,11 @@ def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
 
     unet_sd = get_peft_model_state_dict(unet, save_embedding_layers=False)
     te_sd = get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if has_lora(text_encoder) else None
+    if te_sd is not None:
+        # DoRA: peft's state dict names a magnitude `lora_magnitude_vector`, which peft's loader (the
+        # U-Net's, through diffusers) maps back; transformers' loader (the text encoder's) does not,
+        # and wants the parameter's own name, `lora_magnitude_vector.weight`
+        te_sd = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in te_sd.items()}
     return unet_sd, te_sd
 
 

@@ -16,14 +16,15 @@ def _cfg(**kw):
     return SimpleNamespace(**(base | kw))
 
 
-def _expected_keys(model, prefix, targets, layer):
-    """The layout our files have always had (diffusers' `convert_state_dict_to_diffusers`:
-    `lora.down/up` in the U-Net, `lora_linear_layer.down/up` in the text encoder), derived from the
-    model's own module names, not from our writer."""
+def _expected_keys(model, prefix, targets):
+    """peft's key layout (`lora_A/lora_B`) for every targeted module, the one format diffusers'
+    loader reads for any target set (diffusers' old `lora.down/up` renaming covered attention
+    only, and a file with both formats lost its attention layers), derived from the model's own
+    module names, not from our writer."""
     keys = set()
     for name, _ in model.named_modules():
         if name.rsplit(".", 1)[-1] in targets:
-            keys |= {f"{prefix}.{name}.{layer}.down.weight", f"{prefix}.{name}.{layer}.up.weight"}
+            keys |= {f"{prefix}.{name}.lora_A.weight", f"{prefix}.{name}.lora_B.weight"}
     return keys
 
 
@@ -48,8 +49,8 @@ def test_attach_never_uses_the_model_mixins_add_adapter(tiny_base, tmp_path, mon
     with safe_open(str(tmp_path / LORA_WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
     # transformers 5 has no `text_model.` level in CLIPTextModel; diffusers' loader accepts both
-    expected = (_expected_keys(unet, "unet", {"to_q", "to_v"}, "lora")
-                | _expected_keys(te, "text_encoder", {"q_proj", "v_proj"}, "lora_linear_layer"))
+    expected = (_expected_keys(unet, "unet", {"to_q", "to_v"})
+                | _expected_keys(te, "text_encoder", {"q_proj", "v_proj"}))
     assert keys == expected and len(keys) > 8
 
 

@@ -74,6 +74,7 @@ def lycoris_layers(run_dir: Path, method: str) -> dict[tuple[str, str], dict]:
             scale = float(config.alpha) / float(config.r)
             if method == "lokr" and "lokr_w1" in p and "lokr_w2" in p:
                 p["lokr_w1"] = p["lokr_w1"] * scale  # the readers apply no alpha here (see the module doc)
+                p["alpha"] = torch.tensor(1.0)  # read (lycoris requires the key) but not applied
             else:
                 p["alpha"] = torch.tensor(float(config.alpha))
     return layers
