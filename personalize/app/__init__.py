@@ -20,7 +20,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 def require_gradio() -> None:
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401 - only whether it imports
     except ImportError:
         raise UserError("personalize app needs Gradio: pip install -e \".[app]\" (or pip install 'personalize[app]')") from None
 
@@ -57,7 +57,6 @@ def create(workspace: Path, train_defaults: dict | None = None, max_photo_mb: fl
 
 
 def launch_kwargs(app, host: str, port: int, share: bool, auth) -> dict:
-    from .workspace import MAX_PHOTO_MB
-
+    # gradio refuses a bigger upload before it is stored; check_photos says the same for any that got in
     return dict(server_name=host, server_port=port, share=share, auth=auth, allowed_paths=[str(app.ws.root)],
-                max_file_size=f"{int(MAX_PHOTO_MB)}mb", show_error=True, quiet=False)
+                max_file_size=int(app.ws.max_photo_mb * 2**20), show_error=True, quiet=False)

@@ -116,13 +116,9 @@ def _num(v, cast=float):
 
 class App:
     def __init__(self, workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None):
-        self.ws = Workspace(workspace)
+        self.ws = Workspace(workspace) if max_photo_mb is None else Workspace(workspace, max_photo_mb)
         self.jobs = JobManager()
         self.train_defaults = dict(train_defaults or {})  # TrainConfig fields the page does not show
-        if max_photo_mb is not None:
-            from . import workspace as w
-
-            w.MAX_PHOTO_MB = max_photo_mb
 
     # ------------------------------------------------------------------ Train
     def resolution_for(self, base: str, resolution) -> int:
@@ -285,7 +281,8 @@ class App:
                                            "stats", "finished_at", "job") if run.get(k) is not None}
         if self._scores(run_dir):
             summary["scores"] = self._scores(run_dir)
-        return (str(grid) if grid.is_file() else None), summary
+        # as text: Gradio takes any dict with a "path" key (run.json's base) for a file to serve
+        return (str(grid) if grid.is_file() else None), json.dumps(summary, indent=2, default=str)
 
     def _cli(self, argv: list[str]):
         """Run a `personalize` subcommand in-process through the CLI's own parser and handler."""
@@ -442,7 +439,7 @@ def build(app: App):
             pick = gr.Dropdown([], label="run", allow_custom_value=True)
             with gr.Row():
                 grid = gr.Image(label="validation grid", type="filepath")
-                details = gr.JSON(label="run.json")
+                details = gr.Code(label="run.json", language="json", interactive=False)
             with gr.Row():
                 fmt = gr.Dropdown(export_formats(), value="kohya", label="export format")
                 exp_over = gr.Checkbox(False, label="overwrite")

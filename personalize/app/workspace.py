@@ -52,8 +52,9 @@ class Photo:
 
 
 class Workspace:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_photo_mb: float = MAX_PHOTO_MB):
         self.root = Path(root).expanduser().resolve()
+        self.max_photo_mb = max_photo_mb
         self.root.mkdir(parents=True, exist_ok=True)
         for d in (self.runs, self.uploads, self.exports, self.jobs):
             d.mkdir(parents=True, exist_ok=True)
@@ -120,8 +121,8 @@ class Workspace:
                     raise UserError(f"{ph.name}: not an image file name (looked for "
                                     f"{', '.join(sorted(UPLOAD_SUFFIXES))})")
                 size = src.stat().st_size
-                if size > MAX_PHOTO_MB * 2**20:
-                    raise UserError(f"{ph.name}: {size / 2**20:.0f} MB; a photo is at most {MAX_PHOTO_MB} MB")
+                if size > self.max_photo_mb * 2**20:
+                    raise UserError(f"{ph.name}: {size / 2**20:.1f} MB; a photo is at most {self.max_photo_mb:g} MB")
                 load_training_images([src], resolution)
             except UserError as e:
                 # the CLI's message, naming the file as the user knows it rather than Gradio's temp copy

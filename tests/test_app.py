@@ -1,0 +1,327 @@
+"""`personalize app`: the web app driven through gradio_client against a real server on a free
+local port, with the `tiny` backbone and synthetic photos. What the app does must equal what the
+CLI does: the same refusal lines, the same generated PNGs and metadata, the same export."""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_photos
+
+# what tests/conftest.py's FAST flags set, for the fields the page does not show
+FAST = dict(class_image_steps=2, validation_images=1, validation_steps=2, log_every=2)
+
+
+# --------------------------------------------------------------------------- no Gradio needed
+def test_app_without_gradio_is_one_line(cli, monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_gradio(name, *a, **kw):
+        if name == "gradio" or name.startswith("gradio."):
+            raise ImportError("No module named 'gradio'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    r = cli("app", "--workspace", tmp_path / "ws")
+    assert r.code == 2
+    assert r.err.count("\n") == 1 and 'pip install -e ".[app]"' in r.err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_auth_flag_is_checked(cli, tmp_path):
+    r = cli("app", "--workspace", tmp_path / "ws", "--auth", "nopassword")
+    assert r.code == 2 and r.err.startswith("error: --auth: expected user:password")
+
+
+@pytest.mark.parametrize("bad", ["../escape", "/abs", "a/b", ".hidden", "-x", "", "a" * 65, "x..y"])
+def test_run_names_are_plain_folder_names(tmp_path, bad):
+    from personalize.app.workspace import Workspace
+    from personalize.errors import UserError
+
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(UserError, match="not a path"):
+        ws.new_run_dir(bad)
+    with pytest.raises(UserError):
+        ws.run_dir(bad)
+
+
+def test_a_run_symlinked_out_of_the_workspace_is_refused(tmp_path, lora_run):
+    from personalize.app.workspace import Workspace
+    from personalize.errors import UserError
+
+    ws = Workspace(tmp_path / "ws")
+    (ws.runs / "sneaky").symlink_to(lora_run, target_is_directory=True)
+    with pytest.raises(UserError, match="outside the workspace"):
+        ws.run_dir("sneaky")
+    (ws.runs / "real").mkdir()
+    assert ws.run_dir("real") == ws.runs / "real"
+
+
+# --------------------------------------------------------------------------- the served app
+HAVE_GRADIO = all(importlib.util.find_spec(m) for m in ("gradio", "gradio_client"))
+needs_gradio = pytest.mark.skipif(not HAVE_GRADIO, reason='needs the app extra: pip install -e ".[app]"')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, root: Path, **kw):
+        from gradio_client import Client
+
+        from personalize.app import create, launch_kwargs
+
+        self.app, self.demo = create(root, train_defaults=FAST, **kw)
+        args = launch_kwargs(self.app, "127.0.0.1", free_port(), False, None) | {"quiet": True}
+        self.demo.launch(prevent_thread_lock=True, **args)
+        self.client = Client(self.demo.local_url, verbose=False)
+        self.ws = self.app.ws
+
+    def close(self):
+        self.app.jobs.shutdown()
+        self.demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    s = Served(tmp_path_factory.mktemp("app") / "workspace", max_photo_mb=1)
+    yield s
+    s.close()
+
+
+def files(paths):
+    from gradio_client import handle_file
+
+    return [handle_file(str(p)) for p in paths]
+
+
+def train_args(name, photos, steps=4, **kw):
+    a = dict(name=name, base="tiny", source="my photos", subject="dog", photos=files(sorted(photos.iterdir())),
+             class_noun="dog", method="lora", steps=steps, resolution=0, lr=1e-2, rank=4, prior=True,
+             class_images=2, sample_every=2, overwrite=False)
+    a.update(kw)
+    return list(a.values())
+
+
+def app_error(served, *args, api_name):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as e:
+        served.client.predict(*args, api_name=api_name)
+    return str(e.value)
+
+
+def cli_error_line(cli, tmp_path, photo: Path) -> str:
+    """The CLI's line for a folder holding only `photo`, with the folder part of the path removed."""
+    d = tmp_path / f"cli-{photo.stem}"
+    d.mkdir()
+    (d / photo.name).write_bytes(photo.read_bytes())
+    r = cli("lora", "--subject", d, "--class-noun", "dog", "--base", "tiny", "--output-dir", tmp_path / "never")
+    assert r.code == 2 and not (tmp_path / "never").exists()
+    return r.err.strip().removeprefix("error: ").replace(str(d / photo.name), photo.name)
+
+
+@needs_gradio
+def test_bad_uploads_are_refused_one_by_one_with_the_cli_message(served, tmp_path, cli):
+    good = write_photos(tmp_path / "good", n=3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.jpg").write_text("not an image")
+    truncated = (good / "00.jpg").read_bytes()
+    (bad / "cut.jpg").write_bytes(truncated[: len(truncated) // 3])
+    Image.new("RGB", (32, 40), "red").save(bad / "small.png")  # under tiny's 64 px
+    thumbs, msg = served.client.predict(files([*sorted(good.iterdir()), *sorted(bad.iterdir())]), "tiny", 0,
+                                        api_name="/check_photos")
+    assert msg.splitlines()[0] == "3 photo(s) accepted, 3 refused:"
+    assert len(thumbs) == 3
+    for photo in sorted(bad.iterdir()):
+        line = cli_error_line(cli, tmp_path, photo)
+        assert line.startswith(photo.name + ":")
+        assert f"- error: {line}" in msg.splitlines(), (line, msg)
+
+
+@needs_gradio
+def test_exif_orientation_is_honoured_in_thumbnails(served, tmp_path):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the picture is taller than the stored pixels
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif)
+    thumbs, msg = served.client.predict(files([path]), "tiny", 0, api_name="/check_photos")
+    w, h = Image.open(thumbs[0]["image"]).size
+    assert h > w, (w, h)
+
+
+@needs_gradio
+def test_upload_count_and_size_limits(served, tmp_path):
+    from personalize.app.workspace import Photo
+
+    many = write_photos(tmp_path / "many", n=21)
+    assert "21 photos: at most 20" in app_error(served, files(sorted(many.iterdir())), "tiny", 0,
+                                                 api_name="/check_photos")
+    big = tmp_path / "big.png"  # ~3 MB of noise against the fixture's 1 MB limit
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(big)
+    with pytest.raises(Exception, match="exceeds the maximum file size of 1048576 bytes"):
+        served.client.predict(files([big]), "tiny", 0, api_name="/check_photos")
+    # and the app's own check, for a file that got past the server's limit
+    good, bad = served.ws.check_photos([Photo(big, "big.png")], 64)
+    assert not good and bad == [f"big.png: {big.stat().st_size / 2**20:.1f} MB; a photo is at most 1 MB"]
+    few = write_photos(tmp_path / "few", n=2)
+    msg = app_error(served, *train_args("too-few", few), api_name="/train")
+    assert "DreamBooth needs at least 3" in msg
+    assert not (served.ws.runs / "too-few").exists()
+
+
+@needs_gradio
+def test_path_traversal_is_refused_and_nothing_is_written_outside(served, tmp_path, lora_run):
+    photos = write_photos(tmp_path / "p", n=3)
+    outside = served.ws.root.parent
+    before = sorted(p.name for p in outside.iterdir())
+    msg = app_error(served, *train_args("../escape", photos), api_name="/train")
+    assert msg.startswith("run name '../escape':")
+    for bad in ("../escape", str(lora_run), "../../" + lora_run.name):
+        assert "not a run of this workspace" in app_error(served, [bad], "", "a {token} {class}", "", 0, 1, 2, 7.5, 0,
+                                                          api_name="/generate")
+        assert "not a run of this workspace" in app_error(served, bad, "kohya", False, api_name="/export")
+        assert "not a run of this workspace" in app_error(served, bad, api_name="/run_details")
+    assert "interrupted run" in app_error(served, "../x", api_name="/resume")
+    assert sorted(p.name for p in outside.iterdir()) == before
+
+
+@needs_gradio
+@pytest.mark.slow
+def test_train_generate_export_like_the_cli(served, tmp_path, cli):
+    from safetensors.torch import load_file
+
+    photos = write_photos(tmp_path / "my_dog", n=4)
+    progress, samples, log = served.client.predict(*train_args("dog1", photos), api_name="/train")
+    assert progress.startswith("**finished** `dog1` · step 4/4 · loss ")
+    run_dir = served.ws.runs / "dog1"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and run["config"]["steps"] == 4 and run["config"]["class_images"] == 2
+    assert f"loss {run['stats']['final_losses']['loss']:.4f}" in progress
+    assert [s["caption"] for s in samples] == ["step 2", "step 4"]  # the grids as they appeared
+    # the uploaded photos are the run's subject, stored under names the app made
+    assert sorted(p.name for p in (served.ws.uploads / "dog1").iterdir()) == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
+
+    table = served.client.predict(api_name="/runs")[0]
+    row = dict(zip(table["headers"], next(r for r in table["data"] if r[0] == "dog1")))
+    assert row["status"] == "finished" and row["base"] == "tiny" and row["method"] == "lora"
+    assert float(row["final loss"]) == pytest.approx(run["stats"]["final_losses"]["loss"], abs=1e-4)
+
+    gallery, archive, info = served.client.predict(["dog1"], "", "a {token} {class} on the beach", "blurry", 3, 2, 2,
+                                                   7.5, 0, api_name="/generate")
+    assert len(gallery) == 2 and gallery[0]["caption"] == "a sks dog on the beach · seed 3"
+    out = tmp_path / "cli-gen"
+    r = cli("generate", run_dir, "--prompt", "a {token} {class} on the beach", "--negative-prompt", "blurry",
+            "--seed", 3, "-n", 2, "--steps", 2, "--guidance-scale", 7.5, "-o", out)
+    assert r.code == 0, r.err
+    for item, seed in zip(gallery, (3, 4)):
+        ours, theirs = Image.open(item["image"]), Image.open(out / f"p00-s{seed}.png")
+        assert json.loads(ours.text["personalize"]) == json.loads(theirs.text["personalize"])
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    import zipfile
+
+    assert sorted(n for n in zipfile.ZipFile(archive).namelist() if n.endswith(".png")) == [
+        "grid.png", "p00-s3.png", "p00-s4.png"]
+
+    exported, msg = served.client.predict("dog1", "kohya", False, api_name="/export")
+    assert (served.ws.exports / "dog1-kohya.safetensors").is_file()
+    assert cli("export", run_dir, "--format", "kohya", "-o", tmp_path / "cli.safetensors").code == 0
+    ours, theirs = load_file(exported), load_file(tmp_path / "cli.safetensors")
+    assert ours.keys() == theirs.keys() and any(k.startswith("lora_unet_") for k in ours)
+    assert all((ours[k] == theirs[k]).all() for k in ours)
+    # a second export of the same name is refused with the CLI's line, unless overwrite
+    assert "already exists; pass --overwrite" in app_error(served, "dog1", "kohya", False, api_name="/export")
+    served.client.predict("dog1", "kohya", True, api_name="/export")
+
+    grid, details = served.client.predict("dog1", api_name="/run_details")
+    assert Path(grid).name.endswith(".png") and json.loads(details)["status"] == "finished"
+    # evaluation needs DINO/CLIP weights, which an offline machine lacks: the CLI's line
+    msg = app_error(served, "dog1", str(tmp_path / "no-dino"), str(tmp_path / "no-clip"), 1, api_name="/evaluate")
+    assert "no-dino" in msg
+
+
+@needs_gradio
+@pytest.mark.slow
+def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_path):
+    from gradio_client.utils import Status
+
+    photos = write_photos(tmp_path / "my_cat", n=3, seed=5)
+    job = served.client.submit(*train_args("cat1", photos, steps=400, sample_every=0, class_images=0, prior=False),
+                               api_name="/train")
+    deadline = time.time() + 120
+    while (served.app.jobs.train is None or served.app.jobs.train.name != "cat1"
+           or served.app.jobs.train.step < 2) and time.time() < deadline:
+        time.sleep(0.2)
+    assert served.app.jobs.train.step >= 2
+    # a second long job waits in Gradio's queue behind the training, with its position
+    waiting = served.client.submit(["cat1"], "", "a {token} {class}", "", 0, 1, 2, 7.5, 0, api_name="/generate")
+    for _ in range(50):
+        st = waiting.status()
+        if st.code == Status.IN_QUEUE:
+            break
+        time.sleep(0.1)
+    assert st.code == Status.IN_QUEUE and st.rank is not None and st.queue_size >= 1
+    # the runs list (not a long job) answers meanwhile and shows it running
+    table = served.client.predict(api_name="/runs")[0]
+    assert dict(zip(table["headers"], next(r for r in table["data"] if r[0] == "cat1")))["status"] == "running"
+
+    assert served.client.predict(api_name="/cancel").startswith("cancelling 'cat1'")
+    progress = job.result(timeout=120)[0]
+    assert "cancelled at step" in progress and "resumable" in progress
+    stopped = int(progress.split("cancelled at step ")[1].split("/")[0])
+    assert 2 <= stopped < 400
+    from personalize.checkpoints import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(served.ws.runs / "cat1")] == [stopped]  # the cancel step's checkpoint
+    with pytest.raises(Exception, match="cat1: no run.json"):
+        waiting.result(timeout=60)  # the queued generate ran after it, and the CLI refuses an unfinished run
+
+    table, _, _, interrupted = served.client.predict(api_name="/runs")
+    row = dict(zip(table["headers"], next(r for r in table["data"] if r[0] == "cat1")))
+    assert row["status"] == f"interrupted at step {stopped}"
+    assert "cat1" in str(interrupted)  # offered for Resume
+
+    # Resume continues from the checkpoint (a short rest: steps lowered on the record to keep it fast)
+    record = served.ws.job_path("cat1")
+    doc = json.loads(record.read_text())
+    doc["config"]["steps"] = stopped + 2
+    record.write_text(json.dumps(doc))
+    progress, _, log = served.client.predict("cat1", api_name="/resume")
+    assert progress.startswith(f"**finished** `cat1` · step {stopped + 2}/{stopped + 2}")
+    assert "resuming from" in log and f"(step {stopped}/{stopped + 2})" in log
+    run = json.loads((served.ws.runs / "cat1" / "run.json").read_text())
+    assert run["status"] == "finished" and run["config"]["resume"] is True
+
+
+@needs_gradio
+def test_app_command_prints_the_no_auth_line_off_localhost(cli, tmp_path, monkeypatch):
+    import gradio
+
+    launched = {}
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    r = cli("app", "--workspace", tmp_path / "ws", "--host", "0.0.0.0", "--port", 7999)
+    assert r.code == 0
+    assert "no authentication" in r.out and "--auth user:pass" in r.out
+    assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999 and launched["auth"] is None
+    assert launched["allowed_paths"] == [str((tmp_path / "ws").resolve())]
+    r = cli("app", "--workspace", tmp_path / "ws", "--auth", "me:secret")
+    assert "no authentication" not in r.out and launched["auth"] == ("me", "secret")
+    assert launched["server_name"] == "127.0.0.1"
+    r = cli("app", "--workspace", tmp_path / "ws", "--share", "--auth", "me:secret")
+    assert "no authentication" not in r.out
+    r = cli("app", "--workspace", tmp_path / "ws", "--share")
+    assert "gradio.live" in r.out
