@@ -288,3 +288,66 @@ def test_saved_text_encoders_use_transformers_4_names_and_load_in_5(students, tm
     assert all(torch.equal(loaded[k], v) for k, v in ref.items())
     meta = json.loads((merged / "export.json").read_text())
     assert meta["merged_from"]
+
+
+def test_full_run_exports_and_keeps_transformers_4_text_encoder_names(full_run, tmp_path, cli):
+    from diffusers import StableDiffusionPipeline
+
+    saved = load_file(str(full_run / "text_encoder" / "model.safetensors"))
+    assert all(k.startswith("text_model.") for k in saved)
+    out = tmp_path / "full.safetensors"
+    r = cli("export", full_run, "--format", "single-file", "-o", out)
+    assert r.code == 0, r.err
+    ref = StableDiffusionPipeline.from_pretrained(full_run, safety_checker=None)
+    _assert_same(_outputs(ref), _outputs(_reload(out, full_run)))
+    with safe_open(str(out), framework="pt") as f:
+        assert "full run" in f.metadata()["personalize_source"]
+
+
+@pytest.fixture(scope="module")
+def sd2_bk_base(tmp_path_factory) -> Path:
+    """A bk-base student of an SD-v2-shaped teacher: OpenCLIP-width (1024) text encoder, linear
+    transformer projections, 64-wide heads (SD-v2's num_head_channels) at small widths."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from distill.arch import get_arch
+    from distill.mapping import init_student_from_teacher
+    from personalize.backbones import build_tiny_components
+
+    comps = build_tiny_components(2)
+    tc = comps["text_encoder"].config
+    torch.manual_seed(2)
+    teacher = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 64, 128, 128), layers_per_block=2, cross_attention_dim=1024,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), use_linear_projection=True,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=[1, 1, 2, 2])
+    comps["unet"], _ = init_student_from_teacher(teacher, get_arch("bk-base"))
+    comps["vae"] = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32, sample_size=64)
+    comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tc.vocab_size, hidden_size=1024, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id,
+        pad_token_id=tc.pad_token_id))
+    out = tmp_path_factory.mktemp("sd2") / "sd2-bk-base"
+    StableDiffusionPipeline(**comps, requires_safety_checker=False).save_pretrained(out)
+    return out
+
+
+def test_sd_v2_layout_single_file_and_yaml_read_back_by_diffusers(sd2_bk_base, tmp_path, cli):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "sd2.safetensors"
+    assert cli("export", sd2_bk_base, "--format", "single-file", "-o", out).code == 0
+    sd = load_file(str(out))
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in sd
+    ref = StableDiffusionPipeline.from_pretrained(sd2_bk_base, safety_checker=None)
+    _assert_same(_outputs(ref), _outputs(_reload(out, sd2_bk_base)))
+    yaml_text = out.with_suffix(".yaml").read_text()
+    assert "FrozenOpenCLIPEmbedder" in yaml_text and "num_head_channels: 64" in yaml_text
+    sf = StableDiffusionPipeline.from_single_file(
+        str(out), original_config=str(out.with_suffix(".yaml")), text_encoder=ref.text_encoder,
+        tokenizer=ref.tokenizer, safety_checker=None, local_files_only=True)
+    got, want = _outputs(sf), _outputs(ref)
+    _assert_same({"unet": want["unet"], "vae": want["vae"]}, {"unet": got["unet"], "vae": got["vae"]})

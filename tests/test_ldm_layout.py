@@ -141,3 +141,23 @@ def test_a_unet_part_without_ldm_place_is_refused():
     cfg = dict(SD_V1_UNET_CONFIG, class_embed_type="timestep")
     with pytest.raises(UserError, match="no place"):
         unet_layout(build_unet(cfg))
+
+
+def test_sd_v2_text_encoder_round_trips_through_diffusers_open_clip_reader():
+    """SD-v2's text encoder (width 1024: OpenCLIP ViT-H) goes out in open_clip's names, q/k/v
+    fused into in_proj; diffusers' convert_open_clip_checkpoint reads every tensor back."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from personalize.export.ldm_layout import OPENCLIP_PREFIX, text_encoder_to_ldm
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    ldm = text_encoder_to_ldm(te)
+    assert f"{OPENCLIP_PREFIX}transformer.resblocks.1.attn.in_proj_weight" in ldm
+    back = convert_open_clip_checkpoint(te, ldm)
+    sd = {k: v for k, v in te.state_dict().items() if not k.endswith("position_ids")}
+    assert {k.removeprefix("text_model.") for k in back} == set(sd)
+    assert all(torch.equal(back[k] if k in back else back["text_model." + k], v) for k, v in sd.items())

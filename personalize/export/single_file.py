@@ -104,8 +104,10 @@ def a1111_yaml(layout: UNetLayout, comps: dict) -> str:
     attn_res = [2 ** s for s, d in enumerate(layout.down_depth) if d]
     depths = {d for d in layout.down_depth if d} | ({layout.mid_depth} if layout.mid_depth else set())
     heads = {h for h in layout.heads if h}
+    # one head count everywhere (SD-v1: 8) or one head width (SD-v2: 64), as ldm's two options;
+    # num_heads must then be absent, not -1 (diffusers' yaml reader takes any num_heads given)
     head_spec = (f"num_heads: {heads.pop()}" if len(heads) == 1
-                 else f"num_heads: -1\n        num_head_channels: {layout.head_dims[0]}")
+                 else f"num_head_channels: {max(layout.head_dims)}")
     cond = ("ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n      params:\n        freeze: True\n"
             "        layer: \"penultimate\"" if v2 else "ldm.modules.encoders.modules.FrozenCLIPEmbedder")
     param = "    parameterization: \"v\"\n" if sched.get("prediction_type") == "v_prediction" else ""
