@@ -85,11 +85,26 @@ class DistillConfig:
     # project rule: safetensors weights only unless the user says so
     allow_pickle: bool = field(default=False, metadata={
         "help": "load .bin/.ckpt weights too (pickles can run code: trusted sources only)"})
+    # kd_train.sh passes --use_ema (diffusers EMAModel, decay 0.9999); opt-in here, as BK-SDM's own flag
+    use_ema: bool = field(default=False, metadata={
+        "help": "keep an EMA of the student (decay --ema-decay) and write it as the output weights (kd_train.sh)"})
+    # diffusers EMAModel's default, which kd_train_text_to_image.py keeps
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (default %(default)s, with EMAModel's warm-up)"})
+    # kd_train.sh: --valid_steps 500; 0 (off) here so short runs draw nothing
+    valid_steps: int = field(default=0, metadata={
+        "help": "every N steps write samples/step-N.png: --num-valid-images of --valid-prompt at fixed seeds "
+                "(kd_train.sh: 500; 0: off)"})
+    # kd_train_text_to_image.py --valid_prompt default
+    valid_prompt: str = field(default="a golden vase with different flowers", metadata={
+        "help": "prompt of the validation grid (default: BK-SDM's)"})
+    # kd_train_text_to_image.py --num_valid_images 2
+    num_valid_images: int = field(default=2, metadata={"help": "images in the validation grid, seeds 0..N-1"})
     # an existing run dir is continued only when asked
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in -o"})
 
     # may change between an interrupted run and its resume without changing what is trained
-    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "resume", "allow_pickle")
+    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "resume", "allow_pickle", "valid_steps",
+                         "valid_prompt", "num_valid_images")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -98,9 +113,13 @@ class DistillConfig:
 
     def validate(self) -> None:
         """The range checks of `distill train` (messages name the flags); raises UserError."""
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every"):
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "log_every", "num_valid_images"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.valid_steps < 0:
+            raise UserError("--valid-steps must be >= 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1]")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be >= 0")
         if not self.lr > 0:
@@ -229,6 +248,32 @@ def _weight_dtype(accelerator) -> torch.dtype:
     return weight_dtype(accelerator.mixed_precision)
 
 
+def _hooks(cfg: DistillConfig, out: Path, student, device, vae, text_encoder, tokenizer, scheduler):
+    """fit hooks of the run: the EMA (every step) and the validation grid (every --valid-steps)."""
+    from personalize.fit import Hook
+
+    hooks, ema = [], None
+    if cfg.use_ema:
+        from .ema import StudentEMA
+
+        ema = StudentEMA(student, out, cfg.ema_decay, cfg.checkpoint_every, cfg.steps, device)
+        hooks.append(Hook("ema", 1, ema))
+    if cfg.valid_steps:
+        from personalize.monitor import Sampler
+
+        def components(models: dict) -> dict:
+            # with --precompute the encoders were parked on the CPU; the grid needs them back
+            vae.to(device)
+            text_encoder.to(device)
+            return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": models["unet"],
+                    "noise_scheduler": scheduler}
+
+        sampler = Sampler(out, components, [cfg.valid_prompt] * cfg.num_valid_images, steps=25, guidance_scale=7.5,
+                          resolution=cfg.data.resolution, meta={"what": "distill train validation"})
+        hooks.append(Hook("valid", cfg.valid_steps, sampler, at_end=True))
+    return hooks, ema
+
+
 def train(cfg: DistillConfig, log=print) -> Path:
     """Run BK-SDM KD training; returns the written student pipeline directory."""
     from diffusers import DDPMScheduler
@@ -324,13 +369,18 @@ def train(cfg: DistillConfig, log=print) -> Path:
         write_text(out / PROVENANCE_FILE, json.dumps(resolved, indent=1))
     log(f"KD: {len(pairs)} feature pairs, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"
         f" x {accelerator.num_processes} process(es), {cfg.steps} steps, {accelerator.mixed_precision} precision")
+    hooks, ema = _hooks(cfg, out, student, device, vae, text_encoder, tokenizer, scheduler)
     result = fit(accelerator, {"unet": student}, loss_fn, run_cfg, out, resume=cfg.resume,
-                 description="distill", log=log)
+                 description="distill", log=log, hooks=hooks)
     distiller.remove_hooks()
 
     final = out / STUDENT_DIR
     if accelerator.is_main_process:
         trained = result.models["unet"].to("cpu", torch.float32)
+        if ema is not None:
+            ema.copy_to(trained, result.step)
+            ema.prune()  # the checkpoint of the last step is written now: older EMA states can go
+            resolved["weights"] = f"EMA of the student (decay {cfg.ema_decay})"
         final_pipe = load_pipeline(student_dir, cfg.allow_pickle, unet=trained)
         resolved["final_losses"] = result.losses
         prov = student_dir / PROVENANCE_FILE

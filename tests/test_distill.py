@@ -396,7 +396,7 @@ def test_every_flag_has_help_text(capsys):
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(sub.choices) == {"prune", "train"}
+    assert set(sub.choices) == {"prune", "train", "eval", "report"}
     for name, p in sub.choices.items():
         for action in p._actions:
             assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings)
@@ -418,7 +418,8 @@ TRAIN_FLAGS = {
     "--streaming", "--shuffle-buffer", "--max-samples", "--resolution", "--random-crop", "--no-flip", "--precompute",
     "--steps", "--lr", "--batch-size", "--gradient-accumulation-steps", "--mixed-precision",
     "--gradient-checkpointing", "--lambda-sd", "--lambda-kd-out", "--lambda-kd-feat", "--seed", "--checkpoint-every",
-    "--log-every", "--allow-pickle", "--resume",
+    "--log-every", "--allow-pickle", "--resume", "--use-ema", "--ema-decay", "--valid-steps", "--valid-prompt",
+    "--num-valid-images",
 }
 
 
@@ -456,6 +457,26 @@ def test_train_flags_are_the_config_fields(distill_cli, capsys, tmp_path):
                                "--batch-size", "0")
     assert code == 2 and err.strip().splitlines() == ["error: --batch-size must be >= 1"]
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_flags_are_the_config_fields():
+    import argparse
+    import dataclasses
+
+    from distill.benchmark import EvalConfig
+    from distill.cli import build_parser, train_config
+    from distill.coco import GenerationConfig
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    p = sub.choices["eval"]
+    fields = {f.name for cls in (EvalConfig, GenerationConfig) for f in dataclasses.fields(cls)}
+    assert {a.dest for a in p._actions} - {"help"} == fields - {"generation"}
+    cfg = train_config(p.parse_args(["--base", "tiny", "-o", "o", "--steps", "3", "--limit", "5", "--no-score"]),
+                       EvalConfig)
+    assert cfg == EvalConfig("tiny", "o", generation=GenerationConfig(steps=3), limit=5, score=False)
+    # BK-SDM generate.py's protocol by default
+    assert (GenerationConfig().steps, GenerationConfig().guidance_scale, GenerationConfig().resolution,
+            GenerationConfig().resize, GenerationConfig().scheduler) == (25, 7.5, 512, 256, "pndm")
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -701,3 +722,58 @@ def test_prune_output_over_its_teacher_or_a_file_is_one_line(where, teacher_dir,
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and ("the input" in lines[0] or "not a directory" in lines[0]), err
     assert sorted(p.name for p in teacher_dir.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------- --use-ema, --valid-steps
+def _unet_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "student" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_ema_is_the_output_resumes_exactly_and_validation_grids_change_nothing(
+        distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    args = (distill_cli, teacher_dir, pruned_tiny, caption_folder)
+    p1, p2 = _train(*args, tmp_path / "p1", 1), _train(*args, tmp_path / "p2", 2)
+    a = _train(*args, tmp_path / "a", 2, "--use-ema", "--valid-steps", "1", "--num-valid-images", "2")
+    w1, w2, wa = _unet_weights(p1), _unet_weights(p2), _unet_weights(a)
+    # the hooks leave training alone: the run's own (non-averaged) weights are the plain run's
+    trained = load_file(a / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert all(torch.equal(trained[f"unet.{k}"], w2[k]) for k in w2)
+    # diffusers EMAModel with its warm-up: update 1 copies (decay 0), update 2 keeps 2/11 of the average
+    assert all(torch.allclose(wa[k], 2 / 11 * w1[k] + 9 / 11 * w2[k], atol=1e-6) for k in wa)
+    assert any(not torch.equal(wa[k], w2[k]) for k in wa)
+    assert "EMA" in json.loads((a / "distill.json").read_text())["weights"]
+    # validation: a grid per step, fixed prompt and seeds (BK-SDM's valid prompt, 2 images)
+    grids = sorted((a / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    meta = json.loads(Image.open(grids[0]).text["personalize"])
+    assert meta["prompts"] == ["a golden vase with different flowers"] * 2 and meta["seeds"] == [0, 1]
+
+    # interrupted after step 1 and resumed: the same averaged output, bit for bit
+    b = _train(*args, tmp_path / "b", 1, "--use-ema", "--checkpoint-every", "1", "--valid-steps", "1")
+    _train(*args, b, 2, "--use-ema", "--checkpoint-every", "1", "--valid-steps", "1", "--resume")
+    wb = _unet_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(p.name for p in (b / "ema").iterdir()) == ["step-000002.safetensors"]  # older states pruned
+    assert np.array_equal(np.asarray(Image.open(a / "samples/step-000002.png")),
+                          np.asarray(Image.open(b / "samples/step-000002.png")))
+
+
+def test_ema_decay_zero_is_the_plain_run_and_bad_values_are_one_line(distill_cli, teacher_dir, pruned_tiny,
+                                                                     caption_folder, tmp_path):
+    args = (distill_cli, teacher_dir, pruned_tiny, caption_folder)
+    plain = _train(*args, tmp_path / "plain", 2)
+    zero = _train(*args, tmp_path / "zero", 2, "--use-ema", "--ema-decay", "0")
+    wp, wz = _unet_weights(plain), _unet_weights(zero)
+    # s - 1 * (s - w) is w up to one rounding
+    assert all(torch.allclose(wp[k], wz[k], atol=1e-6, rtol=0) for k in wp)
+    for extra, msg in [(["--ema-decay", "1.5"], "--ema-decay 1.5: must be in [0, 1]"),
+                       (["--valid-steps", "-1"], "--valid-steps must be >= 0")]:
+        code, _, err = distill_cli("train", "--teacher", teacher_dir, "--student", pruned_tiny, "--data",
+                                   caption_folder, "-o", tmp_path / "bad", *extra)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
