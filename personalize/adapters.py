@@ -164,9 +164,20 @@ def check_attach(base_path: Path, cfg) -> None:
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))
         attach_adapter(unet, method.build(cfg, "unet"))
+        models = {"unet": unet}
         if cfg.train_text_encoder:
-            te = CLIPTextModel(CLIPTextConfig.from_pretrained(base_path / "text_encoder"))
+            models["text_encoder"] = te = CLIPTextModel(CLIPTextConfig.from_pretrained(base_path / "text_encoder"))
             attach_adapter(te, method.build(cfg, "text_encoder"))
+    if method.name == "oft":
+        # peft quietly swaps a block size that does not divide a layer's width for one that does
+        # (a warning): the run would not be the one asked for
+        for comp, model in models.items():
+            for name, module in model.named_modules():
+                got = getattr(module, "oft_block_size", {}).get("default")
+                if got is not None and got != cfg.oft_block_size:
+                    width = getattr(module, "in_features", None) or "its"
+                    raise UserError(f"--oft-block-size {cfg.oft_block_size} does not divide the input width {width} "
+                                    f"of {comp}.{name} (peft would use {got}); pick a divisor of every target's width")
 
 
 def has_lora(model) -> bool:

@@ -271,19 +271,26 @@ def test_an_adapter_on_a_base_of_another_shape_is_one_line(method, method_runs, 
     assert not (tmp_path / "g").exists()
 
 
-@pytest.mark.slow
-def test_resume_equals_uninterrupted_for_loha(photos, tmp_path, cli):
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr", "oft"])
+def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch):
+    import personalize.checkpoints as ckpt
     from safetensors.torch import load_file
 
-    common = ["--subject", photos, "--class-noun", "dog", *QUICK, "--steps", "4", "--checkpoint-every", "2"]
-    assert cli("loha", *common, "--output-dir", tmp_path / "a").code == 0
-    assert cli("loha", *common, "--steps", "2", "--keep-checkpoints", "--output-dir", tmp_path / "b").code == 0
-    doc = json.loads((tmp_path / "b" / "run.json").read_text())
-    (tmp_path / "b" / "run.json").write_text(json.dumps(doc | {"status": "running"}))
-    for name in ("adapter", "README.md"):
-        shutil.rmtree(tmp_path / "b" / name, ignore_errors=True) if name == "adapter" else (tmp_path / "b" / name).unlink()
-    (tmp_path / "b" / "run.json").unlink()
-    assert cli("loha", *common, "--resume", "--output-dir", tmp_path / "b").code == 0
-    a = load_file(str(tmp_path / "a" / "adapter" / "unet" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "adapter" / "unet" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    args = [method, "--subject", photos, "--class-noun", "dog", *QUICK, "--steps", "4", "--checkpoint-every", "2"]
+    assert cli(*args, "--output-dir", tmp_path / "a").code == 0
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(run_dir, step, *a, **k):
+        real_save(run_dir, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    assert cli(*args, "--output-dir", tmp_path / "b").code == 130
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
+    files = (["pytorch_lora_weights.safetensors"] if method == "dora"
+             else ["adapter/unet/adapter_model.safetensors", "adapter/text_encoder/adapter_model.safetensors"])
+    for f in files:
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
