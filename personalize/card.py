@@ -8,8 +8,9 @@ def model_card(p) -> str:
     # what from_pretrained can load as written: the hub id, else the local folder trained on
     # (`tiny` and local bases have no hub id; their name alone does not load)
     base_ref = base.hub_id or str(base.path)
-    lora = cfg.method == "lora"
-    tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "bk-sdm"] + (["lora"] if lora else [])
+    lora = cfg.method in ("lora", "dora")  # the diffusers LoRA file (DoRA: with its magnitudes)
+    tags = ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", "bk-sdm"] + (
+        [cfg.method] if cfg.method != "full" else [])
     front = "\n".join(["---", f"base_model: {base_ref}", "library_name: diffusers", "license: creativeml-openrail-m",
                        f"instance_prompt: {p.instance_prompt}", "tags:", *[f"- {t}" for t in tags], "---", ""])
     if lora:
@@ -18,6 +19,14 @@ def model_card(p) -> str:
         what = (f"LoRA adapter (U-Net rank {cfg.rank}, alpha {cfg.lora_alpha}"
                 + (f"; text encoder rank {cfg.text_encoder_rank}, alpha {cfg.text_encoder_alpha}" if cfg.train_text_encoder else "")
                 + ")")
+        what = what.replace("LoRA adapter", "DoRA adapter") if cfg.method == "dora" else what
+    elif cfg.method != "full":  # LoHa / LoKr / OFT: peft adapter folders
+        run = str(p.run_dir.resolve())
+        usage = (f'from peft import PeftModel\npipe = StableDiffusionPipeline.from_pretrained({base_ref!r})\n'
+                 f'pipe.unet = PeftModel.from_pretrained(pipe.unet, {run + "/adapter/unet"!r})'
+                 + (f'\npipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, {run + "/adapter/text_encoder"!r})'
+                    if cfg.train_text_encoder else ""))
+        what = f"{cfg.method.upper() if cfg.method == 'oft' else cfg.method.capitalize().replace('ha', 'Ha').replace('kr', 'Kr')} adapter (peft)"
     else:
         usage = f'pipe = StableDiffusionPipeline.from_pretrained({str(p.run_dir.resolve())!r})'
         what = "full diffusers pipeline (U-Net" + (" and text encoder" if cfg.train_text_encoder else "") + " finetuned)"
