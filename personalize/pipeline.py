@@ -16,7 +16,7 @@ import torch
 
 from .defaults import DEFAULT_SCHEDULER, SCHEDULERS  # noqa: F401 - re-exported
 from .errors import UserError
-from .fileio import write_atomic, write_json, write_text  # noqa: F401 - re-exported
+from .fileio import atomic_file, write_atomic, write_json, write_text  # noqa: F401 - re-exported
 
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 
@@ -241,9 +241,8 @@ def prefix_text_encoder(folder: Path) -> None:
         if all(named(k) == k for k in keys):
             continue
         tensors = {named(k): v for k, v in load_file(str(f)).items()}
-        tmp = f.with_name(f".{f.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(f)
+        with atomic_file(f) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
     index = Path(folder) / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
