@@ -98,6 +98,8 @@ def write_common(tmp: Path, comps: dict, ds: DeploySource, fmt: str, settings: d
     """tokenizer/, scheduler/ and each model's config.json: what generate needs beside the models."""
     from ...fileio import write_json
 
+    if fmt == "coreml":  # Apple's layout: vocab.json + merges.txt beside the packages (coreml.py)
+        return
     comps["tokenizer"].save_pretrained(str(tmp / "tokenizer"))
     write_json(tmp / "scheduler" / "scheduler_config.json", comps["noise_scheduler_config"])
     for folder, module in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_decoder", "vae")):
