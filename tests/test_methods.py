@@ -294,3 +294,20 @@ def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch)
     for f in files:
         a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_batch_runs_the_method_grid(dataset, tmp_path, cli):
+    """`batch --methods` takes every method; each run lands in <base>/<method>/<subject> in its own
+    format, from one in-memory base reset between methods."""
+    out = tmp_path / "b"
+    r = cli("batch", "--methods", "lora,loha,oft", "--subjects", "dog", "--data-dir", dataset, "--batch-dir", out,
+            "--base", "tiny", "--steps", "2", "--class-images", "0", "--validation-images", "0", "--resolution", "32",
+            "--log-every", "1")
+    assert r.code == 0, r.err
+    assert (out / "tiny" / "lora" / "dog" / "pytorch_lora_weights.safetensors").is_file()
+    for m in ("loha", "oft"):
+        assert (out / "tiny" / m / "dog" / "adapter" / "unet" / "adapter_model.safetensors").is_file()
+        assert json.loads((out / "tiny" / m / "dog" / "run.json").read_text())["method"] == m
+    assert "unknown method 'lorra'" in _one_line(cli("batch", "--methods", "lora,lorra", "--subjects", "dog",
+                                                     "--data-dir", dataset, "--batch-dir", tmp_path / "c",
+                                                     "--base", "tiny"))
