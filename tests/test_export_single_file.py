@@ -351,3 +351,11 @@ def test_sd_v2_layout_single_file_and_yaml_read_back_by_diffusers(sd2_bk_base, t
         tokenizer=ref.tokenizer, safety_checker=None, local_files_only=True)
     got, want = _outputs(sf), _outputs(ref)
     _assert_same({"unet": want["unet"], "vae": want["vae"]}, {"unet": got["unet"], "vae": got["vae"]})
+
+
+def test_format_specific_flags_are_refused_elsewhere(lora_run, tmp_path, cli):
+    for args in (["--format", "merged", "--names", "ldm", "-o", tmp_path / "m"],
+                 ["--format", "kohya", "--half", "-o", tmp_path / "k.safetensors"]):
+        r = cli("export", lora_run, *args)
+        assert r.code == 2 and "only for --format" in r.err
+    assert not list(tmp_path.iterdir())

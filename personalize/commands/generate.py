@@ -36,8 +36,12 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
+    from ..errors import UserError
     from ..export import export_kohya, export_merged, export_single_file
 
+    for flag, value, fmt in (("--names ldm", args.names != "diffusers", "kohya"), ("--half", args.half, "single-file")):
+        if value and args.format != fmt:
+            raise UserError(f"{flag}: only for --format {fmt}")
     if args.format in ("onnx", "openvino", "coreml"):
         from ..export.deploy import export_deploy
 
