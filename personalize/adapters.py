@@ -155,13 +155,13 @@ def check_attach(base_path: Path, cfg) -> None:
     """Attach cfg.method's adapter to empty (meta-device) copies of the base's U-Net and text
     encoder, so that a target or block size the base cannot take fails in one line before any
     weight is read or anything written."""
-    from accelerate import init_empty_weights
+    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     method = method_of(getattr(cfg, "method", "lora"))
     base_path = Path(base_path)
-    with init_empty_weights():
+    with torch.device("meta"):  # shapes only: no memory, no init time
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))
         attach_adapter(unet, method.build(cfg, "unet"))
         models = {"unet": unet}
