@@ -324,7 +324,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
             c["unet"].enable_gradient_checkpointing()
         write_run_json(p, outputs, {"step": step, "steps": cfg.steps}, class_info, dest=dest, step=step)
 
-    hooks = [*monitor.make_hooks(p, components, save_step, evaluators), *extra_hooks] if accelerator.is_main_process else []
+    # every process gets the same hooks (their barriers must match); fit runs them on the main one only
+    hooks = [*monitor.make_hooks(p, components, save_step, evaluators), *extra_hooks]
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
                  description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)

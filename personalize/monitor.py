@@ -308,7 +308,7 @@ def make_hooks(p, components: ComponentsFn, save_step: Callable[[Path, dict, int
     if cfg.score_every:
         from .evaluation.dreambooth import protocol_prompts
 
-        dino, clip = evaluators
+        dino, clip = evaluators or (None, None)  # None on the processes that never run hooks
         prompts = protocol_prompts(p.subject.kind, cfg.token, p.subject.class_noun)
         # spread over the list: recontextualisations first, property changes last in both sets
         picked = [prompts[round(i * (len(prompts) - 1) / max(cfg.score_prompts - 1, 1))]

@@ -261,3 +261,25 @@ def test_batch_passes_the_new_flags_through(monkeypatch, tmp_path):
                                                                                           True, 5.0)
     # they change no weights: a rerun may change them without mixing two setups in one table
     assert {"save_every", "sample_every", "score_every", "min_clip_t"} <= batch_mod.RERUN_MAY_CHANGE
+
+
+@pytest.mark.slow
+def test_two_process_run_with_monitoring(tmp_path, tiny_base):
+    """Under a two-process launch every rank reaches the hooks' barriers; rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_photos
+
+    photos = write_photos(tmp_path / "photos", n=3)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "personalize", "lora", "--subject", str(photos), "--class-noun", "dog", "--base", str(tiny_base),
+           "--steps", "4", "--class-images", "0", "--validation-images", "0", "--validation-steps", "2",
+           "--log-every", "1", "--save-every", "2", "--sample-every", "2", "--output-dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PERSONALIZE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "steps" / "step-000002" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002.png", "step-000004.png"]
