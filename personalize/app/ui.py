@@ -133,6 +133,8 @@ class App:
 
     @user_errors
     def check_photos(self, files, base, resolution):
+        if not files:
+            return [], ""
         good, bad = self.ws.check_photos(_photos(files), self.resolution_for(base, resolution))
         thumbs = [(thumbnail(p.source), p.name) for p in good]
         lines = [f"{len(good)} photo(s) accepted" + (f", {len(bad)} refused:" if bad else "")]
@@ -381,33 +383,33 @@ def build(app: App):
                     f"Workspace: `{app.ws.root}`")
         with gr.Tab("Train"):
             with gr.Row():
-                name = gr.Textbox(label="run name", value="my-run", info="a folder under runs/ in the workspace")
-                base = gr.Dropdown(base_choices(app.ws), value="bk-sdm-base", label="base", allow_custom_value=True,
+                name = gr.Textbox(label="run name", value="my-run", elem_id="run-name", info="a folder under runs/ in the workspace")
+                base = gr.Dropdown(base_choices(app.ws), value="bk-sdm-base", label="base", allow_custom_value=True, elem_id="base",
                                    info="registry name, or a local diffusers pipeline folder")
                 method = gr.Dropdown(methods(), value="lora", label="method")
             with gr.Row():
                 source = gr.Radio([DATASET, OWN], value=OWN, label="subject")
                 subject = gr.Dropdown(list(subjects), value="dog", label="DreamBooth subject")
-                class_noun = gr.Textbox(label="class noun", placeholder="dog, backpack, ...")
+                class_noun = gr.Textbox(label="class noun", placeholder="dog, backpack, ...", elem_id="class-noun")
             photos = gr.File(label=f"your photos (3-{MAX_PHOTOS})", file_count="multiple", file_types=["image"],
                              elem_id="photos")
             thumbs = gr.Gallery(label="accepted photos", columns=6, height=160, elem_id="thumbs")
             photo_msg = gr.Markdown(elem_id="photo-msg")
             with gr.Row():
-                steps = gr.Number(800, label="steps", precision=0)
+                steps = gr.Number(800, label="steps", precision=0, elem_id="steps")
                 resolution = gr.Number(0, label="resolution (0: the base's)", precision=0)
-                lr = gr.Number(0, label="learning rate (0: the recipe's)")
-                rank = gr.Number(16, label="LoRA rank", precision=0)
+                lr = gr.Number(0, label="learning rate (0: the recipe's)", elem_id="lr")
+                rank = gr.Number(16, label="LoRA rank", precision=0, elem_id="rank")
             with gr.Row():
                 prior = gr.Checkbox(True, label="prior preservation")
-                class_images = gr.Number(200, label="class images", precision=0)
-                sample_every = gr.Number(0, label="sample grid every N steps (0: off)", precision=0)
+                class_images = gr.Number(200, label="class images", precision=0, elem_id="class-images")
+                sample_every = gr.Number(0, label="sample grid every N steps (0: off)", precision=0, elem_id="sample-every")
                 overwrite = gr.Checkbox(False, label="overwrite a finished run of this name")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", elem_id="cancel")
             with gr.Row():
-                interrupted = gr.Dropdown([], label="interrupted runs", allow_custom_value=True)
+                interrupted = gr.Dropdown([], label="interrupted runs", allow_custom_value=True, elem_id="interrupted")
                 resume = gr.Button("Resume", elem_id="resume")
             progress = gr.Markdown("no training yet", elem_id="progress")
             samples = gr.Gallery(label="sample grids", columns=4, elem_id="samples")
@@ -423,8 +425,8 @@ def build(app: App):
             negative = gr.Textbox(label="negative prompt")
             with gr.Row():
                 seed = gr.Number(0, label="first seed", precision=0)
-                n = gr.Slider(1, 16, 4, step=1, label="images")
-                gen_steps = gr.Number(25, label="steps", precision=0)
+                n = gr.Slider(1, 16, 4, step=1, label="images", elem_id="n-images")
+                gen_steps = gr.Number(25, label="steps", precision=0, elem_id="gen-steps")
                 guidance = gr.Number(7.5, label="guidance")
                 gen_res = gr.Number(0, label="resolution (0: the run's)", precision=0)
             go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -459,6 +461,8 @@ def build(app: App):
                         class_images, sample_every, overwrite]
         listing = [table, gen_runs, pick, interrupted]
         photos.change(app.check_photos, [photos, base, resolution], [thumbs, photo_msg], api_name="check_photos")
+        for c in (base, resolution):  # the size check depends on both
+            c.change(app.check_photos, [photos, base, resolution], [thumbs, photo_msg], api_name=False)
         start.click(app.train, train_inputs, [progress, samples, log], api_name="train", **LONG).then(
             app.runs_table, None, listing, api_name=False)
         resume.click(app.resume, [interrupted], [progress, samples, log], api_name="resume", **LONG).then(
