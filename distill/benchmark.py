@@ -164,14 +164,14 @@ def _check_generation_record(out: Path, gen: dict, base_dir: Path) -> None:
 def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: Path, log=print) -> int:
     """This process's share of the images (accelerate's process index / count)."""
     import torch
-    from accelerate import PartialState
 
+    from personalize.fit import process_state
     from personalize.generate import Source, load_pipeline, pick_device, pick_dtype
     from personalize.outputs import output_lock
 
     from .coco import generate
 
-    state = PartialState()
+    state = process_state()
     rank, world = state.process_index, state.num_processes
     device = pick_device(cfg.device) if cfg.device else state.device
     dtype = pick_dtype(cfg.generation.dtype, device)
@@ -179,6 +179,7 @@ def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: 
         todo = [p for p in prompts[rank::world] if not image_paths(out, p, cfg.generation)[1].is_file()]
         if not todo:
             log(f"[{rank}/{world}] all {len(prompts[rank::world])} images already there")
+            _record_shard(out, rank, world, [])
             return 0
         pipe = load_pipeline(Source(base_dir, str(base_dir), scheduler=cfg.generation.scheduler), device=device,
                              dtype=dtype, allow_pickle=cfg.allow_pickle)
@@ -188,8 +189,15 @@ def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: 
             # SD-v1's and BK-SDM's scheduler_config.json: PLMS only (skip_prk_steps), as generate.py ran
             pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
         with torch.inference_mode():
-            return generate(pipe, prompts, out, cfg.generation, batch_size=cfg.batch_size, rank=rank, world=world,
+            made = generate(pipe, prompts, out, cfg.generation, batch_size=cfg.batch_size, rank=rank, world=world,
                             log=log)
+        _record_shard(out, rank, world, made)
+        return len(made)
+
+
+def _record_shard(out: Path, rank: int, world: int, made: list[str]) -> None:
+    """shards/R-of-W.json: which images this process drew in its last run (who made what)."""
+    write_json(out / "shards" / f"{rank}-of-{world}.json", {"rank": rank, "world": world, "generated": made})
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -334,8 +342,7 @@ def markdown_table(docs: list[dict]) -> str:
 # ---------------------------------------------------------------------------- the run
 def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     """Generate (this process's share) and score (main process). Returns scores on the main process."""
-    from accelerate import PartialState
-
+    from personalize.fit import process_state
     from personalize.outputs import check_output, output_lock
 
     cfg.validate()
@@ -343,7 +350,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     base_dir, label = resolve_pipeline(cfg.base)
     out = check_output(Path(cfg.output), kind="dir", inputs=[base_dir], allow_existing_dir=True)
     found = preflight(cfg)
-    state = PartialState()
+    state = process_state()
     log = log if state.is_main_process else (lambda *a, **k: None)
     gen = cfg.generation.to_json()
     _check_generation_record(out, gen, base_dir)

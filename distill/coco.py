@@ -155,9 +155,9 @@ def save_pair(img, out: Path, p: Prompt, cfg: GenerationConfig) -> None:
 
 
 def generate(pipe, prompts: list[Prompt], out: Path, cfg: GenerationConfig, *, batch_size: int = 1,
-             rank: int = 0, world: int = 1, log=print) -> int:
-    """Generate this process's missing images; returns how many were made. A killed run loses at
-    most the batch in flight (every finished image is already on disk)."""
+             rank: int = 0, world: int = 1, log=print) -> list[str]:
+    """Generate this process's missing images; returns the file names it made. A killed run loses
+    at most the batch in flight (every finished image is already on disk)."""
     import time
 
     from personalize.pipeline import generate as draw
@@ -166,13 +166,14 @@ def generate(pipe, prompts: list[Prompt], out: Path, cfg: GenerationConfig, *, b
     done_before = len(shard(prompts, rank, world)) - len(todo)
     if done_before:
         log(f"[{rank}/{world}] {done_before} image(s) already there; {len(todo)} to generate")
-    t0 = time.perf_counter()
+    t0, made = time.perf_counter(), []
     for b in range(0, len(todo), batch_size):
         chunk = todo[b:b + batch_size]
         images = draw(pipe, [p.text for p in chunk], [cfg.seed + p.index for p in chunk], steps=cfg.steps,
                       guidance_scale=cfg.guidance_scale, resolution=cfg.resolution)
         for p, img in zip(chunk, images):
             save_pair(img, out, p, cfg)
+            made.append(p.file_name)
         n = b + len(chunk)
         log(f"[{rank}/{world}] {n}/{len(todo)} images, {(time.perf_counter() - t0) / n:.2f} s/image")
-    return len(todo)
+    return made

@@ -103,6 +103,15 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     )
 
 
+def process_state():
+    """accelerate's per-process state (process_index, num_processes, device, is_main_process,
+    wait_for_everyone) for work outside the loop that `accelerate launch` shards (distill eval)."""
+    from accelerate import PartialState
+
+    # without cpu=True accelerate sees no multi-process launch on a machine without CUDA
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _reset_single_process_state(mixed_precision: str, cpu: bool) -> None:
     """accelerate keeps one process-wide state; a later run in the same process (a test, a batch
     grid) with another precision needs it cleared. Never done under a distributed launch."""

@@ -107,7 +107,7 @@ def test_shards_are_disjoint_and_their_union_is_one_process(pipe, tmp_path):
     cfg = coco.GenerationConfig(**FAST)
     made = [coco.generate(pipe, ps, tmp_path / "shards", cfg, batch_size=2, rank=r, world=2, log=lambda *a: None)
             for r in (0, 1)]
-    assert made == [3, 2]
+    assert made == [[p.file_name for p in ps[0::2]], [p.file_name for p in ps[1::2]]]
     coco.generate(pipe, ps, tmp_path / "one", cfg, batch_size=5, log=lambda *a: None)
     sharded, single = _pixels(tmp_path / "shards/images/im32"), _pixels(tmp_path / "one/images/im32")
     assert sorted(sharded) == sorted(single) == sorted(p.file_name for p in ps)
@@ -138,7 +138,7 @@ def test_a_killed_run_resumes_without_regenerating(pipe, tmp_path, monkeypatch):
     drawn.clear()
     monkeypatch.setattr(P, "generate", lambda pipe_, prompts, seeds, **kw: drawn.append(list(seeds)) or real(
         pipe_, prompts, seeds, **kw))
-    assert coco.generate(pipe, ps, tmp_path / "o", cfg, batch_size=2, log=lambda *a: None) == 1
+    assert coco.generate(pipe, ps, tmp_path / "o", cfg, batch_size=2, log=lambda *a: None) == [ps[4].file_name]
     assert drawn == [[cfg.seed + 4]]  # only the missing prompt, with its own seed
 
 
@@ -222,3 +222,27 @@ def test_report_of_nothing_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "r")]) == 2
     assert "no `distill eval` scores.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_launch_shards_the_prompts_and_scores_once(assets, tmp_path):
+    """torchrun with gloo on CPU (what `accelerate launch` sets up on a multi-GPU machine)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "mp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill",
+           "eval", "--base", "tiny", "--prompts", str(assets["prompts"]), "-o", str(out), "--limit", "6",
+           "--steps", "2", "--resolution", "64", "--resize", "32", "--batch-size", "2", "--device", "cpu",
+           "--inception", str(assets["inception"]), "--allow-pickle", "--clip", "none",
+           "--real-images", str(assets["real"])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shards = [json.loads((out / "shards" / f"{k}-of-2.json").read_text())["generated"] for k in (0, 1)]
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in range(6)]
+    assert shards == [names[0::2], names[1::2]]  # each image made once, by its own rank
+    assert sorted(p.name for p in (out / "images/im32").iterdir()) == names
+    doc = json.loads((out / "scores.json").read_text())
+    assert doc["n_images"] == 6 and doc["clip_score"] is None
