@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import atomic_file
 from .jobs import JobManager, clock
 from .workspace import MAX_PHOTOS, Photo, Workspace, check_name, thumbnail
 
@@ -363,9 +364,9 @@ class App:
                                            negative_prompt=(negative or None), resolution=_num(resolution, int),
                                            progress=False)
         archive = out / "images.zip"
-        with zipfile.ZipFile(archive, "w") as z:
+        with atomic_file(archive) as tmp, zipfile.ZipFile(tmp, "w") as z:
             for p in sorted(out.iterdir()):
-                if p.suffix in (".png", ".json") and p != archive:
+                if p.suffix in (".png", ".json") and not p.name.startswith("."):
                     z.write(p, p.name)
         gallery = [(str(j.path), f"{j.prompt} · seed {j.seed}") for j in jobs]
         return gallery, str(archive), f"{len(jobs)} image(s) in `{out}`; each PNG carries its settings (as `personalize generate`)"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import write_json
+from ..fileio import atomic_dir, write_json
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MIN_PHOTOS = 3  # DreamBooth trains on 3-5 photos of a subject (Ruiz et al. 2023, section 4.1)
@@ -137,11 +137,9 @@ class Workspace:
             raise UserError(f"{len(photos)} usable photo(s): DreamBooth needs at least {MIN_PHOTOS} (3-5 is the "
                             f"paper's number, at most {MAX_PHOTOS})")
         dest = self.contained(self.uploads / check_name(name), "uploads")
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        for i, ph in enumerate(photos):
-            shutil.copyfile(ph.source, dest / f"{i:02d}{Path(ph.name).suffix.lower()}")
+        with atomic_dir(dest, replace=True) as tmp:  # a new set of photos replaces the old one whole
+            for i, ph in enumerate(photos):
+                shutil.copyfile(ph.source, tmp / f"{i:02d}{Path(ph.name).suffix.lower()}")
         return dest
 
 
