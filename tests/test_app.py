@@ -202,7 +202,7 @@ def test_path_traversal_is_refused_and_nothing_is_written_outside(served, tmp_pa
 
 @needs_gradio
 @pytest.mark.slow
-def test_train_generate_export_like_the_cli(served, tmp_path, cli):
+def test_train_generate_export_like_the_cli(served, tmp_path, cli, lora_run):
     from safetensors.torch import load_file
 
     photos = write_photos(tmp_path / "my_dog", n=4)
@@ -237,6 +237,22 @@ def test_train_generate_export_like_the_cli(served, tmp_path, cli):
     assert sorted(n for n in zipfile.ZipFile(archive).namelist() if n.endswith(".png")) == [
         "grid.png", "p00-s3.png", "p00-s4.png"]
 
+    # several runs mixed with a weight each, as `generate RUN --adapter RUN2 --adapter-weights`
+    import shutil
+
+    shutil.copytree(lora_run, served.ws.runs / "other")
+    gallery, _, _ = served.client.predict(["dog1", "other"], "0.7,0.5", "a {token} {class}", "", 0, 1, 2, 7.5, 0,
+                                          api_name="/generate")
+    r = cli("generate", run_dir, "--adapter", served.ws.runs / "other", "--adapter-weights", "0.7,0.5", "--prompt",
+            "a {token} {class}", "-n", 1, "--steps", 2, "--seed", 0, "-o", tmp_path / "cli-mix")
+    assert r.code == 0, r.err
+    ours, theirs = Image.open(gallery[0]["image"]), Image.open(tmp_path / "cli-mix" / "p00-s0.png")
+    assert json.loads(ours.text["personalize"]) == json.loads(theirs.text["personalize"])
+    assert [a["weight"] for a in json.loads(ours.text["personalize"])["adapters"]] == [0.7, 0.5]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    assert "adapter-weights has 1 values for 2" in app_error(served, ["dog1", "other"], "0.7", "a {token} {class}", "",
+                                                             0, 1, 2, 7.5, 0, api_name="/generate")
+
     exported, msg = served.client.predict("dog1", "kohya", False, api_name="/export")
     assert (served.ws.exports / "dog1-kohya.safetensors").is_file()
     assert cli("export", run_dir, "--format", "kohya", "-o", tmp_path / "cli.safetensors").code == 0
@@ -249,9 +265,19 @@ def test_train_generate_export_like_the_cli(served, tmp_path, cli):
 
     grid, details = served.client.predict("dog1", api_name="/run_details")
     assert Path(grid).name.endswith(".png") and json.loads(details)["status"] == "finished"
-    # evaluation needs DINO/CLIP weights, which an offline machine lacks: the CLI's line
-    msg = app_error(served, "dog1", str(tmp_path / "no-dino"), str(tmp_path / "no-clip"), 1, api_name="/evaluate")
+    # evaluation: evaluator weights that are not there are the CLI's line; tiny local ones score it
+    msg = app_error(served, "dog1", str(tmp_path / "no-dino"), str(tmp_path / "no-clip"), 1, 2, api_name="/evaluate")
     assert "no-dino" in msg
+    from _metric_fixtures import build_tiny_clip, build_tiny_dino
+
+    dino, clip = build_tiny_dino(tmp_path / "dino"), build_tiny_clip(tmp_path / "clip")
+    msg = served.client.predict("dog1", str(dino), str(clip), 1, 2, api_name="/evaluate")
+    scores = json.loads((run_dir / "eval" / "scores.json").read_text())["scores"]
+    assert f"DINO {scores['dino']:.3f}" in msg and f"CLIP-T {scores['clip_t']:.3f}" in msg
+    table = served.client.predict(api_name="/runs")[0]
+    row = dict(zip(table["headers"], next(r for r in table["data"] if r[0] == "dog1")))
+    assert float(row["DINO"]) == pytest.approx(scores["dino"], abs=1e-4)
+    assert float(row["CLIP-I"]) == pytest.approx(scores["clip_i"], abs=1e-4)
 
 
 @needs_gradio

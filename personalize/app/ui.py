@@ -319,9 +319,10 @@ class App:
         return None, f"exported `{rel}` as {fmt}: folder `{out}` (in the workspace)"
 
     @user_errors
-    def evaluate(self, rel, dino, clip, images_per_prompt):
+    def evaluate(self, rel, dino, clip, images_per_prompt, steps):
         run_dir = self.ws.run_dir(rel)
         argv = ["eval", str(run_dir), "--images-per-prompt", str(int(images_per_prompt or 4))]
+        argv += ["--steps", str(int(steps))] if _num(steps, int) else []
         argv += (["--dino", dino] if dino else []) + (["--clip", clip] if clip else [])
         with self.jobs.exclusive(f"eval {rel}"):
             self._cli(argv)
@@ -455,6 +456,7 @@ def build(app: App):
                 dino = gr.Textbox(DEFAULT_DINO, label="DINO model")
                 clip = gr.Textbox(DEFAULT_CLIP, label="CLIP model")
                 ipp = gr.Number(4, label="images per prompt", precision=0)
+                eval_steps = gr.Number(0, label="steps (0: generation's)", precision=0)
                 evaluate = gr.Button("Evaluate")
             eval_msg = gr.Markdown()
 
@@ -475,7 +477,7 @@ def build(app: App):
         pick.change(app.run_details, [pick], [grid, details], api_name="run_details")
         export.click(app.export, [pick, fmt, exp_over], [exported, exp_msg], api_name="export", **LONG).then(
             app.runs_table, None, listing, api_name=False)
-        evaluate.click(app.evaluate, [pick, dino, clip, ipp], [eval_msg], api_name="evaluate", **LONG).then(
+        evaluate.click(app.evaluate, [pick, dino, clip, ipp, eval_steps], [eval_msg], api_name="evaluate", **LONG).then(
             app.runs_table, None, listing, api_name=False)
         demo.load(app.runs_table, None, listing, api_name=False)
         demo.load(app.watch, None, [progress, samples, log], api_name="watch", concurrency_limit=None)
