@@ -246,3 +246,22 @@ def test_two_process_launch_shards_the_prompts_and_scores_once(assets, tmp_path)
     assert sorted(p.name for p in (out / "images/im32").iterdir()) == names
     doc = json.loads((out / "scores.json").read_text())
     assert doc["n_images"] == 6 and doc["clip_score"] is None
+
+
+def test_coco30k_layout_supplies_prompts_and_real_stats_and_rescoring_needs_the_images(assets, tmp_path, capsys,
+                                                                                         monkeypatch):
+    from personalize.evaluation import fid as F
+
+    coco_dir = tmp_path / "coco"
+    write_metadata(coco_dir / "metadata.csv", 3)
+    g = torch.Generator().manual_seed(0)
+    F.save_stats(coco_dir / "real_im256.npz", *F.feature_stats(torch.randn(10, 48, generator=g)))
+    monkeypatch.setenv("PERSONALIZE_COCO", str(coco_dir))
+    base = ["eval", "--base", "tiny", "-o", str(tmp_path / "o"), "--steps", "2", "--resolution", "64", "--resize", "32",
+            "--inception", str(assets["inception"]), "--allow-pickle", "--clip", "none"]
+    assert main(base + ["--no-generate"]) == 2  # nothing drawn yet: rescoring says what is missing
+    assert "3 of 3 images missing" in capsys.readouterr().err
+    assert main(base) == 0
+    doc = json.loads((tmp_path / "o/scores.json").read_text())
+    assert doc["prompts"] == "coco30k" and doc["n_images"] == 3
+    assert doc["real_stats"] == str(coco_dir / "real_im256.npz") and doc["fid"] > 0
