@@ -341,7 +341,7 @@ def test_app_command_prints_the_no_auth_line_off_localhost(cli, tmp_path, monkey
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kw: launched.update(kw))
     r = cli("app", "--workspace", tmp_path / "ws", "--host", "0.0.0.0", "--port", 7999)
     assert r.code == 0
-    assert "no authentication" in r.out and "--auth user:pass" in r.out
+    assert "no authentication: anyone who can reach port 7999 of this machine" in r.out and "--auth user:pass" in r.out
     assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999 and launched["auth"] is None
     assert launched["allowed_paths"] == [str((tmp_path / "ws").resolve())]
     r = cli("app", "--workspace", tmp_path / "ws", "--auth", "me:secret")

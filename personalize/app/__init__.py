@@ -34,11 +34,12 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def exposure_note(host: str, share: bool, auth) -> str | None:
+def exposure_note(host: str, port: int, share: bool, auth) -> str | None:
     """The line a user must see before the app is reachable from elsewhere without a password."""
     if auth is not None or (host in LOCAL_HOSTS and not share):
         return None
-    where = "a public gradio.live link" if share else f"every machine that can reach {host}"
+    where = ("anyone with its public gradio.live link" if share else
+             f"anyone who can reach port {port} of this machine (bound to {host})")
     return (f"note: the app has no authentication: {where} can train, generate and read the workspace; "
             f"pass --auth user:pass to require a login")
 

@@ -10,9 +10,9 @@ from .types import number
 def _app(args) -> int:
     from ..app import create, exposure_note, launch_kwargs, parse_auth, require_gradio
 
-    require_gradio()
     auth = parse_auth(args.auth)
-    note = exposure_note(args.host, args.share, auth)
+    require_gradio()
+    note = exposure_note(args.host, args.port, args.share, auth)
     if note:
         print(note)
     app, demo = create(args.workspace)
