@@ -293,6 +293,13 @@ def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_
            or served.app.jobs.train.step < 2) and time.time() < deadline:
         time.sleep(0.2)
     assert served.app.jobs.train.step >= 2
+    # a page opened meanwhile attaches to the running training: live step, loss, s/step, ETA
+    watcher = served.client.submit(api_name="/watch")
+    while not watcher.outputs() and time.time() < deadline:
+        time.sleep(0.2)
+    live = watcher.outputs()[0][0]
+    assert live.startswith("**training** `cat1` · step ") and "/400 · loss " in live
+    assert " s/step · ETA " in live and "- s/step" not in live
     # a second long job waits in Gradio's queue behind the training, with its position
     waiting = served.client.submit(["cat1"], "", "a {token} {class}", "", 0, 1, 2, 7.5, 0, api_name="/generate")
     for _ in range(50):
@@ -308,6 +315,7 @@ def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_
     assert served.client.predict(api_name="/cancel").startswith("cancelling 'cat1'")
     progress = job.result(timeout=120)[0]
     assert "cancelled at step" in progress and "resumable" in progress
+    assert watcher.result(timeout=30)[0] == progress
     stopped = int(progress.split("cancelled at step ")[1].split("/")[0])
     assert 2 <= stopped < 400
     from personalize.checkpoints import list_checkpoints
