@@ -17,6 +17,7 @@ needs no download.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,6 +138,7 @@ def pipeline_cost(pipeline_dir: Path, resolution: int = 512) -> PipelineCost:
                              _read(d / "vae" / "config.json"), resolution)
 
 
+@functools.lru_cache(maxsize=None)  # -2m variants share their shapes; counting takes a second each
 def registry_cost(name: str, resolution: int = 512) -> PipelineCost | None:
     """Cost of a registry backbone from the real configs (no download); None when its U-Net
     architecture is not one `distill.arch` can derive (small-sd-v0, `tiny` before it is built)."""

@@ -58,6 +58,7 @@ def test_unknown_architecture_has_no_registry_cost():
     assert registry_cost("small-sd-v0") is None and registry_cost("tiny") is None
 
 
+@pytest.mark.slow
 def test_backbones_cost_flag_prints_counts(cli):
     r = cli("backbones", "--cost")
     assert r.code == 0, r.err

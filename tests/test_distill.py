@@ -731,6 +731,7 @@ def _unet_weights(run: Path) -> dict:
     return load_file(run / "student" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow  # five short KD runs
 def test_ema_is_the_output_resumes_exactly_and_validation_grids_change_nothing(
         distill_cli, teacher_dir, pruned_tiny, caption_folder, tmp_path):
     import numpy as np
