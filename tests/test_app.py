@@ -282,7 +282,9 @@ def test_train_generate_export_like_the_cli(served, tmp_path, cli, lora_run):
 
 @needs_gradio
 @pytest.mark.slow
-def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_path):
+def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_path, cli):
+    import torch
+
     from gradio_client.utils import Status
 
     photos = write_photos(tmp_path / "my_cat", n=3, seed=5)
@@ -339,6 +341,16 @@ def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_
     assert "resuming from" in log and f"(step {stopped}/{stopped + 2})" in log
     run = json.loads((served.ws.runs / "cat1" / "run.json").read_text())
     assert run["status"] == "finished" and run["config"]["resume"] is True
+    # cancelled + resumed ends with the weights of a CLI run that was never stopped
+    from safetensors.torch import load_file
+
+    r = cli("lora", "--subject", served.ws.uploads / "cat1", "--class-noun", "dog", "--base", "tiny",
+            "--steps", stopped + 2, "--lr", 1e-2, "--rank", 4, "--class-images", 0, "--class-image-steps", 2,
+            "--validation-images", 1, "--validation-steps", 2, "--log-every", 2, "--output-dir", tmp_path / "straight")
+    assert r.code == 0, r.err
+    ours = load_file(served.ws.runs / "cat1" / "pytorch_lora_weights.safetensors")
+    theirs = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @needs_gradio
