@@ -38,10 +38,13 @@ def spec(path):
 
 
 def weights(path):
+    """name -> float weight (coremltools names a de-palettized weight NAME_palettized)."""
     model = ct.models.MLModel(str(path), skip_model_load=True)
     if "palettized" in json.dumps(list(ct.optimize.coreml.get_weights_metadata(model, THRESHOLD))):
         model = ct.optimize.coreml.decompress_weights(model)
-    return [m.val.astype(np.float32) for m in ct.optimize.coreml.get_weights_metadata(model, 0).values()]
+    meta = ct.optimize.coreml.get_weights_metadata(model, 0)
+    return {k.removesuffix("_palettized"): m.val.astype(np.float32) for k, m in meta.items()
+            if np.issubdtype(m.val.dtype, np.floating)}
 
 
 def weight_bytes(path):
@@ -78,13 +81,19 @@ def test_packages_have_apples_contract(exports, tiny_base):
     assert "StableDiffusionPipeline(resourcesAt" in (exports / "q6" / "README.md").read_text()
 
 
+def test_generate_on_a_coreml_export_says_where_it_runs(exports, cli, tmp_path):
+    r = cli("generate", exports / "q6", "--prompt", "x", "-o", tmp_path / "g")
+    assert r.code == 2 and "macOS" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists()
+
+
 def test_palettized_weights_are_kmeans_of_the_fp16_ones(exports):
     nbits = 6
     for package in ("Unet.mlpackage", "TextEncoder.mlpackage"):
         orig, dense = weights(exports / "fp16" / package), weights(exports / "q6" / package)
-        assert len(orig) == len(dense)
+        assert orig.keys() == dense.keys()
         checked = 0
-        for w, q in zip(orig, dense):
+        for w, q in ((orig[k], dense[k]) for k in orig):
             assert w.shape == q.shape
             if w.size <= THRESHOLD:
                 assert np.array_equal(w, q)  # left in fp16
@@ -102,13 +111,13 @@ def test_palettized_weights_are_kmeans_of_the_fp16_ones(exports):
 def test_palettized_size_is_nbits_over_16(exports):
     nbits = 6
     orig = weights(exports / "fp16" / "Unet.mlpackage")
-    predicted = sum(w.size * 2 if w.size <= THRESHOLD else w.size * nbits / 8 + 2**nbits * 2 for w in orig)
+    predicted = sum(w.size * 2 if w.size <= THRESHOLD else w.size * nbits / 8 + 2**nbits * 2 for w in orig.values())
     fp16 = weight_bytes(exports / "fp16" / "Unet.mlpackage")
-    assert abs(sum(w.size * 2 for w in orig) / fp16 - 1) < 0.05  # the fp16 file is its weights
+    assert abs(sum(w.size * 2 for w in orig.values()) / fp16 - 1) < 0.05  # the fp16 file is its weights
     assert abs(weight_bytes(exports / "q6" / "Unet.mlpackage") / predicted - 1) < 0.05
 
 
-def test_mid_block_free_unet_converts(tmp_path, tiny_base, cli):
+def test_mid_block_free_unet_converts_with_the_vae_encoder(tmp_path, tiny_base, cli):
     from diffusers import UNet2DConditionModel
 
     base = tmp_path / "nomid"
@@ -117,10 +126,12 @@ def test_mid_block_free_unet_converts(tmp_path, tiny_base, cli):
     cfg["mid_block_type"] = None
     shutil.rmtree(base / "unet")
     UNet2DConditionModel.from_config(cfg).save_pretrained(base / "unet")
-    r = cli("export", base, "--format", "coreml", "--quantize-nbits", "none", "-o", tmp_path / "out")
+    r = cli("export", base, "--format", "coreml", "--quantize-nbits", "none", "--vae-encoder", "-o", tmp_path / "out")
     assert r.code == 0, r.err
-    assert top(tmp_path / "out") == TOP
+    assert top(tmp_path / "out") == TOP | {"VAEEncoder.mlpackage"}
     assert "noise_pred" in spec(tmp_path / "out" / "Unet.mlpackage")[1]
+    lat = cfg["sample_size"]
+    assert spec(tmp_path / "out" / "VAEEncoder.mlpackage") == ({"x": ([1, 3, 8 * lat, 8 * lat], F16)}, {"latent": F32})
 
 
 @pytest.mark.parametrize("case", ["bundle_off_mac", "no_extra", "bad_nbits", "occupied", "not_a_run"])

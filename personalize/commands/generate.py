@@ -48,7 +48,8 @@ def _export(args) -> int:
         out = export_deploy(args.run_dir, args.out, args.format, lora_scale=args.lora_scale, base=args.base,
                             overwrite=args.overwrite, allow_pickle=args.allow_pickle, resolution=args.resolution,
                             weight_format=args.weight_format, quantize_nbits=args.quantize_nbits,
-                            attention=args.attention, bundle_resources=args.bundle_resources)
+                            attention=args.attention, bundle_resources=args.bundle_resources,
+                            vae_encoder=args.vae_encoder)
     elif args.format == "kohya":
         out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite, names=args.names)
     elif args.format == "single-file":
@@ -122,6 +123,7 @@ def add_parser(sub) -> None:
                    help="coreml: attention layout (split_einsum targets the Neural Engine)")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="coreml: the fixed image size (default the run's training resolution)")
+    p.add_argument("--vae-encoder", action="store_true", help="coreml: also VAEEncoder.mlpackage (image-to-image)")
     p.add_argument("--bundle-resources", action="store_true",
                    help="coreml: also compile .mlmodelc resources for the Swift pipeline (needs macOS + Xcode)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

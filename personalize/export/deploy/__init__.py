@@ -19,7 +19,7 @@ __all__ = ["DEPLOY_FORMATS", "EXPORT_JSON", "RUNTIMES", "export_deploy", "read_e
 def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0, base: str | None = None,
                   overwrite: bool = False, allow_pickle: bool = False, resolution: int | None = None,
                   weight_format: str = "fp32", quantize_nbits: int | None = 6, attention: str = "original",
-                  bundle_resources: bool = False) -> Path:
+                  bundle_resources: bool = False, vae_encoder: bool = False) -> Path:
     """RUN_DIR (LoRA run, full run or pipeline dir) -> OUT in `fmt`. `resolution` fixes Core ML's
     shapes (default the run's training resolution); ONNX/OpenVINO keep them dynamic."""
     from ...fileio import atomic_dir
@@ -28,6 +28,10 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
     if fmt not in DEPLOY_FORMATS:
         raise UserError(f"unknown deploy format '{fmt}' ({', '.join(DEPLOY_FORMATS)})")
     settings = _settings(fmt, weight_format, quantize_nbits, attention, bundle_resources)
+    if vae_encoder:
+        if fmt != "coreml":
+            raise UserError("--vae-encoder applies to --format coreml (generate needs no encoder)")
+        settings["vae_encoder"] = True
     require_extra(fmt, ("nncf",) if settings.get("weight_format") == "int8" else ())
     run_dir, out = Path(run_dir), Path(out)
     ds = resolve_deploy_source(run_dir, base=base, lora_scale=lora_scale)

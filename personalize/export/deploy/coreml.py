@@ -7,6 +7,8 @@ merges.txt beside them, with Apple's input/output names, shapes and dtypes:
 - Unet: sample fp16 (2, 4, h, w), timestep fp16 (2,), encoder_hidden_states fp16 (2, D, 1, 77)
   -> noise_pred float32 (batch 2: classifier-free guidance, as the Swift pipeline calls it)
 - VAEDecoder: z fp16 (1, 4, h, w) (latents / scaling factor) -> image float32 (1, 3, 8h, 8w)
+- VAEEncoder (optional, image-to-image): x fp16 (1, 3, 8h, 8w) in [-1, 1] -> latent float32
+  (1, 8, h, w), the mean and log-variance
 
 The diffusers U-Net is converted as it is (Apple's stock converter rebuilds it and asserts on a
 missing mid block; BK-SDM-Small/Tiny have none). `split_einsum` attention is Apple's Neural
@@ -33,9 +35,10 @@ from .trace import example_inputs, wrappers
 NBITS = (1, 2, 3, 4, 6, 8)  # the LUT sizes Core ML's constexpr_lut_to_dense takes
 ATTENTION = ("original", "split_einsum")
 PACKAGES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder"}
+VAE_ENCODER = "VAEEncoder"  # optional: image-to-image (Swift's Encoder.swift), `--vae-encoder`
 NAMES = {"text_encoder": (["input_ids"], ["last_hidden_state", "pooled_outputs"]),
          "unet": (["sample", "timestep", "encoder_hidden_states"], ["noise_pred"]),
-         "vae_decoder": (["z"], ["image"])}
+         "vae_decoder": (["z"], ["image"]), "vae_encoder": (["x"], ["latent"])}
 PALETTIZED = ("text_encoder", "unet")  # Apple's quantize_weights leaves the VAE in fp16
 
 
@@ -98,7 +101,8 @@ def write_coreml(comps: dict, out: Path, resolution: int, settings: dict) -> str
     ex = example_inputs(comps, resolution, channels_first_text=True, ids_dtype=torch.int32)
     ex["text_encoder"] = (ex["text_encoder"][0].float(),)
     nbits = settings["quantize_nbits"]
-    for name, package in PACKAGES.items():
+    packages = {**PACKAGES, **({"vae_encoder": VAE_ENCODER} if settings.get("vae_encoder") else {})}
+    for name, package in packages.items():
         inputs, outputs = NAMES[name]
         trace_args = (ex[name][0].to(torch.int32),) if name == "text_encoder" else ex[name]
         with torch.no_grad(), warnings.catch_warnings():
@@ -159,7 +163,7 @@ def check_bundle_tools() -> None:
 def compile_resources(out: Path) -> None:
     res = out / "Resources"
     res.mkdir()
-    for package in PACKAGES.values():
+    for package in [p.name[:-len(".mlpackage")] for p in sorted(out.glob("*.mlpackage"))]:
         subprocess.run(["xcrun", "coremlcompiler", "compile", str(out / f"{package}.mlpackage"), str(res)], check=True,
                        capture_output=True)
     for f in ("vocab.json", "merges.txt"):
