@@ -100,7 +100,9 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("export", help="export a LoRA run: kohya file (A1111/ComfyUI) or merged pipeline",
                        description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas. "
-                                   "merged: the LoRA fused into a complete diffusers pipeline directory.")
+                                   "merged: the LoRA fused into a complete diffusers pipeline directory. "
+                                   "onnx/openvino/coreml: deploy folders (LoRA fused first; also full runs and "
+                                   "distill pipelines); generate runs onnx/openvino ones on CPU.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                    help="a finished LoRA run (single-file: also a full run, a distill output or any base)")
     p.add_argument("--format", required=True, choices=["kohya", "merged", "single-file", "onnx", "openvino", "coreml"],
