@@ -30,15 +30,21 @@ def ema_file(run_dir: Path, step: int) -> Path:
 class StudentEMA:
     """The EMA hook: ``__call__(step, models)`` after each optimizer step."""
 
-    def __init__(self, unet: torch.nn.Module, run_dir: Path, decay: float, checkpoint_every: int, total_steps: int,
-                 device):
-        from diffusers.training_utils import EMAModel
-
-        self.ema = EMAModel(unet.parameters(), decay=decay)
-        self.ema.to(device=device)
-        self.run_dir, self.device = Path(run_dir), device
+    def __init__(self, run_dir: Path, decay: float, checkpoint_every: int, total_steps: int):
+        # built on the first update, on the process that runs hooks (rank 0): the other ranks of a
+        # launch never hold a copy. EMAModel's first update has decay 0, so starting from the
+        # weights after step 1 is the same average as starting from the initial ones.
+        self.ema = None
+        self.decay = decay
+        self.run_dir = Path(run_dir)
         self.checkpoint_every, self.total = checkpoint_every, total_steps
         self._started = False
+
+    def _build(self, unet: torch.nn.Module) -> None:
+        from diffusers.training_utils import EMAModel
+
+        self.device = next(unet.parameters()).device
+        self.ema = EMAModel(unet.parameters(), decay=self.decay)
 
     def _load(self, step: int) -> None:
         from safetensors import safe_open
@@ -87,6 +93,7 @@ class StudentEMA:
     def __call__(self, step: int, models: dict) -> None:
         if not self._started:
             self._started = True
+            self._build(models["unet"])
             if step > 1:  # a resumed run: continue the average of the checkpoint it resumed from
                 self._load(step - 1)
         self.ema.step(models["unet"].parameters())
@@ -96,6 +103,8 @@ class StudentEMA:
     def copy_to(self, unet: torch.nn.Module, last_step: int) -> None:
         """The averaged weights of `last_step` into `unet` (the output student). A run resumed at
         its last step trained nothing more: its average is the one saved with that checkpoint."""
-        if not self._started and last_step > 0:
+        if not self._started:
+            self._started = True
+            self._build(unet)
             self._load(last_step)
         self.ema.copy_to(unet.parameters())

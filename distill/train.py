@@ -248,7 +248,7 @@ def _weight_dtype(accelerator) -> torch.dtype:
     return weight_dtype(accelerator.mixed_precision)
 
 
-def _hooks(cfg: DistillConfig, out: Path, student, device, vae, text_encoder, tokenizer, scheduler):
+def _hooks(cfg: DistillConfig, out: Path, device, vae, text_encoder, tokenizer, scheduler):
     """fit hooks of the run: the EMA (every step) and the validation grid (every --valid-steps)."""
     from personalize.fit import Hook
 
@@ -256,7 +256,7 @@ def _hooks(cfg: DistillConfig, out: Path, student, device, vae, text_encoder, to
     if cfg.use_ema:
         from .ema import StudentEMA
 
-        ema = StudentEMA(student, out, cfg.ema_decay, cfg.checkpoint_every, cfg.steps, device)
+        ema = StudentEMA(out, cfg.ema_decay, cfg.checkpoint_every, cfg.steps)
         hooks.append(Hook("ema", 1, ema))
     if cfg.valid_steps:
         from personalize.monitor import Sampler
@@ -369,7 +369,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
         write_text(out / PROVENANCE_FILE, json.dumps(resolved, indent=1))
     log(f"KD: {len(pairs)} feature pairs, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"
         f" x {accelerator.num_processes} process(es), {cfg.steps} steps, {accelerator.mixed_precision} precision")
-    hooks, ema = _hooks(cfg, out, student, device, vae, text_encoder, tokenizer, scheduler)
+    hooks, ema = _hooks(cfg, out, device, vae, text_encoder, tokenizer, scheduler)
     result = fit(accelerator, {"unet": student}, loss_fn, run_cfg, out, resume=cfg.resume,
                  description="distill", log=log, hooks=hooks)
     distiller.remove_hooks()
