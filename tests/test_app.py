@@ -334,6 +334,7 @@ def test_cancel_leaves_a_resumable_run_and_the_queue_shows_position(served, tmp_
     # Resume continues from the checkpoint (a short rest: steps lowered on the record to keep it fast)
     record = served.ws.job_path("cat1")
     doc = json.loads(record.read_text())
+    assert doc["config"]["checkpoint_every"] == 40  # a tenth of the run for an adapter method
     doc["config"]["steps"] = stopped + 2
     record.write_text(json.dumps(doc))
     progress, _, log = served.client.predict("cat1", api_name="/resume")

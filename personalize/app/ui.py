@@ -171,6 +171,10 @@ class App:
             values["class_images"] = int(class_images)
         if "sample_every" in fields and sample_every not in (None, ""):
             values["sample_every"] = int(sample_every)
+        if method != "full" and "checkpoint_every" not in self.train_defaults:
+            # a page's runs get interrupted (app closed, machine restarted): an adapter's checkpoint is
+            # small, so keep at most a tenth of the run to redo (the recipe's 200 for full finetuning)
+            values["checkpoint_every"] = min(200, max(10, steps // 10))
         # the loss on the page is as fresh as loss.csv: log often enough for ~50 points a run
         values["log_every"] = min(values.get("log_every", 10), max(1, steps // 50))
         cfg = TrainConfig(**values)
