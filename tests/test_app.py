@@ -66,6 +66,33 @@ def test_a_run_symlinked_out_of_the_workspace_is_refused(tmp_path, lora_run):
     assert ws.run_dir("real") == ws.runs / "real"
 
 
+@pytest.mark.slow
+def test_ctrl_c_then_shutdown_stops_at_a_checkpoint(tmp_path):
+    """Ctrl-C on `personalize app` reaches the worker (same process group), then the app's shutdown
+    asks again: the run still stops cleanly after a step, with that step's checkpoint."""
+    import signal
+
+    from personalize.app.jobs import JobManager
+    from personalize.app.workspace import Workspace
+    from personalize.checkpoints import list_checkpoints
+    from personalize.config import TrainConfig
+
+    ws = Workspace(tmp_path / "ws")
+    photos = write_photos(tmp_path / "p", n=3)
+    cfg = TrainConfig(method="lora", subject=str(photos), class_noun="dog", base="tiny", steps=500, lr=1e-2, rank=4,
+                      class_images=0, output_dir=str(ws.runs / "r"), checkpoint_every=0, **FAST)
+    jobs = JobManager()
+    job = jobs.start_train("r", ws.runs / "r", ws.save_job("r", cfg.to_json()), cfg.steps, cwd=ws.root)
+    deadline = time.time() + 120
+    while job.step < 2 and job.alive and time.time() < deadline:
+        time.sleep(0.1)
+    job.proc.send_signal(signal.SIGINT)
+    jobs.shutdown()
+    assert job.status == "cancelled", job.message
+    stopped = int(job.message.split("cancelled at step ")[1].split("/")[0])
+    assert [s for s, _ in list_checkpoints(ws.runs / "r")] == [stopped]
+
+
 # --------------------------------------------------------------------------- the served app
 HAVE_GRADIO = all(importlib.util.find_spec(m) for m in ("gradio", "gradio_client"))
 needs_gradio = pytest.mark.skipif(not HAVE_GRADIO, reason='needs the app extra: pip install -e ".[app]"')

@@ -8,7 +8,8 @@ libraries print is sent to stderr): {"event": "start"}, {"event": "step", "step"
 {"event": "log", "text"}, then one of {"event": "done", "run_dir"}, {"event": "cancelled",
 "step"} or {"event": "error", "message"} (the CLI's one line). SIGTERM or SIGINT asks for a
 clean stop: during training, the step ends, its checkpoint is written and the run stays
-resumable; before training starts (loading, class images), the process stops at once.
+resumable (a second signal changes nothing; SIGKILL is the hard stop); before training starts
+(loading, class images), the process stops at once.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def main(argv: list[str]) -> int:
     state = {"training": False, "stop": False, "step": 0}
 
     def on_signal(signum, frame):
-        if state["training"] and not state["stop"]:
-            state["stop"] = True  # the progress hook stops the run after this step
+        if state["training"]:
+            # the progress hook stops the run after this step; a second signal (Ctrl-C reaches the
+            # whole process group, then the app's shutdown asks again) must not cut that step short
+            state["stop"] = True
             return
         raise KeyboardInterrupt
 
