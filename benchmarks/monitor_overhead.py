@@ -108,6 +108,7 @@ def main() -> int:
                 return 1
             results.append(json.loads(line[-1][7:]))
             print(f"{name}: done", file=sys.stderr)
+            write_json(a, results)  # after each: a long run stopped half-way keeps what it measured
     plain = next((r for r in results if r["config"] == "plain"), None)
     print(f"\n{a.model} shape, LoRA, {a.resolution} px, {a.steps} steps, every {a.every}, "
           f"{a.sample_steps} sampling steps; {cpu_name()}; load {os.getloadavg()[0]:.1f}\n")
@@ -119,11 +120,16 @@ def main() -> int:
               f"{100 * r['hook_total_s'] / r['train_s']:.0f}% |")
     if plain:
         print(f"\n(s/step of 'plain' {plain['s_per_step']:.3f}: the monitored runs' steps are the same work)")
+    return 0
+
+
+def write_json(a, results: list[dict]) -> None:
+    from train_speed import cpu_name
+
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"model": a.model, "resolution": a.resolution, "steps": a.steps, "every": a.every,
                                        "sample_steps": a.sample_steps, "machine": cpu_name(),
                                        "load": os.getloadavg(), "results": results}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
