@@ -100,7 +100,7 @@ def main() -> int:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append(json.loads(line[0][7:]))
-            print(f"{m}: done", file=sys.stderr)
+            print(f"{m}: {json.dumps(rows[-1])}", file=sys.stderr)  # kept if a later method is cut short
     print(f"\n{a.model} shape, {a.resolution} px, batch 1, no prior preservation, {a.steps} timed steps; {cpu_name()}\n")
     print("| method | trainable params | adapter file | s/step | peak memory |")
     print("|---|---:|---:|---:|---:|")
