@@ -37,12 +37,12 @@ def spec(path):
             {o.name: o.type.multiArrayType.dataType for o in d.output})
 
 
-def weights(path):
+def weights(path, threshold=0):
     """name -> float weight (coremltools names a de-palettized weight NAME_palettized)."""
     model = ct.models.MLModel(str(path), skip_model_load=True)
     if "palettized" in json.dumps(list(ct.optimize.coreml.get_weights_metadata(model, THRESHOLD))):
         model = ct.optimize.coreml.decompress_weights(model)
-    meta = ct.optimize.coreml.get_weights_metadata(model, 0)
+    meta = ct.optimize.coreml.get_weights_metadata(model, threshold)
     return {k.removesuffix("_palettized"): m.val.astype(np.float32) for k, m in meta.items()
             if np.issubdtype(m.val.dtype, np.floating)}
 
@@ -89,14 +89,15 @@ def test_generate_on_a_coreml_export_says_where_it_runs(exports, cli, tmp_path):
 
 def test_palettized_weights_are_kmeans_of_the_fp16_ones(exports):
     nbits = 6
-    for package in ("Unet.mlpackage", "TextEncoder.mlpackage"):
-        orig, dense = weights(exports / "fp16" / package), weights(exports / "q6" / package)
+    # threshold 0 (every weight) trips coremltools 9 on a list-valued constant of the text encoder
+    for package, least in (("Unet.mlpackage", 0), ("TextEncoder.mlpackage", THRESHOLD)):
+        orig, dense = weights(exports / "fp16" / package, least), weights(exports / "q6" / package, least)
         assert orig.keys() == dense.keys()
         checked = 0
-        for w, q in ((orig[k], dense[k]) for k in orig):
+        for k, w, q in ((k, orig[k], dense[k]) for k in orig):
             assert w.shape == q.shape
-            if w.size <= THRESHOLD:
-                assert np.array_equal(w, q)  # left in fp16
+            if w.size <= THRESHOLD or "token_embedding" in k:
+                assert np.array_equal(w, q)  # left in fp16: small, or the embedding table (gather ops excluded)
                 continue
             lut = np.unique(q)
             assert len(lut) <= 2**nbits
