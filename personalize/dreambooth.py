@@ -99,6 +99,7 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     masks = load_masks(photos, resolution, cfg.alpha_mask)
     if cfg.sample_prompts:  # read now: a bad file must fail before any model is loaded
         monitor.read_prompts_file(cfg.sample_prompts, cfg.token, subject.class_noun)
+    monitor.check_evaluators(cfg)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / cfg.method / slug(base.name) / subject.name
     check_output(run_dir, kind="dir", inputs=[subject.image_dir, base.path], flag="--output-dir",
                  allow_existing_dir=True)  # an existing run dir is prepare_run_dir's to judge

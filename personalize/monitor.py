@@ -281,6 +281,16 @@ def sample_prompts(p) -> list[str]:
     return default_sample_prompts(p.instance_prompt, protocol)
 
 
+def check_evaluators(cfg) -> None:
+    """--score-every's evaluators found locally (or fetchable), checked before anything is loaded
+    or written: a missing one is eval's one line, naming --dino/--clip."""
+    if cfg.score_every:
+        from .evaluation.evaluators import resolve_model
+
+        resolve_model(cfg.dino, what="DINO", flag="--dino")
+        resolve_model(cfg.clip, what="CLIP", flag="--clip")
+
+
 def load_evaluators(cfg, device):
     """eval's DINO and CLIP embedders, loaded once for the whole run (None without --score-every)."""
     if not cfg.score_every:

@@ -227,11 +227,13 @@ def test_scores_by_step_and_the_best_step(photos, tmp_path, cli, tiny_model_dirs
 
 @pytest.mark.parametrize("flag, value, msg", [("--save-every", "-1", "--save-every must be >= 0"),
                                               ("--min-clip-t", "2", "--min-clip-t must be in [-1, 1]"),
-                                              ("--sample-prompts", "/nonexistent/p.txt", "no such file")])
+                                              ("--sample-prompts", "/nonexistent/p.txt", "no such file"),
+                                              ("--dino", "/nonexistent/dino", "--dino /nonexistent/dino: no such")])
 def test_bad_monitoring_flags_are_one_line(photos, tmp_path, cli, flag, value, msg):
-    extra = ["--sample-every", "2"] if flag == "--sample-prompts" else []
+    extra = {"--sample-prompts": ["--sample-every", "2"], "--dino": ["--score-every", "2"]}.get(flag, [])
     r = cli(*_lora_args(photos, flag, value, *extra, "--output-dir", tmp_path / "r"))
     assert r.code == 2 and msg in r.err and r.err.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_batch_passes_the_new_flags_through(monkeypatch, tmp_path):
