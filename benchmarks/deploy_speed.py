@@ -2,7 +2,8 @@
 pipeline (benchmarks/train_speed.py's), exported with `personalize export --format onnx|openvino`,
 then one image (batch 1, classifier-free guidance, DPM-Solver++) per runtime through the same
 diffusers loop `personalize generate` runs. Each runtime is timed in its own process (its peak RSS
-is its memory); a warm-up call first (kernel selection, graph compilation).
+is its memory); a warm-up call first (kernel selection, graph compilation). openvino-bf16 is the
+fp32 IR computed in bf16 (OpenVINO's own CPU default where bf16 is native; `generate` uses f32).
 
     python benchmarks/deploy_speed.py                          # 256 px, 25 steps
     python benchmarks/deploy_speed.py --resolutions 256,512
@@ -26,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RUNTIMES = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-int8", "onnx")
+RUNTIMES = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnx")
 EXPORTS = {"onnx": ("onnx", "fp32"), "openvino-fp32": ("openvino", "fp32"), "openvino-int8": ("openvino", "int8")}
+SAME_FILES = {"openvino-bf16": "openvino-fp32"}  # the fp32 IR computed in bf16 (OpenVINO's CPU default)
+NEEDS_BF16 = ("torch-bf16", "openvino-bf16")
 
 
 def _dir_bytes(p: Path) -> int:
@@ -48,14 +51,24 @@ def one(runtime: str, folder: Path, resolution: int, steps: int) -> dict:
         comps["vae"].to(dtype)
         pipe = build_pipeline(comps, "dpm++")
     else:
-        pipe = load_runtime_pipeline(folder, EXPORTS[runtime][0], "dpm++")
+        name = SAME_FILES.get(runtime, runtime)
+        pipe = load_runtime_pipeline(folder, EXPORTS[name][0], "dpm++", precision="bf16" if "bf16" in runtime else "f32")
     load_s = time.perf_counter() - t
     kw = dict(guidance_scale=7.5, resolution=resolution)
     generate(pipe, ["a photo of a dog"], [0], steps=2, **kw)  # warm-up
     t = time.perf_counter()
     generate(pipe, ["a photo of a dog on the beach"], [1], steps=steps, **kw)
     return {"runtime": runtime, "resolution": resolution, "steps": steps, "s_per_image": time.perf_counter() - t,
-            "load_s": load_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "load_s": load_s, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss carries the parent's
+    peak into a child on Linux: the exports' would show in every row)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> int:
@@ -80,8 +93,8 @@ def main() -> int:
     base = bench_pipeline("bk-sdm-small", cache)
     load = {"before": os.getloadavg()}
     folders, sizes, export_s = {}, {"torch-fp32": _dir_bytes(base)}, {}
-    runtimes = [r for r in a.runtimes.split(",") if r != "torch-bf16" or cpu_bf16_is_native()]
-    for r in runtimes:
+    runtimes = [r for r in a.runtimes.split(",") if r not in NEEDS_BF16 or cpu_bf16_is_native()]
+    for r in [SAME_FILES.get(r, r) for r in runtimes]:
         if r in EXPORTS:
             fmt, wf = EXPORTS[r]
             folders[r] = cache / f"bk-sdm-small-{r}"
@@ -92,6 +105,9 @@ def main() -> int:
             sizes[r] = _dir_bytes(folders[r])
         else:
             folders[r] = base
+    folders.update({r: folders[SAME_FILES[r]] for r in runtimes if r in SAME_FILES})
+    sizes.update({r: sizes[SAME_FILES[r]] for r in runtimes if r in SAME_FILES})
+    sizes["torch-bf16"] = sizes["torch-fp32"]
     rows = []
     for res in map(int, a.resolutions.split(",")):
         for r in runtimes:

@@ -22,7 +22,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 class _Session:
     """One exported model: named numpy inputs -> list of numpy outputs."""
 
-    def __init__(self, runtime: str, folder: Path):
+    def __init__(self, runtime: str, folder: Path, precision: str = "f32"):
         if runtime == "onnx":
             import onnxruntime as ort
 
@@ -33,7 +33,7 @@ class _Session:
 
             # the CPU plugin computes in bf16 by default where the CPU has it; f32 matches torch
             self._m = ov.Core().compile_model(str(folder / "openvino_model.xml"), "CPU",
-                                              {"INFERENCE_PRECISION_HINT": "f32"})
+                                              {"INFERENCE_PRECISION_HINT": precision})
             self.run = lambda feeds: list(self._m(feeds).values())
 
 
@@ -86,8 +86,9 @@ def _config(folder: Path) -> dict:
 
 
 def load_runtime_pipeline(export_dir: Path, runtime: str, scheduler: str, device: torch.device | None = None,
-                          dtype: torch.dtype | None = None):
-    """A diffusers StableDiffusionPipeline whose three models run on `runtime` (CPU)."""
+                          dtype: torch.dtype | None = None, precision: str = "f32"):
+    """A diffusers StableDiffusionPipeline whose three models run on `runtime` (CPU). `precision`:
+    OpenVINO's inference precision (f32, or bf16 on CPUs with native bf16; benchmarks only)."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
@@ -103,7 +104,7 @@ def load_runtime_pipeline(export_dir: Path, runtime: str, scheduler: str, device
              "noise_scheduler": DDPMScheduler.from_pretrained(str(export_dir / "scheduler"))}
     for name, cls in (("text_encoder", TextEncoderStub), ("unet", UNetStub), ("vae_decoder", VAEDecoderStub)):
         folder = export_dir / name
-        comps["vae" if name == "vae_decoder" else name] = cls(_config(folder), _Session(runtime, folder))
+        comps["vae" if name == "vae_decoder" else name] = cls(_config(folder), _Session(runtime, folder, precision))
     return build_pipeline(comps, scheduler)
 
 
