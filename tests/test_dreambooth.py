@@ -87,6 +87,7 @@ def test_full_run_loads_with_from_pretrained(full_run, tiny_base):
     assert not torch.equal(tuned.unet.state_dict()["conv_in.weight"], w_base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch):
     import personalize.checkpoints as train_mod
@@ -126,6 +127,7 @@ def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch)
     assert la == lb  # the loss log of the resumed run has no duplicated or missing rows
 
 
+@pytest.mark.slow
 def test_class_image_cache_is_shared_by_subjects_of_a_class(dataset, tmp_path, cli, fresh_cache):
     common = ["--data-dir", dataset, *FAST, "--steps", "1", "--validation-images", "0",
               "--class-images", "3", "--resolution", "32"]
@@ -152,6 +154,7 @@ def test_finished_run_is_refused_then_overwritten(lora_run, photos, cli):
     assert r.code == 2 and "already holds a finished run" in r.err and "--overwrite" in r.err
 
 
+@pytest.mark.slow
 @pytest.mark.dataset
 @pytest.mark.skipif(not SHARED_DATASET.is_dir(), reason="DreamBooth photos not in ../shared")
 def test_real_subject_from_the_dreambooth_dataset(tmp_path, cli):
@@ -164,6 +167,7 @@ def test_real_subject_from_the_dreambooth_dataset(tmp_path, cli):
     assert (tmp_path / "dog" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_bf16_lora_on_cpu_keeps_fp32_adapter_and_loads(photos, tmp_path, cli, tiny_base):
     """bf16 autocast on CPU (the AMX lever): frozen base in bf16, LoRA weights saved in fp32."""
     from diffusers import StableDiffusionPipeline
@@ -187,6 +191,7 @@ def test_fp16_on_cpu_is_a_clear_error(photos, tmp_path, cli):
     assert r.code == 2 and "fp16 needs a GPU" in r.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_te,forwards", [(False, 2), (True, 4)])
 def test_text_embeddings_are_cached_when_the_text_encoder_is_frozen(train_te, forwards, photos, tmp_path, cli,
                                                                      monkeypatch):
@@ -210,6 +215,7 @@ def test_text_embeddings_are_cached_when_the_text_encoder_is_frozen(train_te, fo
     assert any(k.startswith("text_encoder.") for k in sd) == train_te
 
 
+@pytest.mark.slow
 def test_run_killed_while_writing_outputs_resumes(photos, tmp_path, cli, monkeypatch):
     """Killed after the adapter was written but before the run finished: --resume takes the files
     it left as its own, trains no further, and still reports the losses it ended with."""

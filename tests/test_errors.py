@@ -90,7 +90,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "CMYK", "I;16"])
+@pytest.mark.parametrize("mode", ["RGBA", *(pytest.param(m, marks=pytest.mark.slow) for m in ("P", "L", "CMYK", "I;16"))])
 def test_odd_image_modes_are_converted_and_train(mode, tmp_path, cli):
     folder = tmp_path / "odd"
     folder.mkdir()

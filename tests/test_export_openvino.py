@@ -41,7 +41,7 @@ def torch_images(lora_run, tmp_path_factory):
     return pixels(out)
 
 
-@pytest.mark.parametrize("wf", ["fp32", "int8"])
+@pytest.mark.parametrize("wf", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
 def test_lora_export_and_generate(wf, lora_run, torch_images, tmp_path, cli):
     import openvino as ov
 
@@ -65,6 +65,7 @@ def test_lora_export_and_generate(wf, lora_run, torch_images, tmp_path, cli):
         assert diff.max() <= TOL if wf == "fp32" else diff.mean() < 3.0, (wf, diff.max(), diff.mean())
 
 
+@pytest.mark.slow
 def test_full_run_fp16_is_half_the_size(full_run, tmp_path, cli):
     sizes = {}
     for wf in ("fp32", "fp16"):

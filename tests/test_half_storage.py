@@ -78,6 +78,7 @@ def test_restore_gives_plain_fp32_modules(nets):
     torch.testing.assert_close(half(x), ref(x))
 
 
+@pytest.mark.slow
 def test_cpu_half_weights_lora_run(photos, tmp_path, cli, tiny_base):
     from diffusers import StableDiffusionPipeline
 
