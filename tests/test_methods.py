@@ -172,6 +172,19 @@ def test_each_method_generates_and_merged_equals_unmerged(method, method_runs, t
     torch.testing.assert_close(_out(merged["unet"], merged["text_encoder"], ids, x), unmerged, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(_out(plain["unet"], plain["text_encoder"], ids, x), unmerged, atol=1e-4)
 
+    # the single-file checkpoint fuses the adapter exactly as the merged export does
+    from safetensors.torch import load_file
+
+    from personalize.export.single_file import checkpoint_tensors
+
+    r = cli("export", run, "--format", "single-file", "-o", tmp_path / "s.safetensors")
+    assert r.code == 0, r.err
+    want, _ = checkpoint_tensors(merged)
+    got = load_file(tmp_path / "s.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+
 
 @pytest.mark.parametrize("method", ADAPTERS)
 def test_kohya_lycoris_export_is_read_by_the_lycoris_package(method, method_runs, tmp_path, cli):
@@ -271,6 +284,7 @@ def test_an_adapter_on_a_base_of_another_shape_is_one_line(method, method_runs, 
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dora", "loha", "lokr", "oft"])
 def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch):
     import personalize.checkpoints as ckpt
@@ -296,6 +310,7 @@ def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
+@pytest.mark.slow
 def test_batch_runs_the_method_grid(dataset, tmp_path, cli):
     """`batch --methods` takes every method; each run lands in <base>/<method>/<subject> in its own
     format, from one in-memory base reset between methods."""

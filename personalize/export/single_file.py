@@ -43,11 +43,12 @@ def _source(source, base: str | None, lora_scale: float, allow_pickle: bool):
     p = Path(str(source)).expanduser()
     if (p / RUN_JSON).is_file():
         run = read_run(p, finished=True)
-        if run.get("method") == "lora":
+        if run.get("method") != "full":  # every adapter method fuses the same way
             from .merged import fused_components
 
             comps, src = fused_components(p, base, lora_scale, allow_pickle)
-            return comps, src.pipeline_dir, f"{run['subject']['name']} (LoRA fused into {src.base_name})", [p, src.pipeline_dir]
+            label = f"{run['subject']['name']} ({run['method']} fused into {src.base_name})"
+            return comps, src.pipeline_dir, label, [p, src.pipeline_dir]
         return load_components(p, allow_pickle), p, f"{run['subject']['name']} (full run)", [p]
     if p.exists() and not is_pipeline_dir(p):
         raise UserError(f"{source}: neither a run directory (run.json) nor a diffusers pipeline directory")
