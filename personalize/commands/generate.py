@@ -98,23 +98,25 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt weights (trusted sources only)")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("export", help="export a LoRA run: kohya file (A1111/ComfyUI) or merged pipeline",
-                       description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas. "
-                                   "merged: the LoRA fused into a complete diffusers pipeline directory. "
-                                   "onnx/openvino/coreml: deploy folders (LoRA fused first; also full runs and "
+    p = sub.add_parser("export", help="export a run: kohya/LyCORIS file, merged pipeline, single-file checkpoint, ONNX/OpenVINO/Core ML",
+                       description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas (LyCORIS layouts for "
+                                   "LoHa/LoKr/OFT). merged: the adapter fused into a complete diffusers pipeline "
+                                   "directory. single-file: one original-SD checkpoint. "
+                                   "onnx/openvino/coreml: deploy folders (the adapter fused first; also full runs and "
                                    "distill pipelines); generate runs onnx/openvino ones on CPU.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                   help="a finished LoRA run (single-file: also a full run, a distill output or any base)")
+                   help="a finished adapter run (lora, dora, loha, lokr, oft); single-file and the deploy formats also take "
+                        "a full run, a distill output or a pipeline dir")
     p.add_argument("--format", required=True, choices=["kohya", "merged", "single-file", "onnx", "openvino", "coreml"],
                    help="single-file: one original-SD checkpoint (ComfyUI / A1111) of a full or LoRA run, "
                         "a distill output or any base")
-    p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya) or directory (merged)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya, single-file) or directory (merged, onnx, openvino, coreml)")
     p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged/single-file: scale the adapter is fused at")
     p.add_argument("--half", action="store_true", help="single-file: fp16 tensors (half the size)")
     p.add_argument("--names", default="diffusers", choices=["diffusers", "ldm"],
                    help="kohya: U-Net key names; ldm = lora_unet_input_blocks_N_... from the base's real layout "
                         "(A1111 on BK-SDM); never mixed in one file")
-    p.add_argument("--base", default=None, help="merged/single-file: fuse a LoRA into this base instead of the training base")
+    p.add_argument("--base", default=None, help="merged/single-file: fuse the adapter into this base instead of the training base")
     # deploy formats (personalize.export.deploy): LoRA fused first; full runs and distill pipelines as they are
     p.add_argument("--weight-format", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="openvino: weights as fp32, fp16 or int8 (NNCF weight compression)")
