@@ -63,6 +63,7 @@ class Source:
     adapters: list[AdapterRef] = field(default_factory=list)
     lora_scale: float = 1.0
     scheduler: str = DEFAULT_SCHEDULER
+    inference_precision: str | None = None  # an OpenVINO export's compute precision (fp32/bf16)
 
     @property
     def subject_run(self) -> dict | None:
@@ -73,6 +74,8 @@ class Source:
         d = {"base": self.base_name, "base_path": str(self.pipeline_dir), "scheduler": self.scheduler}
         if self.export is not None:
             d["export"] = {k: self.export.get(k) for k in ("format", "weight_format", "from", "method")}
+            if self.inference_precision is not None:  # bf16 pixels differ from fp32 ones: never reuse across
+                d["export"]["inference_precision"] = self.inference_precision
         if self.full_run is not None:
             d["full_run"] = {"run": str(self.pipeline_dir), "subject": self.full_run["subject"]["name"],
                              "trained_on": base_name(self.full_run), "finished_at": self.full_run.get("finished_at")}
@@ -107,17 +110,23 @@ def _adapter_name(i: int, run: dict) -> str:
 
 
 def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (), adapter_weights: list[float] | None = None,
-                   base: str | None = None, lora_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER) -> Source:
+                   base: str | None = None, lora_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER,
+                   inference_precision: str | None = None) -> Source:
     """RUN_DIR (a LoRA or full run) and/or `--adapter` LoRA runs and/or `--base` -> a Source.
-    A LoRA RUN_DIR is the first adapter; a full RUN_DIR is the pipeline the adapters go on."""
+    A LoRA RUN_DIR is the first adapter; a full RUN_DIR is the pipeline the adapters go on.
+    `inference_precision` applies to OpenVINO exports only."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
     if run_dir is not None:
         from .runtimes import export_source
 
-        exported = export_source(Path(run_dir), list(adapters), base, scheduler)
+        exported = export_source(Path(run_dir), list(adapters), base, scheduler, inference_precision)
         if exported is not None:
             return exported
+    if inference_precision is not None:
+        from .runtimes import check_inference_precision
+
+        check_inference_precision(None, inference_precision, str(run_dir or base or "the source"))
     adapter_dirs = [Path(a) for a in adapters]
     full = None
     if run_dir is not None:
@@ -195,7 +204,8 @@ def load_pipeline(src: Source, device: torch.device | None = None, dtype: torch.
     if src.export is not None:
         from .runtimes import load_runtime_pipeline
 
-        return load_runtime_pipeline(src.pipeline_dir, src.export["runtime"], src.scheduler, device, dtype)
+        return load_runtime_pipeline(src.pipeline_dir, src.export["runtime"], src.scheduler, device, dtype,
+                                     src.inference_precision or "fp32")
     device = device or pick_device(None)
     dtype = dtype or pick_dtype(None, device)
     comps = load_components(src.pipeline_dir, allow_pickle, dtype=dtype)

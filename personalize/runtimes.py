@@ -17,12 +17,34 @@ import torch
 from .errors import UserError
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# `generate --inference-precision`: OpenVINO's CPU compute precision. fp32 (default) gives the torch
+# pipeline's images; bf16 (native AVX512-BF16/AMX CPUs only) was 0.32x the best torch CPU time at
+# 512 px (benchmarks/RESULTS.md, "Deploy runtimes") at the cost of images a few levels off torch's.
+INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+
+
+def check_inference_precision(runtime: str | None, precision: str | None, what: str) -> str | None:
+    """`precision` for a source of `runtime` (None: not an export), or a one-line UserError."""
+    if precision is None:
+        return None
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"--inference-precision {precision}: choose from {', '.join(INFERENCE_PRECISIONS)}")
+    if runtime != "openvino":
+        raise UserError(f"--inference-precision: only for OpenVINO exports; {what} is "
+                        f"{'an ' + runtime + ' export' if runtime else 'a torch run/base'} (it computes in fp32)")
+    if precision == "bf16":
+        from .precision import cpu_bf16_is_native
+
+        if not cpu_bf16_is_native():
+            raise UserError("--inference-precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); "
+                            "emulated bf16 is slower than fp32 here, use fp32")
+    return precision
 
 
 class _Session:
     """One exported model: named numpy inputs -> list of numpy outputs."""
 
-    def __init__(self, runtime: str, folder: Path, precision: str = "f32"):
+    def __init__(self, runtime: str, folder: Path, precision: str = "fp32"):
         if runtime == "onnx":
             import onnxruntime as ort
 
@@ -33,7 +55,7 @@ class _Session:
 
             # the CPU plugin computes in bf16 by default where the CPU has it; f32 matches torch
             self._m = ov.Core().compile_model(str(folder / "openvino_model.xml"), "CPU",
-                                              {"INFERENCE_PRECISION_HINT": precision})
+                                              {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS.get(precision, precision)})
             self.run = lambda feeds: list(self._m(feeds).values())
 
 
@@ -86,9 +108,9 @@ def _config(folder: Path) -> dict:
 
 
 def load_runtime_pipeline(export_dir: Path, runtime: str, scheduler: str, device: torch.device | None = None,
-                          dtype: torch.dtype | None = None, precision: str = "f32"):
+                          dtype: torch.dtype | None = None, precision: str = "fp32"):
     """A diffusers StableDiffusionPipeline whose three models run on `runtime` (CPU). `precision`:
-    OpenVINO's inference precision (f32, or bf16 on CPUs with native bf16; benchmarks only)."""
+    OpenVINO's inference precision (fp32, or bf16 on CPUs with native bf16)."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
@@ -114,7 +136,7 @@ def _require(runtime: str) -> None:
     require_extra(runtime)
 
 
-def export_source(path: Path, adapters: list, base: str | None, scheduler: str):
+def export_source(path: Path, adapters: list, base: str | None, scheduler: str, inference_precision: str | None = None):
     """A generate.Source for an ONNX/OpenVINO export folder, or None when `path` is not an export."""
     from .export.deploy import RUNTIMES, read_export
     from .generate import Source
@@ -125,9 +147,11 @@ def export_source(path: Path, adapters: list, base: str | None, scheduler: str):
     if rec.get("runtime") not in RUNTIMES:
         raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "
                         f"ml-stable-diffusion pipelines, see its README.md); generate runs onnx/openvino exports")
+    precision = check_inference_precision(rec["runtime"], inference_precision, str(path))
     if adapters or base is not None:
         raise UserError(f"{path}: an exported pipeline (adapters already fused); --adapter/--base do not apply")
     missing = [c for c in (*COMPONENTS, "tokenizer", "scheduler") if not (Path(path) / c).is_dir()]
     if missing:
         raise UserError(f"{path}: incomplete {rec['format']} export (no {missing[0]}/); export it again")
-    return Source(Path(path).resolve(), str(rec.get("base", "?")), export=rec, scheduler=scheduler)
+    return Source(Path(path).resolve(), str(rec.get("base", "?")), export=rec, scheduler=scheduler,
+                  inference_precision=precision or ("fp32" if rec["runtime"] == "openvino" else None))

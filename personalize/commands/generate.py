@@ -24,7 +24,7 @@ def _generate(args) -> int:
     from ..generate import collect_prompts, generate_to_dir, resolve_source
 
     src = resolve_source(args.run_dir, args.adapter or [], args.adapter_weights, args.base, args.lora_scale,
-                         args.scheduler)
+                         args.scheduler, args.inference_precision)
     templates = collect_prompts(src, args.prompt, args.prompts, args.protocol)
     out, jobs, made = generate_to_dir(
         src, templates, args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
@@ -94,6 +94,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--inference-precision", default=None, choices=["fp32", "bf16"],
+                   help="OpenVINO exports: compute precision (default fp32, images equal torch's; bf16 only on CPUs "
+                        "with native bf16: faster, images a few levels off)")
     p.add_argument("-o", "--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<time>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt weights (trusted sources only)")
     p.set_defaults(func=_generate)
