@@ -25,19 +25,29 @@ def base_key(base: ResolvedBase) -> str:
     return f"{slug(base.name).lower()[:40]}-{hashlib.sha1(str(base.path).encode()).hexdigest()[:8]}"
 
 
-def class_image_dir(base: ResolvedBase, class_prompt: str, resolution: int) -> Path:
-    return cache_root() / "class_images" / base_key(base) / f"{slug(class_prompt).lower()}-{resolution}px"
+def class_image_dir(base: ResolvedBase, class_prompt: str, resolution: int, runtime: str = "torch") -> Path:
+    from .class_images_openvino import runtime_tag
+
+    # the runtime (and its compute precision) is in the key: torch and OpenVINO images never mix
+    return (cache_root() / "class_images" / base_key(base)
+            / f"{slug(class_prompt).lower()}-{resolution}px{runtime_tag(runtime)}")
 
 
 def ensure_class_images(pipe, base: ResolvedBase, class_prompt: str, n: int, resolution: int, *,
                         steps: int, guidance_scale: float, batch_size: int, rank: int = 0, world: int = 1,
-                        progress: bool = True) -> tuple[list[Path], int]:
-    """Make sure `n` class images exist; returns (their paths, how many this call generated)."""
-    out = class_image_dir(base, class_prompt, resolution)
+                        progress: bool = True, runtime: str = "torch") -> tuple[list[Path], int]:
+    """Make sure `n` class images exist; returns (their paths, how many this call generated).
+    `runtime` openvino: `pipe` is ignored; the base's cached OpenVINO export draws them, loaded
+    only when some are missing."""
+    out = class_image_dir(base, class_prompt, resolution, runtime)
     out.mkdir(parents=True, exist_ok=True)
     wanted = [out / f"{i:05d}.png" for i in range(n)]
     missing = [i for i, p in enumerate(wanted) if not p.exists() and i % world == rank]
     if missing:
+        if runtime == "openvino":
+            from .class_images_openvino import openvino_class_pipeline
+
+            pipe = openvino_class_pipeline(base, resolution)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
         with Progress(f"[bold]class images '{class_prompt}'", BarColumn(), MofNCompleteColumn(),
@@ -50,11 +60,12 @@ def ensure_class_images(pipe, base: ResolvedBase, class_prompt: str, n: int, res
                                   guidance_scale=guidance_scale, resolution=resolution)
                 for i, s, img in zip(idx, seeds, images):
                     save_png(img, wanted[i], {"prompt": class_prompt, "seed": s, "steps": steps,
-                                              "guidance_scale": guidance_scale, "base": base.name})
+                                              "guidance_scale": guidance_scale, "base": base.name,
+                                              **({"runtime": runtime} if runtime != "torch" else {})})
                 bar.update(task, advance=len(idx))
     return wanted, len(missing)
 
 
-def existing_class_images(base: ResolvedBase, class_prompt: str, resolution: int) -> list[Path]:
-    d = class_image_dir(base, class_prompt, resolution)
+def existing_class_images(base: ResolvedBase, class_prompt: str, resolution: int, runtime: str = "torch") -> list[Path]:
+    d = class_image_dir(base, class_prompt, resolution, runtime)
     return list_images(d) if d.is_dir() else []

@@ -47,6 +47,9 @@ class TrainConfig:
     class_images: int = 200  # BK-SDM: num_class_images 200; 0 turns prior preservation off
     class_image_steps: int = 25  # DPM-Solver++ steps, as the BK-SDM generation scripts
     class_image_batch_size: int = 4  # images per pipeline call when generating class images
+    # torch, as the BK-SDM recipe; openvino: drawn on CPU from a cached OpenVINO export of the base, in bf16
+    # where native: 0.32x the best torch CPU time per 512 px image (benchmarks/RESULTS.md, "Deploy runtimes")
+    class_images_runtime: str = "torch"
     guidance_scale: float = 7.5  # SD default, used for class and validation images
 
     train_text_encoder: bool = True  # BK-SDM: --train_text_encoder
@@ -140,6 +143,13 @@ class TrainConfig:
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.class_images < 0:
             raise UserError(f"--class-images must be >= 0, got {self.class_images}")
+        from .class_images_openvino import CLASS_IMAGE_RUNTIMES, require_openvino
+
+        if self.class_images_runtime not in CLASS_IMAGE_RUNTIMES:
+            raise UserError(f"--class-images-runtime must be one of {', '.join(CLASS_IMAGE_RUNTIMES)}, "
+                            f"got '{self.class_images_runtime}'")
+        if self.class_images_runtime == "openvino" and self.class_images > 0 and self.prior_loss_weight > 0:
+            require_openvino()  # before any model is loaded: a missing extra is one line up front
         for name in ("sample_every", "save_every", "score_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")

@@ -229,15 +229,18 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     if prior:
         t0 = time.perf_counter()
         vae.to(device)
-        with accelerator.autocast():
+        # the OpenVINO path converts and runs its own graphs: torch autocast would trace into them
+        with accelerator.autocast() if cfg.class_images_runtime == "torch" else contextlib.nullcontext():
             class_paths, made = ensure_class_images(
-                build_pipeline(comps), p.base, p.class_prompt, cfg.class_images, p.resolution,
-                steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale,
+                build_pipeline(comps) if cfg.class_images_runtime == "torch" else None, p.base, p.class_prompt,
+                cfg.class_images, p.resolution, steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale,
                 batch_size=cfg.class_image_batch_size, rank=accelerator.process_index,
                 world=accelerator.num_processes, progress=progress and accelerator.is_main_process,
+                runtime=cfg.class_images_runtime,
             )
         accelerator.wait_for_everyone()
-        class_info.update(dir=str(class_image_dir(p.base, p.class_prompt, p.resolution)), count=len(class_paths),
+        class_info.update(dir=str(class_image_dir(p.base, p.class_prompt, p.resolution, cfg.class_images_runtime)),
+                          runtime=cfg.class_images_runtime, count=len(class_paths),
                           generated_now=made, seconds=round(time.perf_counter() - t0, 2))
 
     # -- one-off caches: latent distributions (with flips) and, if frozen, text embeddings
