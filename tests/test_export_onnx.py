@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from _export_helpers import files, pixels
 
 pytest.importorskip("onnxruntime")
 
@@ -22,14 +22,6 @@ FILES = {"README.md", "export.json", "scheduler/scheduler_config.json", "tokeniz
          "tokenizer/tokenizer_config.json", *(f"{m}/{f}" for m in ("text_encoder", "unet", "vae_decoder")
                                               for f in ("config.json", "model.onnx"))}
 GEN = ["--prompt", "a {token} {class} on the beach", "--steps", "3", "-n", "2", "--seed", "5"]
-
-
-def files(root):
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-
-
-def pixels(folder):
-    return {p.name: np.asarray(Image.open(p).convert("RGB")).astype(int) for p in sorted(folder.glob("p*.png"))}
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from _export_helpers import pixels
 
 pytest.importorskip("openvino")
 
 GEN = ["--prompt", "a {token} {class} in the snow", "--steps", "3", "-n", "1", "--seed", "3"]
 MEAN_TOL, MAX_TOL = 3.0, 16  # measured here: mean 0.75, max 6 levels
-
-
-def pixels(folder):
-    return {p.name: np.asarray(Image.open(p).convert("RGB")).astype(int) for p in sorted(folder.glob("p*.png"))}
 
 
 def settings(folder):
