@@ -41,8 +41,9 @@ def one(runtime: str, folder: Path, resolution: int, steps: int) -> dict:
     """Load `runtime`'s pipeline, warm it up, time one image (run in a child process)."""
     import torch
 
-    from personalize.pipeline import build_pipeline, generate, load_components
-    from personalize.runtimes import load_runtime_pipeline
+    from personalize.pipeline import build_pipeline, generate
+    from personalize.runtimes import runtime_components
+    from personalize.sources import load_components
 
     t = time.perf_counter()
     if runtime.startswith("torch"):
@@ -52,7 +53,7 @@ def one(runtime: str, folder: Path, resolution: int, steps: int) -> dict:
         pipe = build_pipeline(comps, "dpm++")
     else:
         name = SAME_FILES.get(runtime, runtime)
-        pipe = load_runtime_pipeline(folder, EXPORTS[name][0], "dpm++", precision="bf16" if "bf16" in runtime else "f32")
+        pipe = build_pipeline(runtime_components(folder, EXPORTS[name][0], "bf16" if "bf16" in runtime else "fp32"), "dpm++")
     load_s = time.perf_counter() - t
     kw = dict(guidance_scale=7.5, resolution=resolution)
     generate(pipe, ["a photo of a dog"], [0], steps=2, **kw)  # warm-up

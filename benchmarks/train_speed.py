@@ -140,7 +140,7 @@ def worker_reference(a, lever: str | None = None) -> dict:
     from personalize.adapters import add_lora
     from personalize.config import TrainConfig
     from personalize.data import load_training_images
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
     from personalize.subjects import list_images
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

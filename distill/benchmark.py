@@ -91,17 +91,6 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------- inputs
-def resolve_pipeline(base: str):
-    """(pipeline dir, label) of `--base`: a `distill train` output is its ``student/``."""
-    from personalize.backbones import is_pipeline_dir, resolve_base
-
-    p = Path(base).expanduser()
-    if p.is_dir() and not is_pipeline_dir(p) and is_pipeline_dir(p / "student"):
-        return (p / "student").resolve(), base
-    r = resolve_base(base)
-    return r.path, r.name
-
-
 def real_stats_path(cfg: EvalConfig) -> Path | None:
     """--real-stats, else BK-SDM's real_im256.npz beside the COCO files; None with --real-images."""
     if cfg.real_images:
@@ -166,7 +155,7 @@ def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: 
     import torch
 
     from personalize.fit import process_state
-    from personalize.generate import Source, load_pipeline, pick_device, pick_dtype
+    from personalize.sources import Source, load_pipeline, pick_device, pick_dtype
     from personalize.outputs import output_lock
 
     from .coco import generate
@@ -344,10 +333,12 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     """Generate (this process's share) and score (main process). Returns scores on the main process."""
     from personalize.fit import process_state
     from personalize.outputs import check_output, output_lock
+    from personalize.sources import resolve_base
 
     cfg.validate()
     prompts = read_prompts(cfg.prompts, cfg.limit or None)
-    base_dir, label = resolve_pipeline(cfg.base)
+    resolved = resolve_base(cfg.base)
+    base_dir, label = resolved.path, resolved.name
     out = check_output(Path(cfg.output), kind="dir", inputs=[base_dir], allow_existing_dir=True)
     found = preflight(cfg)
     state = process_state()

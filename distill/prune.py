@@ -15,6 +15,7 @@ from pathlib import Path
 
 from personalize.errors import UserError
 from personalize.fileio import atomic_dir
+from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
 from .arch import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
 from .mapping import weight_mapping
@@ -28,19 +29,7 @@ def teacher_unet_config(teacher: str) -> dict:
     p = Path(teacher).expanduser()
     if not p.exists() and teacher in TEACHER_UNET_CONFIGS:
         return dict(TEACHER_UNET_CONFIGS[teacher])
-    return _read_unet_config(resolve_teacher(teacher))
-
-
-def resolve_teacher(teacher: str) -> Path:
-    from personalize.backbones import resolve_base
-
-    if teacher.startswith(("/", "./", "../", "~")) and not Path(teacher).expanduser().exists():
-        # would otherwise be taken for a hub id and fail with a confusing cache message
-        raise UserError(f"teacher {teacher}: no such directory")
-    try:
-        return resolve_base(teacher).path
-    except UserError as e:
-        raise UserError(f"teacher: {str(e).replace('--base', '--teacher')}") from None
+    return _read_unet_config(resolve_base(teacher, flag="--teacher").path)
 
 
 def _read_unet_config(pipeline_dir: Path) -> dict:
@@ -91,47 +80,6 @@ def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None
     return out
 
 
-def load_pipeline(path: Path, allow_pickle: bool = False, **components):
-    """The diffusers pipeline at `path` (fp32 as stored), from safetensors only unless `allow_pickle`."""
-    from diffusers import DiffusionPipeline
-
-    from personalize.pipeline import check_safetensors
-
-    check_safetensors(path, allow_pickle)
-    try:
-        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=_use_safetensors(allow_pickle),
-                                                 **components)
-    except (OSError, ValueError) as e:  # a component without safetensors, a broken model_index.json
-        raise UserError(f"{path}: cannot load the pipeline ({_one_line(e)})") from None
-
-
-def load_unet(pipeline_dir: Path, allow_pickle: bool = False, dtype=None):
-    """The U-Net of a pipeline dir, safetensors only unless `allow_pickle`, loaded straight into
-    `dtype` (personalize's streaming loader: no fp32 copy of a half-precision teacher)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from personalize.pipeline import check_safetensors, load_cast
-
-    check_safetensors(pipeline_dir, allow_pickle)
-    try:
-        return load_cast(UNet2DConditionModel, Path(pipeline_dir) / "unet", dtype or torch.float32,
-                         use_safetensors=_use_safetensors(allow_pickle))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{pipeline_dir}/unet: cannot load the U-Net ({_one_line(e)})") from None
-
-
-def _use_safetensors(allow_pickle: bool) -> bool | None:
-    # None, not False: False makes diffusers/transformers look for pickles *only*, and a pipeline
-    # mixing both formats would then fail on its safetensors components
-    return None if allow_pickle else True
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 @dataclass(frozen=True)
 class PruneResult:
     out: Path
@@ -158,7 +106,7 @@ def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allo
 
     arch = get_arch(arch_name)
     out = check_output(out, overwrite)
-    tpath = resolve_teacher(teacher)
+    tpath = resolve_base(teacher, flag="--teacher").path
     check_output(out, overwrite, inputs=[tpath])  # the student is never written over its teacher
     log(f"teacher {teacher} -> {tpath}")
     checked_student_config(_read_unet_config(tpath), arch, teacher)  # before reading any weights
@@ -170,7 +118,7 @@ def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allo
     log(rt.line())
     log(rs.line(rt))
     log(f"every student tensor initialised from the teacher; {len(cov.unused_teacher_keys)} teacher tensors dropped")
-    pipe = load_pipeline(tpath, allow_pickle, unet=student)
+    pipe = load_diffusers_pipeline(tpath, allow_pickle, unet=student)
     meta = provenance(teacher, tpath, arch, tcfg, unet_params=rs.params, teacher_unet_params=rt.params,
                       unet_macs_512=rs.macs.total, teacher_unet_macs_512=rt.macs.total)
     final = save_pipeline_atomic(pipe, out, {PROVENANCE_FILE: json.dumps(meta, indent=1)}, overwrite=overwrite)

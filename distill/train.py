@@ -24,12 +24,12 @@ import torch
 
 from personalize.errors import UserError
 from personalize.fileio import write_text
+from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
 from .data import DataSpec, MapBatches, make_batches
 from .kd import Distiller, KDWeights, feature_pairs
-from .prune import (
-    PROVENANCE_FILE, check_output, load_pipeline, load_unet, resolve_teacher, save_pipeline_atomic,
-)
+
+from .prune import PROVENANCE_FILE, check_output, save_pipeline_atomic
 
 STUDENT_DIR = "student"
 PRECOMPUTED_DIR = "precomputed"
@@ -297,7 +297,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
         # a stream has no row indices to key the cache by; random crops differ every epoch
         raise UserError("--precompute needs map-style data (no --streaming) and center crop (no --random-crop)")
     student_dir = _check_student_dir(cfg.student)
-    teacher_dir = resolve_teacher(cfg.teacher)
+    teacher_dir = resolve_base(cfg.teacher, flag="--teacher").path
 
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, log_dir=out / "logs")
     device, wdtype = accelerator.device, _weight_dtype(accelerator)
@@ -319,7 +319,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
     scheduler = DDPMScheduler.from_pretrained(str(student_dir), subfolder="scheduler")
     distiller = Distiller(student, teacher, scheduler, pairs, cfg.kd)
 
-    pipe = load_pipeline(student_dir, cfg.allow_pickle, unet=student, safety_checker=None, feature_extractor=None,
+    pipe = load_diffusers_pipeline(student_dir, cfg.allow_pickle, unet=student, safety_checker=None, feature_extractor=None,
                          requires_safety_checker=False)
     vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (vae, text_encoder):
@@ -381,7 +381,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
             ema.copy_to(trained, result.step)
             ema.prune()  # the checkpoint of the last step is written now: older EMA states can go
             resolved["weights"] = f"EMA of the student (decay {cfg.ema_decay})"
-        final_pipe = load_pipeline(student_dir, cfg.allow_pickle, unet=trained)
+        final_pipe = load_diffusers_pipeline(student_dir, cfg.allow_pickle, unet=trained)
         resolved["final_losses"] = result.losses
         prov = student_dir / PROVENANCE_FILE
         if prov.is_file():

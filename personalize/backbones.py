@@ -1,20 +1,20 @@
 """Backbone registry: which Stable Diffusion pipelines can be personalized, and where their weights are.
 
-A plain dict of specs (no import-time registration). `resolve_base` turns a registry name, a hub id
-or a local diffusers pipeline directory into a local directory, looking in the local HF cache first
-and touching the network only when `HF_HUB_OFFLINE` is not set. The `tiny` backbone is a
-random-weight, SD-v1-shaped pipeline built in code from a seed, so the whole flow runs offline.
+A plain dict of specs (no import-time registration), what the local HF cache holds of them, and the
+`tiny` backbone: a random-weight, SD-v1-shaped pipeline built in code from a seed, so the whole
+flow runs offline. Turning a `--base` into a local directory is sources.resolve_base.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .outputs import slug
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 # Only what a diffusers pipeline needs; keeps a first download from pulling .ckpt/.bin duplicates.
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,12 @@ class ResolvedBase:
 
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "hub_id": self.hub_id, "source": self.source}
+
+    @property
+    def key(self) -> str:
+        """A stable cache name: the base's name plus a hash of where its weights live (hub
+        snapshots carry the revision in their path, local dirs their absolute path)."""
+        return f"{slug(self.name).lower()[:40]}-{hashlib.sha1(str(self.path).encode()).hexdigest()[:8]}"
 
 
 def cache_root() -> Path:
@@ -74,60 +80,15 @@ def is_pipeline_dir(path: Path) -> bool:
     return (path / "model_index.json").is_file() and (path / "unet").is_dir()
 
 
-def resolve_base(name_or_path: str) -> ResolvedBase:
-    """Turn `--base` into a local diffusers pipeline directory, or raise a one-line UserError."""
-    if name_or_path == "tiny" or name_or_path.startswith("tiny:"):
-        seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
-        return ResolvedBase(name_or_path, materialize_tiny(seed), None, "built-in")
-    p = Path(name_or_path).expanduser()
-    # a hub id is owner/name; anything else with a slash, or a leading . / ~, is a path
-    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path
-    if looks_like_path and not p.exists():
-        raise UserError(f"--base {name_or_path}: no such directory")
-    if p.exists():
-        if not is_pipeline_dir(p):
-            raise UserError(f"--base {name_or_path}: not a diffusers pipeline directory (no model_index.json + unet/)")
-        return ResolvedBase(name_or_path, p.resolve(), None, "local")
-    spec = BACKBONES.get(name_or_path)
-    if spec is None and "/" not in name_or_path:
-        raise UserError(
-            f"unknown base '{name_or_path}'; known: {', '.join(BACKBONES)} (or a hub id / local pipeline dir)"
-        )
-    hub_id = spec.hub_id if spec else name_or_path
-    path, source = _snapshot(hub_id, display=name_or_path)
-    return ResolvedBase(name_or_path, path, hub_id, source)
-
-
 def local_snapshot(hub_id: str) -> Path | None:
     """The cached snapshot of `hub_id` if the HF cache holds it; never touches the network."""
     from huggingface_hub import snapshot_download
 
     try:
-        p = Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=_HUB_PATTERNS))
+        p = Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=HUB_PATTERNS))
     except Exception:  # noqa: BLE001 - any miss (not cached, partial) means "not available locally"
         return None
     return p if is_pipeline_dir(p) else None
-
-
-def _snapshot(hub_id: str, display: str) -> tuple[Path, str]:
-    from huggingface_hub import constants, snapshot_download
-
-    cached = local_snapshot(hub_id)
-    if cached is not None:
-        return cached, "registry-cache"
-    hint = (
-        f"weights for '{display}' ({hub_id}) are not in the HF cache ({constants.HF_HUB_CACHE})"
-    )
-    fix = f"download them with `hf download {hub_id}` where there is network, or pass --base /path/to/pipeline_dir"
-    if hub_offline():
-        raise UserError(f"{hint} and HF_HUB_OFFLINE is set; {fix}")
-    try:
-        p = Path(snapshot_download(hub_id, allow_patterns=_HUB_PATTERNS))
-    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end the same way for the user
-        raise UserError(f"{hint} and the hub is unreachable ({type(e).__name__}); {fix}") from None
-    if not is_pipeline_dir(p):
-        raise UserError(f"{hub_id} downloaded but holds no diffusers pipeline (model_index.json + unet/)")
-    return p, "hub-download"
 
 
 def native_resolution(base_path: Path) -> int:

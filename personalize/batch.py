@@ -28,10 +28,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from .config import METHODS, TrainConfig
+from .config import TrainConfig
+from .defaults import METHODS
 from .errors import UserError
 from .fileio import write_atomic, write_json
-from .runs import final_loss, load_run_json, slug
+from .outputs import slug
+from .runs import final_loss, load_run_json
 from .subjects import data_dir as resolve_data_dir
 from .subjects import load_subjects, photos_present
 
@@ -186,7 +188,7 @@ class _Bases:
         self.errors: dict[str, Exception] = {}
 
     def get(self, name: str, allow_pickle: bool):
-        from .backbones import resolve_base
+        from .sources import resolve_base
         from .dreambooth import LoadedBase
 
         if name in self.errors:

@@ -8,28 +8,20 @@ processes each takes the indices i with i % world == rank.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .backbones import ResolvedBase, cache_root
-from .runs import slug
+from .class_images_openvino import openvino_class_pipeline, runtime_tag
+from .outputs import slug
 from .pipeline import generate, save_png
 from .subjects import list_images
 
 CLASS_IMAGE_SEED = 0  # class images are a property of (base, prompt), not of a run's seed
 
 
-def base_key(base: ResolvedBase) -> str:
-    """Stable name for a base: its registry name plus a hash of where its weights live (hub
-    snapshots carry the revision in their path, local dirs their absolute path)."""
-    return f"{slug(base.name).lower()[:40]}-{hashlib.sha1(str(base.path).encode()).hexdigest()[:8]}"
-
-
 def class_image_dir(base: ResolvedBase, class_prompt: str, resolution: int, runtime: str = "torch") -> Path:
-    from .class_images_openvino import runtime_tag
-
     # the runtime (and its compute precision) is in the key: torch and OpenVINO images never mix
-    return (cache_root() / "class_images" / base_key(base)
+    return (cache_root() / "class_images" / base.key
             / f"{slug(class_prompt).lower()}-{resolution}px{runtime_tag(runtime)}")
 
 
@@ -45,8 +37,6 @@ def ensure_class_images(pipe, base: ResolvedBase, class_prompt: str, n: int, res
     missing = [i for i, p in enumerate(wanted) if not p.exists() and i % world == rank]
     if missing:
         if runtime == "openvino":
-            from .class_images_openvino import openvino_class_pipeline
-
             pipe = openvino_class_pipeline(base, resolution)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .defaults import DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, OPTIMIZERS
+from .defaults import CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, METHODS, OPTIMIZERS
 from .errors import UserError
-
-# the adapter methods (personalize/adapters.py ADAPTER_METHODS, same order) and full finetuning
-METHODS = ("lora", "dora", "loha", "lokr", "oft", "full")
+from .extras import require_extra
 
 
 @dataclass
@@ -143,13 +141,11 @@ class TrainConfig:
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.class_images < 0:
             raise UserError(f"--class-images must be >= 0, got {self.class_images}")
-        from .class_images_openvino import CLASS_IMAGE_RUNTIMES, require_openvino
-
         if self.class_images_runtime not in CLASS_IMAGE_RUNTIMES:
             raise UserError(f"--class-images-runtime must be one of {', '.join(CLASS_IMAGE_RUNTIMES)}, "
                             f"got '{self.class_images_runtime}'")
         if self.class_images_runtime == "openvino" and self.class_images > 0 and self.prior_loss_weight > 0:
-            require_openvino()  # before any model is loaded: a missing extra is one line up front
+            require_extra("openvino", "--class-images-runtime openvino")  # before any model is loaded: a missing extra is one line up front
         for name in ("sample_every", "save_every", "score_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
@@ -163,9 +159,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
         if self.optimizer == "prodigy":
-            from .fit import require_prodigy
-
-            require_prodigy()  # before any model is loaded: a missing extra is one line up front
+            require_extra("prodigy", "--optimizer prodigy")  # before any model is loaded: a missing extra is one line up front
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise UserError(f"--use-8bit-adam and --optimizer {self.optimizer} contradict each other; pick one")
         if self.checkpoint_every < 0:

@@ -22,3 +22,21 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 # the training loop's choices (personalize/fit.py): diffusers' get_scheduler names, and optimizers
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+
+# the adapter methods, in the order of adapters.ADAPTER_METHODS (a test holds the two together),
+# and full finetuning; every list of methods (CLI, batch, report, exports) reads these
+ADAPTER_METHOD_NAMES = ("lora", "dora", "loha", "lokr", "oft")
+METHODS = (*ADAPTER_METHOD_NAMES, "full")
+METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "full": "full"}
+
+# where prior-preservation class images are drawn (class_images.py)
+CLASS_IMAGE_RUNTIMES = ("torch", "openvino")
+
+# export formats: the adapter files, the merged pipeline, one ldm checkpoint, and the deploy runtimes
+DEPLOY_FORMATS = ("onnx", "openvino", "coreml")
+EXPORT_FORMATS = ("kohya", "merged", "single-file", *DEPLOY_FORMATS)
+RUNTIMES = ("onnx", "openvino")  # the deploy formats `personalize generate` runs (Core ML predicts on macOS only)
+# `generate --inference-precision`: OpenVINO's CPU compute precision. fp32 (default) gives the torch
+# pipeline's images; bf16 (native AVX512-BF16/AMX CPUs only) was 0.32x the best torch CPU time at
+# 512 px (benchmarks/RESULTS.md, "Deploy runtimes") at the cost of images a few levels off torch's.
+INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT

@@ -20,20 +20,21 @@ from pathlib import Path
 import torch
 
 from .adapters import ADAPTER_DIR, LORA_WEIGHTS, add_adapter, check_attach, save_adapter
-from .backbones import ResolvedBase, native_resolution, resolve_base
+from .backbones import ResolvedBase, native_resolution
 from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
 from .data import latent_masks, load_masks, load_training_images, make_grid, read_captions, with_flips
 from .diffusion import check_prediction_type, diffusion_loss, noise_latents
 from .errors import UserError
-from .fileio import move_into, scratch_dir
+from .fileio import move_into, scratch_dir, write_text
 from .fit import FitConfig, fit, make_accelerator
 from . import monitor
-from .outputs import check_output, output_lock
-from .pipeline import build_pipeline, generate, load_components, load_vae, save_pipeline, save_png, write_text
+from .outputs import check_output, output_lock, slug
+from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
-from .runs import is_finished, slug, write_run
+from .runs import is_finished, write_run
+from .sources import load_components, load_vae, resolve_base
 from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
 
 VALIDATION_PNG = "validation.png"

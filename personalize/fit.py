@@ -32,6 +32,8 @@ from torch import nn
 
 from . import checkpoints
 from .defaults import LR_SCHEDULERS, OPTIMIZERS
+from .errors import UserError
+from .extras import require_extra
 from .fileio import write_text
 from .precision import resolve_mixed_precision
 
@@ -158,28 +160,18 @@ def scheduler_name(cfg) -> str:
     return cfg.lr_scheduler
 
 
-def require_prodigy():
-    try:
-        import prodigyopt
-    except ImportError:
-        from .errors import UserError
-
-        raise UserError("--optimizer prodigy: the prodigyopt package is not installed; "
-                        "pip install 'personalize[prodigy]'") from None
-    return prodigyopt
-
-
 def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, log=print) -> torch.optim.Optimizer:
     kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     name = optimizer_name(cfg)
     if name not in OPTIMIZERS:
-        from .errors import UserError
-
         raise UserError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
     if name == "prodigy":
         # Prodigy (Mishchenko & Defazio 2023) estimates the step size itself: lr is a multiplier (1.0)
-        return require_prodigy().Prodigy(params, **kw)
+        require_extra("prodigy", "--optimizer prodigy")
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, **kw)
     if name == "adamw8bit":
         if on_cuda:
             import bitsandbytes as bnb
@@ -377,8 +369,6 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                 sps = (now - t_window) / timed
                 t_window, sums, window, timed = now, {}, 0, 0
                 if not all(math.isfinite(v) for v in last.values()):
-                    from .errors import UserError
-
                     raise UserError(f"loss became {last['loss']} at step {step}; lower --lr or use --mixed-precision no")
                 if is_main:
                     loss_log.log(step, last)
@@ -428,8 +418,6 @@ def make_lr_scheduler(optimizer, cfg: FitConfig):
 
     name = scheduler_name(cfg)
     if name not in LR_SCHEDULERS:
-        from .errors import UserError
-
         raise UserError(f"unknown lr scheduler '{name}' (choose from {', '.join(LR_SCHEDULERS)})")
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps)
 

@@ -13,218 +13,25 @@ for more images per prompt later keeps the first ones.
 
 from __future__ import annotations
 
-import re
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .backbones import ResolvedBase, is_pipeline_dir, resolve_base
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS  # noqa: F401 - re-exported
+from .backbones import native_resolution
+from .data import make_grid
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS
 from .errors import UserError
-from .pipeline import DEFAULT_SCHEDULER, SCHEDULERS, build_pipeline, generate, load_components, save_png, write_json
-from .runs import base_name, read_run, run_token
-from .subjects import fill_prompt, load_prompts
+from .fileio import write_json
+from .outputs import check_output, output_lock
+from .pipeline import generate, save_png
+from .sources import Source, input_paths, load_pipeline, pick_device, pick_dtype, resolve_source
+from .subjects import load_prompts
 
 
 MAX_PROMPTS_BYTES = 4 * 2**20  # ~40k prompts; a larger "prompts file" is a wrong path (a log, /dev/zero)
 IMAGES_JSON = "images.json"  # index of one generate call's images, written last
 GRID_PNG = "grid.png"
-
-
-@dataclass
-class AdapterRef:
-    run_dir: Path
-    name: str  # peft adapter name inside the pipeline
-    weight: float
-    run: dict
-
-    @property
-    def method(self) -> str:
-        return str(self.run.get("method", "lora"))
-
-    def describe(self) -> dict:
-        d = {"run": str(self.run_dir.resolve()), "subject": self.run["subject"]["name"], "weight": self.weight,
-             "trained_on": base_name(self.run), "finished_at": self.run.get("finished_at")}
-        # LoRA adapters keep the description they always had, so their cached images stay valid
-        return d if self.method == "lora" else d | {"method": self.method}
-
-
-@dataclass
-class Source:
-    """What draws the images, resolved without loading weights: a base pipeline directory plus
-    LoRA adapters, or a full-finetune run's own pipeline directory."""
-
-    pipeline_dir: Path
-    base_name: str
-    full_run: dict | None = None  # run.json of a full-finetune run (then pipeline_dir is that run)
-    export: dict | None = None  # export.json of an ONNX/OpenVINO export (then pipeline_dir is that folder)
-    adapters: list[AdapterRef] = field(default_factory=list)
-    lora_scale: float = 1.0
-    scheduler: str = DEFAULT_SCHEDULER
-    inference_precision: str | None = None  # an OpenVINO export's compute precision (fp32/bf16)
-
-    @property
-    def subject_run(self) -> dict | None:
-        """The run whose token and class fill `{token}` / `{class}`: the full run, else the first adapter."""
-        return self.full_run or (self.export or {}).get("run") or (self.adapters[0].run if self.adapters else None)
-
-    def describe(self) -> dict:
-        d = {"base": self.base_name, "base_path": str(self.pipeline_dir), "scheduler": self.scheduler}
-        if self.export is not None:
-            d["export"] = {k: self.export.get(k) for k in ("format", "weight_format", "from", "method")}
-            if self.inference_precision is not None:  # bf16 pixels differ from fp32 ones: never reuse across
-                d["export"]["inference_precision"] = self.inference_precision
-        if self.full_run is not None:
-            d["full_run"] = {"run": str(self.pipeline_dir), "subject": self.full_run["subject"]["name"],
-                             "trained_on": base_name(self.full_run), "finished_at": self.full_run.get("finished_at")}
-        if self.adapters:
-            d["adapters"] = [a.describe() for a in self.adapters]
-            d["lora_scale"] = self.lora_scale
-        return d
-
-    def fill(self, template: str) -> str:
-        run = self.subject_run
-        if run is None:
-            if "{token}" in template or "{class}" in template:
-                raise UserError(f"prompt '{template}' has a {{token}}/{{class}} placeholder but no run to fill it "
-                                f"from; pass a RUN_DIR or --adapter")
-            return template
-        return fill_prompt(template, run_token(run), run["subject"].get("class_noun") or "")
-
-
-def _run_base(run: dict) -> ResolvedBase:
-    """The base a run was trained on: where run.json says it was, else resolved again by name (a
-    run moved to another machine finds the base in that machine's HF cache)."""
-    base = run.get("base") or {}
-    path = Path(base.get("path") or "/nonexistent")
-    if is_pipeline_dir(path):
-        return ResolvedBase(base.get("name", str(path)), path, base.get("hub_id"), base.get("source", "local"))
-    return resolve_base(str(base.get("hub_id") or base.get("name") or "?"))
-
-
-def _adapter_name(i: int, run: dict) -> str:
-    # peft adapter names become attribute keys: letters, digits and underscores only
-    return f"a{i}_" + re.sub(r"[^A-Za-z0-9_]", "_", run["subject"]["name"])
-
-
-def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (), adapter_weights: list[float] | None = None,
-                   base: str | None = None, lora_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER,
-                   inference_precision: str | None = None) -> Source:
-    """RUN_DIR (a LoRA or full run) and/or `--adapter` LoRA runs and/or `--base` -> a Source.
-    A LoRA RUN_DIR is the first adapter; a full RUN_DIR is the pipeline the adapters go on.
-    `inference_precision` applies to OpenVINO exports only."""
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
-    if run_dir is not None:
-        from .runtimes import export_source
-
-        exported = export_source(Path(run_dir), list(adapters), base, scheduler, inference_precision)
-        if exported is not None:
-            return exported
-    if inference_precision is not None:
-        from .runtimes import check_inference_precision
-
-        check_inference_precision(None, inference_precision, str(run_dir or base or "the source"))
-    adapter_dirs = [Path(a) for a in adapters]
-    full = None
-    if run_dir is not None:
-        run = read_run(run_dir, finished=True)
-        if run.get("method") == "full":
-            full = (Path(run_dir), run)
-        else:
-            adapter_dirs.insert(0, Path(run_dir))
-    from .adapters import ADAPTER_METHODS
-    from .peft_adapters import check_mix
-
-    refs = []
-    for i, d in enumerate(adapter_dirs):
-        run = read_run(d, finished=True)
-        if run.get("method", "lora") not in ADAPTER_METHODS:
-            raise UserError(f"--adapter {d}: a {run.get('method')} run is a whole pipeline, not an adapter; "
-                            f"pass it as RUN_DIR")
-        refs.append(AdapterRef(d, _adapter_name(i, run), 1.0, run))
-    if adapter_weights is not None:
-        if len(adapter_weights) != len(refs):
-            raise UserError(f"--adapter-weights has {len(adapter_weights)} values for {len(refs)} adapter(s)")
-        for r, w in zip(refs, adapter_weights):
-            r.weight = float(w)
-    check_mix([r.method for r in refs], [r.weight for r in refs], float(lora_scale))
-    if full is not None:
-        if base is not None:
-            raise UserError(f"{full[0]} is a full finetune and is its own pipeline; --base applies to LoRA runs")
-        src = Source(full[0].resolve(), base_name(full[1]), full_run=full[1])
-    else:
-        if base is None and not refs:
-            raise UserError("nothing to generate with: pass a RUN_DIR, --adapter RUN_DIR or --base")
-        resolved = resolve_base(base) if base is not None else _run_base(refs[0].run)
-        src = Source(resolved.path, resolved.name)
-    src.adapters, src.lora_scale, src.scheduler = refs, float(lora_scale), scheduler
-    return src
-
-
-def pick_device(device: str | None) -> torch.device:
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device name (cpu, cuda, cuda:N, mps)") from None
-    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise UserError(f"--device {device}: this machine has {have} CUDA device(s) visible to this torch build")
-    if d.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {device}: not supported here (cpu, cuda, cuda:N, mps)")
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {device}: MPS is not available in this torch build")
-    return d
-
-
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """auto: fp16 on CUDA (what SD inference runs in), fp32 on CPU; bf16 is an option on both."""
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise UserError(f"unknown --dtype '{dtype}' (auto, fp32, fp16 or bf16)")
-    if dtype == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return table[dtype]
-
-
-def load_pipeline(src: Source, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                  allow_pickle: bool = False):
-    """The diffusers pipeline of `src` with its adapters loaded and weighted, on `device`. Every
-    adapter is checked against the base first: one that does not fit (trained on another
-    architecture) is a one-line error naming both bases, not a shape traceback from peft."""
-    from .adapters import method_of
-    from .peft_adapters import activate, check_lora_file, load_peft_adapter
-
-    if src.export is not None:
-        from .runtimes import load_runtime_pipeline
-
-        return load_runtime_pipeline(src.pipeline_dir, src.export["runtime"], src.scheduler, device, dtype,
-                                     src.inference_precision or "fp32")
-    device = device or pick_device(None)
-    dtype = dtype or pick_dtype(None, device)
-    comps = load_components(src.pipeline_dir, allow_pickle, dtype=dtype)
-    comps["vae"].to(dtype=dtype)
-    diffusers_refs = [a for a in src.adapters if method_of(a.method).storage == "diffusers"]
-    for a in diffusers_refs:
-        check_lora_file(a.run_dir, a.method, comps, base_name(a.run), src.base_name)
-    for a in src.adapters:
-        if a not in diffusers_refs:
-            load_peft_adapter(comps, a.run_dir, a.method, a.name, base_name(a.run), src.base_name)
-    if len(diffusers_refs) < len(src.adapters):
-        activate(comps, {a.name: a.weight * src.lora_scale for a in src.adapters})
-    pipe = build_pipeline(comps, src.scheduler)
-    for a in diffusers_refs:
-        pipe.load_lora_weights(str(a.run_dir), adapter_name=a.name)
-    if diffusers_refs:
-        pipe.set_adapters([a.name for a in diffusers_refs],
-                          adapter_weights=[a.weight * src.lora_scale for a in diffusers_refs])
-    return pipe.to(dtype=dtype).to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +73,6 @@ def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: i
 
 
 def default_resolution(src: Source) -> int:
-    from .backbones import native_resolution
-
     if src.export is not None:
         return int(src.export["resolution"])
     run = src.subject_run
@@ -281,8 +86,6 @@ def _sidecar(path: Path) -> Path:
 
 
 def is_up_to_date(job: ImageJob) -> bool:
-    import json
-
     if not (job.path.is_file() and _sidecar(job.path).is_file()):
         return False
     try:
@@ -327,8 +130,6 @@ def run_jobs(src: Source, jobs: list[ImageJob], *, batch_size: int | None = None
 def write_index(out_dir: Path, jobs: list[ImageJob], grid: bool = True) -> dict[str, Path]:
     """images.json (every image of this call and its settings) and, with `grid`, grid.png."""
     from PIL import Image
-
-    from .data import make_grid
 
     out_dir = Path(out_dir)
     written = {}
@@ -412,8 +213,6 @@ def generate_to_dir(src: Source, templates: list[str], out_dir: Path | None = No
                     progress: bool = True) -> tuple[Path, list[ImageJob], int]:
     """`personalize generate`: images (PNG with metadata + JSON sidecar each), grid.png and
     images.json in `out_dir`. Returns (out_dir, the jobs, how many images were generated now)."""
-    from .outputs import check_output, output_lock
-
     out_dir = Path(out_dir) if out_dir else default_out_dir(src)
     check_output(out_dir, kind="dir", inputs=input_paths(src), allow_existing_dir=True)
     pick_dtype(dtype, pick_device(device))  # a bad device or dtype fails before anything is drawn
@@ -424,20 +223,3 @@ def generate_to_dir(src: Source, templates: list[str], out_dir: Path | None = No
                         progress=progress)
         write_index(out_dir, jobs)
     return out_dir, jobs, made
-
-
-def input_paths(src: Source) -> list[Path]:
-    """What a generation reads: the adapters' files and the pipeline's own entries (an output
-    folder beside them, like the default RUN_DIR/samples/, is fine; one over them is not)."""
-    from .adapters import ADAPTER_DIR, LORA_WEIGHTS
-    from .runs import RUN_JSON
-
-    if src.export is not None:
-        from .runtimes import COMPONENTS
-
-        return [src.pipeline_dir / n for n in (*COMPONENTS, "tokenizer", "scheduler", "export.json")]
-    paths = [src.pipeline_dir / n for n in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer",
-                                            "scheduler", RUN_JSON)]
-    for a in src.adapters:
-        paths += [a.run_dir / LORA_WEIGHTS, a.run_dir / ADAPTER_DIR, a.run_dir / RUN_JSON]
-    return paths

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .defaults import DEFAULT_SCHEDULER, SCHEDULERS  # noqa: F401 - re-exported
+from .defaults import DEFAULT_SCHEDULER, SCHEDULERS
 from .errors import UserError
-from .fileio import atomic_file, write_atomic, write_json, write_text  # noqa: F401 - re-exported
+from .fileio import atomic_file, write_atomic, write_json
 
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 
@@ -96,30 +96,6 @@ def iter_safetensors(path: Path):
             yield name, t.reshape(info["shape"])
 
 
-def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> dict:
-    """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM). The U-Net and
-    text encoder load straight into `dtype` (frozen LoRA bases: no fp32 copy ever in memory);
-    the VAE stays fp32 (it only encodes the photos once)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    base_path = Path(base_path)
-    check_safetensors(base_path, allow_pickle)
-    # None, not False: False would mean "pickles only" to diffusers/transformers
-    st = None if allow_pickle else True
-    out = {}
-    with loading(base_path / "tokenizer"):
-        out["tokenizer"] = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
-    with loading(base_path / "text_encoder"):
-        out["text_encoder"] = load_cast(CLIPTextModel, base_path / "text_encoder", dtype, use_safetensors=st)
-    out["vae"] = load_vae(base_path, allow_pickle)
-    with loading(base_path / "unet"):
-        out["unet"] = load_cast(UNet2DConditionModel, base_path / "unet", dtype, use_safetensors=st)
-    with loading(base_path / "scheduler"):
-        out["noise_scheduler"] = DDPMScheduler.from_pretrained(base_path, subfolder="scheduler")
-    return out
-
-
 @contextlib.contextmanager
 def loading(folder: Path):
     """A component folder that does not load (truncated or garbage weights, a broken config) is
@@ -138,15 +114,6 @@ def loading(folder: Path):
             raise
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise UserError(f"{folder}: damaged or not a {folder.name} ({type(e).__name__}: {first})") from None
-
-
-def load_vae(base_path: Path, allow_pickle: bool = False):
-    """The base's VAE in fp32 (it only encodes the photos once and decodes a few samples)."""
-    from diffusers import AutoencoderKL
-
-    with loading(Path(base_path) / "vae"):
-        return AutoencoderKL.from_pretrained(Path(base_path), subfolder="vae",
-                                             use_safetensors=None if allow_pickle else True)
 
 
 def make_scheduler(name: str, config):

@@ -8,20 +8,13 @@ batch all start from here. No model imports.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from .defaults import METHODS
 from .errors import UserError
 from .fileio import write_json
 
 RUN_JSON = "run.json"
-
-
-def slug(text: str) -> str:
-    """A folder name from free text (a base name, hub id or path, a prompt): letters, digits and
-    `._-`, never starting with a dot or a dash (a hidden folder is skipped by eval and report,
-    so `--base ../x` must not become `..-..-x`)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lstrip(".-") or "x"
 
 
 def load_run_json(run_dir: Path) -> dict | None:
@@ -64,8 +57,6 @@ def read_run(run_dir: Path, finished: bool = False) -> dict:
         raise UserError(f"{path}: unreadable ({type(e).__name__})") from None
     if not isinstance(run, dict) or not isinstance(run.get("subject"), dict) or "name" not in run["subject"]:
         raise UserError(f"{path}: no subject.name; not a personalize run.json")
-    from .config import METHODS
-
     if run.get("method", "lora") not in METHODS:
         raise UserError(f"{path}: unknown method '{run.get('method')}' (this personalize knows {', '.join(METHODS)})")
     if finished and run.get("status") != "finished":

@@ -9,18 +9,27 @@ runtimes' float rounding.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .defaults import INFERENCE_PRECISIONS
 from .errors import UserError
+from .extras import require_extra
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-# `generate --inference-precision`: OpenVINO's CPU compute precision. fp32 (default) gives the torch
-# pipeline's images; bf16 (native AVX512-BF16/AMX CPUs only) was 0.32x the best torch CPU time at
-# 512 px (benchmarks/RESULTS.md, "Deploy runtimes") at the cost of images a few levels off torch's.
-INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+EXPORT_JSON = "export.json"  # what every export folder records about itself (export/, deploy/common.py)
+
+
+def read_export(path: Path) -> dict | None:
+    """export.json of an export folder, or None when `path` is not one (no file, not JSON, no format)."""
+    try:
+        rec = json.loads((Path(path) / EXPORT_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and "format" in rec else None
 
 
 def check_inference_precision(runtime: str | None, precision: str | None, what: str) -> str | None:
@@ -102,56 +111,21 @@ class VAEDecoderStub(_Stub):
 
 
 def _config(folder: Path) -> dict:
-    import json
-
     return json.loads((folder / "config.json").read_text())
 
 
-def load_runtime_pipeline(export_dir: Path, runtime: str, scheduler: str, device: torch.device | None = None,
-                          dtype: torch.dtype | None = None, precision: str = "fp32"):
-    """A diffusers StableDiffusionPipeline whose three models run on `runtime` (CPU). `precision`:
-    OpenVINO's inference precision (fp32, or bf16 on CPUs with native bf16)."""
+def runtime_components(export_dir: Path, runtime: str, precision: str = "fp32") -> dict:
+    """The components of a diffusers pipeline whose three models run on `runtime` (CPU), ready for
+    pipeline.build_pipeline. `precision`: OpenVINO's inference precision (fp32, or bf16 on CPUs
+    with native bf16)."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
-    from .pipeline import build_pipeline
-
-    if device is not None and device.type != "cpu":
-        raise UserError(f"--device {device}: an exported {runtime} folder runs on the CPU here")
-    if dtype not in (None, torch.float32):
-        raise UserError(f"--dtype: an exported {runtime} folder computes in fp32 (its weight format was set at export)")
     export_dir = Path(export_dir)
-    _require(runtime)
+    require_extra(runtime, f"{export_dir} (an {runtime} export)")
     comps = {"tokenizer": CLIPTokenizer.from_pretrained(str(export_dir / "tokenizer")),
              "noise_scheduler": DDPMScheduler.from_pretrained(str(export_dir / "scheduler"))}
     for name, cls in (("text_encoder", TextEncoderStub), ("unet", UNetStub), ("vae_decoder", VAEDecoderStub)):
         folder = export_dir / name
         comps["vae" if name == "vae_decoder" else name] = cls(_config(folder), _Session(runtime, folder, precision))
-    return build_pipeline(comps, scheduler)
-
-
-def _require(runtime: str) -> None:
-    from .export.deploy.common import require_extra
-
-    require_extra(runtime)
-
-
-def export_source(path: Path, adapters: list, base: str | None, scheduler: str, inference_precision: str | None = None):
-    """A generate.Source for an ONNX/OpenVINO export folder, or None when `path` is not an export."""
-    from .export.deploy import RUNTIMES, read_export
-    from .generate import Source
-
-    rec = read_export(path)
-    if rec is None:
-        return None
-    if rec.get("runtime") not in RUNTIMES:
-        raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "
-                        f"ml-stable-diffusion pipelines, see its README.md); generate runs onnx/openvino exports")
-    precision = check_inference_precision(rec["runtime"], inference_precision, str(path))
-    if adapters or base is not None:
-        raise UserError(f"{path}: an exported pipeline (adapters already fused); --adapter/--base do not apply")
-    missing = [c for c in (*COMPONENTS, "tokenizer", "scheduler") if not (Path(path) / c).is_dir()]
-    if missing:
-        raise UserError(f"{path}: incomplete {rec['format']} export (no {missing[0]}/); export it again")
-    return Source(Path(path).resolve(), str(rec.get("base", "?")), export=rec, scheduler=scheduler,
-                  inference_precision=precision or ("fp32" if rec["runtime"] == "openvino" else None))
+    return comps

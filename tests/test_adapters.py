@@ -34,7 +34,7 @@ def test_attach_never_uses_the_model_mixins_add_adapter(tiny_base, tmp_path, mon
     import transformers
 
     from personalize.adapters import LORA_WEIGHTS, add_lora, save_lora
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
 
     def refuse(*a, **k):
         raise AssertionError("add_adapter of a model mixin was called")
@@ -56,7 +56,7 @@ def test_attach_never_uses_the_model_mixins_add_adapter(tiny_base, tmp_path, mon
 
 def test_lora_config_rank_and_alpha_land_in_the_injected_layers(tiny_base):
     from personalize.adapters import add_lora
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
 
     comps = load_components(tiny_base, False)
     add_lora(comps["unet"], comps["text_encoder"], _cfg(rank=3, lora_alpha=6, train_text_encoder=False))

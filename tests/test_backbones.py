@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from personalize.backbones import BACKBONES, is_pipeline_dir, resolve_base, unet_param_count
+from personalize.backbones import BACKBONES, is_pipeline_dir, unet_param_count
+from personalize.sources import resolve_base
 from personalize.errors import UserError
 
 ISSUE_NAMES = ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "bk-sdm-base-2m", "bk-sdm-small-2m", "bk-sdm-tiny-2m",

@@ -290,13 +290,13 @@ def test_grid_loads_each_base_once(finished_batch, data, tmp_path, cli, tiny_bas
 
 
 def test_a_base_that_cannot_load_fails_its_jobs_after_one_try(data, tmp_path, monkeypatch):
-    import personalize.backbones as backbones
+    import personalize.sources as sources
     from personalize.batch import run_batch
     from personalize.config import TrainConfig
 
     not_a_base = tmp_path / "not-a-pipeline"
     not_a_base.mkdir()
-    tries = _count_calls(monkeypatch, backbones, "resolve_base")
+    tries = _count_calls(monkeypatch, sources, "resolve_base")
     template = TrainConfig(method="lora", subject="batch", data_dir=str(data))
     summary = run_batch(template, [str(not_a_base)], ["lora"], ["dog", "dog2"], tmp_path / "b", log=lambda s: None)
     assert len(tries) == 1

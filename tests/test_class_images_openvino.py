@@ -14,7 +14,7 @@ from conftest import FAST
 
 def test_openvino_class_images_have_their_own_cache_entry(fresh_cache, photos, tmp_path, cli):
     pytest.importorskip("openvino")
-    from personalize.backbones import resolve_base
+    from personalize.sources import resolve_base
     from personalize.class_images import class_image_dir
     from personalize.class_images_openvino import export_dir, inference_precision
 

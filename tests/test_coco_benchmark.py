@@ -44,7 +44,7 @@ def write_metadata(path: Path, n: int = 20, png: bool = False) -> Path:
 def pipe(tiny_base_module):
     from diffusers import PNDMScheduler
 
-    from personalize.generate import Source, load_pipeline
+    from personalize.sources import Source, load_pipeline
 
     p = load_pipeline(Source(tiny_base_module, "tiny", scheduler="pndm"), device=torch.device("cpu"),
                       dtype=torch.float32)

@@ -41,7 +41,7 @@ def test_unet_macs_equal_the_hooked_count_of_distill_arch():
 
 
 def test_local_pipeline_dir_counts_equal_its_loaded_modules(tiny_base):
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
 
     c = pipeline_cost(tiny_base, 64)
     comps = load_components(tiny_base)

@@ -160,7 +160,7 @@ def test_captions_reach_the_text_encoder_once_per_distinct_caption(tmp_path, cli
     r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--class-images", "0",
             "--validation-images", "0", "--no-train-text-encoder", "--output-dir", tmp_path / "r")
     assert r.code == 0, r.err
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
     from personalize.backbones import materialize_tiny
 
     tok = load_components(materialize_tiny(0))["tokenizer"]

@@ -148,11 +148,11 @@ def test_client_verdicts_on_the_real_sd_v1_shapes(arch, comfy, a1111):
 def test_lora_run_is_fused_into_the_single_file(lora_run, tiny_base, tmp_path, cli):
     from diffusers import StableDiffusionPipeline
 
-    from personalize.export.merged import fused_components
+    from personalize.sources import load_fused, resolve_source
 
     out = tmp_path / "dog.safetensors"
     assert cli("export", lora_run, "--format", "single-file", "-o", out, "--lora-scale", "0.5").code == 0
-    comps, _ = fused_components(lora_run, lora_scale=0.5)
+    comps = load_fused(resolve_source(lora_run, lora_scale=0.5))
     fused = StableDiffusionPipeline(**{k: comps[k] for k in ("vae", "text_encoder", "tokenizer", "unet")},
                                     scheduler=comps["noise_scheduler"], safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
@@ -195,7 +195,7 @@ def test_kohya_ldm_names_apply_like_the_diffusers_adapter(lora_run, tiny_base, t
     diffusers' converter, equals the diffusers adapter fused; no key in diffusers naming remains."""
     from diffusers import StableDiffusionPipeline
 
-    from personalize.export.merged import fused_components
+    from personalize.sources import load_fused, resolve_source
 
     k_out, s_out = tmp_path / "ldm_lora.safetensors", tmp_path / "base.safetensors"
     assert cli("export", lora_run, "--format", "kohya", "--names", "ldm", "-o", k_out).code == 0
@@ -226,7 +226,7 @@ def test_kohya_ldm_names_apply_like_the_diffusers_adapter(lora_run, tiny_base, t
     from safetensors.torch import save_file
 
     save_file(ckpt, str(merged))
-    comps, _ = fused_components(lora_run)
+    comps = load_fused(resolve_source(lora_run))
     fused = StableDiffusionPipeline(**{k: comps[k] for k in ("vae", "text_encoder", "tokenizer", "unet")},
                                     scheduler=comps["noise_scheduler"], safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
@@ -240,7 +240,7 @@ def test_kohya_ldm_names_on_a_bk_layout_follow_its_own_numbering(students):
     from personalize.export.kohya import to_kohya
     from personalize.export.ldm_layout import kohya_unet_namer, unet_layout
     from personalize.export.single_file import checkpoint_tensors
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
 
     comps = load_components(students["bk-tiny"])
     unet = comps["unet"]

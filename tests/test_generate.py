@@ -231,7 +231,8 @@ def test_unfinished_run_is_refused(lora_run, tmp_path, cli):
 
 
 def test_prompt_sources(lora_run, lora_run_object, tmp_path):
-    from personalize.generate import collect_prompts, resolve_source
+    from personalize.generate import collect_prompts
+    from personalize.sources import resolve_source
     from personalize.subjects import load_prompts
 
     src = resolve_source(lora_run)

@@ -55,7 +55,8 @@ def test_saved_adapter_reloads_exactly_through_an_independent_reader(method, tin
     from peft import PeftModel
 
     from personalize.adapters import ADAPTER_DIR, add_adapter, save_adapter
-    from personalize.pipeline import build_pipeline, load_components
+    from personalize.pipeline import build_pipeline
+    from personalize.sources import load_components
 
     comps = load_components(tiny_base, False)
     ids, x = _inputs(comps)
@@ -87,7 +88,8 @@ def test_conv_and_feed_forward_targets_save_one_format_that_diffusers_applies_ev
     from safetensors import safe_open
 
     from personalize.adapters import LORA_WEIGHTS, add_adapter, save_adapter
-    from personalize.pipeline import build_pipeline, load_components
+    from personalize.pipeline import build_pipeline
+    from personalize.sources import load_components
 
     targets = ["to_q", "to_v", "conv1", "conv2", "ff.net.0.proj", "ff.net.2"]
     comps = load_components(tiny_base, False)
@@ -153,8 +155,8 @@ def method_runs(tmp_path_factory, photos):
 
 @pytest.mark.parametrize("method", ADAPTERS)
 def test_each_method_generates_and_merged_equals_unmerged(method, method_runs, tmp_path, cli):
-    from personalize.generate import load_pipeline, resolve_source
-    from personalize.pipeline import load_components
+    from personalize.sources import load_pipeline, resolve_source
+    from personalize.sources import load_components
 
     run = method_runs[method]
     assert json.loads((run / "run.json").read_text())["method"] == method
@@ -194,8 +196,8 @@ def test_kohya_lycoris_export_is_read_by_the_lycoris_package(method, method_runs
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from personalize.generate import resolve_source
-    from personalize.pipeline import load_components
+    from personalize.sources import resolve_source
+    from personalize.sources import load_components
 
     run = method_runs[method]
     out = tmp_path / "k.safetensors"

@@ -64,7 +64,7 @@ def test_allow_pickle_loads_pickled_and_safetensors_pipelines(tiny_base, tmp_pat
     """--allow-pickle permits pickles; it must not turn into "pickles only" for a safetensors base."""
     from diffusers import StableDiffusionPipeline
 
-    from personalize.pipeline import load_components
+    from personalize.sources import load_components
 
     pickled = tmp_path / "pickled"
     StableDiffusionPipeline.from_pretrained(tiny_base).save_pretrained(pickled, safe_serialization=False)

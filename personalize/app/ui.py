@@ -15,6 +15,7 @@ import os
 import zipfile
 from pathlib import Path
 
+from ..defaults import EXPORT_FORMATS, METHODS
 from ..errors import UserError
 from ..fileio import atomic_file
 from .jobs import JobManager, clock
@@ -27,17 +28,11 @@ LONG = {"concurrency_limit": 1, "concurrency_id": "job"}  # one long job at a ti
 
 
 def methods() -> list[str]:
-    from .. import config
-
-    return list(getattr(config, "METHODS", ("lora", "full")))
+    return list(METHODS)
 
 
 def export_formats() -> list[str]:
-    try:
-        from ..export import FORMATS
-    except ImportError:
-        return ["kohya", "merged"]
-    return list(FORMATS)
+    return list(EXPORT_FORMATS)
 
 
 def base_choices(ws: Workspace) -> list[tuple[str, str]]:
@@ -337,8 +332,9 @@ class App:
     # ------------------------------------------------------------------ Generate
     @user_errors
     def generate(self, runs, weights, prompt, negative, seed, n, steps, guidance, resolution):
-        from ..commands.types import float_list
-        from ..generate import default_out_dir, generate_to_dir, resolve_source
+        from ..argtypes import float_list
+        from ..generate import default_out_dir, generate_to_dir
+        from ..sources import resolve_source
 
         runs = [runs] if isinstance(runs, str) else list(runs or [])
         if not runs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .types import number
+from ..argtypes import number
 
 
 def _app(args) -> int:

@@ -6,7 +6,7 @@ import argparse
 
 from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
 from .dreambooth import add_flags, config_from_args
-from .types import number
+from ..argtypes import number
 
 DESCRIPTION = """\
 Personalize every subject of the DreamBooth dataset (or --subjects), for every base in --bases and
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     # every part is checked before any is started: a typo in the last base must not cost the first
     for m in methods:
         config_from_args(args, m, subject="batch").validate()
-    from ..backbones import resolve_base
+    from ..sources import resolve_base
     from ..outputs import check_output
 
     resolved = [resolve_base(b).path for b in bases]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .types import number
+from ..argtypes import number
 
 EVAL_HELP = (
     "generate the DreamBooth protocol images of a run (25 prompts x N images, reused when already generated "

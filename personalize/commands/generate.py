@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .types import float_list, number, resolution
+from ..argtypes import float_list, number, resolution
 
 
 # guidance beyond ~30 only saturates; negative values are a sign error, not a setting
@@ -21,7 +21,8 @@ def nbits(text: str):
 
 
 def _generate(args) -> int:
-    from ..generate import collect_prompts, generate_to_dir, resolve_source
+    from ..generate import collect_prompts, generate_to_dir
+    from ..sources import resolve_source
 
     src = resolve_source(args.run_dir, args.adapter or [], args.adapter_weights, args.base, args.lora_scale,
                          args.scheduler, args.inference_precision)

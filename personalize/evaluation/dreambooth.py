@@ -336,7 +336,7 @@ def evaluate_paths(paths: Sequence[Path], *, dino_name: str, clip_name: str, bat
     run_dirs = [r for p in paths for r in find_run_dirs(Path(p))]
     for r in run_dirs:
         read_run(r)
-    from ..generate import pick_device
+    from ..sources import pick_device
 
     device = str(pick_device(device))  # a device this torch does not have: one line, before any load
     dino = DinoEmbedder.from_name_or_path(dino_name, device=device, batch_size=batch_size)

@@ -99,7 +99,7 @@ def _num(v: Any) -> float:
 
 def _group_order(rows: list[dict]) -> list[tuple[str, str]]:
     from ..backbones import BACKBONES
-    from ..config import METHODS
+    from ..defaults import METHODS
 
     base_rank = {b: i for i, b in enumerate(BACKBONES)}
     method_rank = {m: i for i, m in enumerate(METHODS)}

@@ -6,7 +6,8 @@ from .kohya import export_kohya
 from .merged import export_merged
 from .single_file import export_single_file
 
+from ..defaults import EXPORT_FORMATS as FORMATS
+
 # onnx/openvino/coreml: personalize.export.deploy (imported lazily: it needs the optional extras)
-FORMATS = ("kohya", "merged", "single-file", "onnx", "openvino", "coreml")
 
 __all__ = ["FORMATS", "export_kohya", "export_merged", "export_single_file"]

@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..adapters import LoraLayer
+from ..adapters import ADAPTER_METHODS, LORA_WEIGHTS, LoraLayer, method_of, read_lora
 from ..errors import UserError
 from ..fileio import atomic_file
 from ..outputs import check_output, output_lock
 from ..runs import base_name, read_run
+from ..sources import resolve_source
+from .ldm_layout import kohya_name, kohya_unet_namer
+from .lycoris import export_lycoris
 
 if TYPE_CHECKING:
     import torch
@@ -18,8 +21,6 @@ if TYPE_CHECKING:
 
 def lora_run(run_dir: Path) -> dict:
     """run.json of a finished adapter run (any method of adapters.ADAPTER_METHODS)."""
-    from ..adapters import ADAPTER_METHODS
-
     run = read_run(run_dir, finished=True)
     if run.get("method", "lora") not in ADAPTER_METHODS:
         raise UserError(f"{run_dir} is a {run.get('method')} run: it already is a complete pipeline directory "
@@ -40,16 +41,10 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False, names: str =
     names="ldm": U-Net keys by the base's real ldm layout (ldm_layout), for A1111 on BK-SDM."""
     from safetensors.torch import save_file
 
-    from ..adapters import LORA_WEIGHTS, read_lora
-
-    from ..adapters import method_of
-
     run_dir, out = Path(run_dir), Path(out)
     run = lora_run(run_dir)
     check_output(out, kind="file", inputs=[run_dir], overwrite=overwrite)
     if method_of(run.get("method", "lora")).storage == "peft":
-        from .lycoris import export_lycoris
-
         return export_lycoris(run_dir, run, out, names)
     layers = read_lora(run_dir / LORA_WEIGHTS)
     meta = kohya_metadata(layers, _family(layers))
@@ -58,24 +53,12 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False, names: str =
              "personalize_instance_prompt": str(run.get("instance_prompt", ""))}
     unet_names = None
     if names == "ldm":
-        from ..generate import resolve_source
-        from .ldm_layout import kohya_unet_namer
-
         unet_names = kohya_unet_namer(resolve_source(run_dir).pipeline_dir)
     meta["personalize_names"] = names
     tensors = to_kohya(layers, unet_names)
     with output_lock(out), atomic_file(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return out
-
-
-def _kohya_name(comp: str, module: str, unet_names=None) -> str:
-    if comp == "unet":
-        return "lora_unet_" + (unet_names(module) if unet_names else module).replace(".", "_")
-    # kohya names the text encoder by the original CLIP module path, which has text_model.
-    if not module.startswith("text_model."):
-        module = "text_model." + module
-    return "lora_te_" + module.replace(".", "_")
 
 
 def to_kohya(layers: dict[tuple[str, str], LoraLayer], unet_names=None) -> dict[str, "torch.Tensor"]:
@@ -98,7 +81,7 @@ def to_kohya(layers: dict[tuple[str, str], LoraLayer], unet_names=None) -> dict[
                                                        x.up.new_zeros((width, x.rank)), x.alpha)
     out = {}
     for (comp, module), layer in layers.items():
-        name = _kohya_name(comp, module, unet_names)
+        name = kohya_name(comp, module, unet_names)
         out[f"{name}.lora_down.weight"] = layer.down.contiguous()
         out[f"{name}.lora_up.weight"] = layer.up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)

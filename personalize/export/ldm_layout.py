@@ -259,6 +259,17 @@ def text_encoder_to_ldm(text_encoder) -> dict:
     return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
 
 
+def kohya_name(comp: str, module: str, unet_names=None) -> str:
+    """kohya's sd-scripts name of an adapted module: `lora_unet_` + its (diffusers or, with
+    `unet_names`, ldm) path, `lora_te_` + its CLIP path, dots as underscores."""
+    if comp == "unet":
+        return "lora_unet_" + (unet_names(module) if unet_names else module).replace(".", "_")
+    # kohya names the text encoder by the original CLIP module path, which has text_model.
+    if not module.startswith("text_model."):
+        module = "text_model." + module
+    return "lora_te_" + module.replace(".", "_")
+
+
 def kohya_unet_namer(pipeline_dir):
     """module path -> ldm module path for the U-Net of a pipeline dir (its config only, built on
     the meta device): kohya keys in ldm form, `lora_unet_input_blocks_4_1_...`. A module without an

@@ -21,7 +21,10 @@ from ..adapters import ADAPTER_DIR, COMPONENTS
 from ..errors import UserError
 from ..fileio import atomic_file
 from ..outputs import output_lock
-from ..runs import base_name
+from ..peft_adapters import adapter_components, load_peft_adapter, read_peft
+from ..runs import base_name, read_run
+from ..sources import load_components, resolve_source
+from .ldm_layout import kohya_name, kohya_unet_namer
 
 LYCORIS_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                   "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
@@ -30,17 +33,12 @@ LYCORIS_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
 def export_lycoris(run_dir: Path, run: dict, out: Path, names: str = "diffusers") -> Path:
     from safetensors.torch import save_file
 
-    from .kohya import _kohya_name
-
     method = run.get("method")
     unet_names = None
     if names == "ldm":
-        from ..generate import resolve_source
-        from .ldm_layout import kohya_unet_namer
-
         unet_names = kohya_unet_namer(resolve_source(run_dir).pipeline_dir)
     layers = oft_diffs(run_dir) if method == "oft" else lycoris_layers(run_dir, method)
-    tensors = {f"{_kohya_name(comp, module, unet_names)}.{k}": v.contiguous()
+    tensors = {f"{kohya_name(comp, module, unet_names)}.{k}": v.contiguous()
                for (comp, module), params in layers.items() for k, v in params.items()}
     algo = "full" if method == "oft" else method
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": algo}),
@@ -56,7 +54,6 @@ def lycoris_layers(run_dir: Path, method: str) -> dict[tuple[str, str], dict]:
     """{(component, module): {LyCORIS key: tensor}} of a LoHa/LoKr run's peft folders."""
     import torch
 
-    from ..peft_adapters import adapter_components, read_peft
 
     layers: dict[tuple[str, str], dict] = {}
     for comp in adapter_components(run_dir, method):
@@ -85,10 +82,6 @@ def oft_diffs(run_dir: Path) -> dict[tuple[str, str], dict]:
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from ..generate import resolve_source
-    from ..peft_adapters import load_peft_adapter
-    from ..pipeline import load_components
-    from ..runs import read_run
 
     run = read_run(run_dir, finished=True)
     src = resolve_source(run_dir)

@@ -15,9 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backbones import is_pipeline_dir
 from ..errors import UserError
 from ..fileio import atomic_file, write_text
 from ..outputs import check_output, output_lock
+from ..runs import RUN_JSON
+from ..sources import Source, load_fused, resolve_base, resolve_source
 from .ldm_layout import UNET_PREFIX, UNetLayout, is_open_clip, text_encoder_to_ldm, unet_layout, vae_to_ldm
 
 # ldm builds every GroupNorm with 32 groups (ldm.modules.diffusionmodules.util.normalization and
@@ -35,25 +38,22 @@ class SingleFile:
 
 
 def _source(source, base: str | None, lora_scale: float, allow_pickle: bool):
-    """(components, pipeline dir the components' configs come from, label, inputs to protect)."""
-    from ..backbones import is_pipeline_dir, resolve_base
-    from ..pipeline import load_components
-    from ..runs import RUN_JSON, read_run
-
+    """(fp32 components with any adapter fused in, pipeline dir their configs come from, label,
+    inputs to protect)."""
     p = Path(str(source)).expanduser()
     if (p / RUN_JSON).is_file():
-        run = read_run(p, finished=True)
-        if run.get("method") != "full":  # every adapter method fuses the same way
-            from .merged import fused_components
-
-            comps, src = fused_components(p, base, lora_scale, allow_pickle)
-            label = f"{run['subject']['name']} ({run['method']} fused into {src.base_name})"
-            return comps, src.pipeline_dir, label, [p, src.pipeline_dir]
-        return load_components(p, allow_pickle), p, f"{run['subject']['name']} (full run)", [p]
-    if p.exists() and not is_pipeline_dir(p):
+        src = resolve_source(p, base=base, lora_scale=lora_scale)
+        if src.full_run is not None:
+            label, inputs = f"{src.full_run['subject']['name']} (full run)", [p]
+        else:  # every adapter method fuses the same way
+            run = src.adapters[0].run
+            label, inputs = f"{run['subject']['name']} ({run['method']} fused into {src.base_name})", [p, src.pipeline_dir]
+    elif p.exists() and not is_pipeline_dir(p):
         raise UserError(f"{source}: neither a run directory (run.json) nor a diffusers pipeline directory")
-    b = resolve_base(str(source))
-    return load_components(b.path, allow_pickle), b.path, str(source), [b.path]
+    else:
+        b = resolve_base(str(source))
+        src, label, inputs = Source(b.path, str(source)), str(source), [b.path]
+    return load_fused(src, allow_pickle), src.pipeline_dir, label, inputs
 
 
 def checkpoint_tensors(comps: dict, half: bool = False) -> tuple[dict, UNetLayout]:

@@ -8,12 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import UserError
-from .common import EXPORT_JSON, read_export, require_extra, resolve_deploy_source
+from ...backbones import native_resolution
+from ...defaults import DEPLOY_FORMATS
+from ...extras import require_extra
+from ...fileio import atomic_dir
+from ...outputs import check_output, output_lock
+from ...sources import Source, load_fused, resolve_source
+from .common import write_common, write_record
 
-DEPLOY_FORMATS = ("onnx", "openvino", "coreml")
-RUNTIMES = ("onnx", "openvino")  # the formats `personalize generate` runs (Core ML predicts on macOS only)
-
-__all__ = ["DEPLOY_FORMATS", "EXPORT_JSON", "RUNTIMES", "export_deploy", "read_export"]
+__all__ = ["export_deploy"]
 
 
 def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0, base: str | None = None,
@@ -22,9 +25,6 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
                   bundle_resources: bool = False, vae_encoder: bool = False) -> Path:
     """RUN_DIR (LoRA run, full run or pipeline dir) -> OUT in `fmt`. `resolution` fixes Core ML's
     shapes (default the run's training resolution); ONNX/OpenVINO keep them dynamic."""
-    from ...fileio import atomic_dir
-    from ...outputs import check_output, output_lock
-
     if fmt not in DEPLOY_FORMATS:
         raise UserError(f"unknown deploy format '{fmt}' ({', '.join(DEPLOY_FORMATS)})")
     settings = _settings(fmt, weight_format, quantize_nbits, attention, bundle_resources)
@@ -32,23 +32,21 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
         if fmt != "coreml":
             raise UserError("--vae-encoder applies to --format coreml (generate needs no encoder)")
         settings["vae_encoder"] = True
-    require_extra(fmt, ("nncf",) if settings.get("weight_format") == "int8" else ())
+    require_extra(fmt, f"--format {fmt}", ("nncf",) if settings.get("weight_format") == "int8" else ())
     run_dir, out = Path(run_dir), Path(out)
-    ds = resolve_deploy_source(run_dir, base=base, lora_scale=lora_scale)
-    check_output(out, kind="dir", inputs=[run_dir, ds.pipeline_dir], overwrite=overwrite)
-    res = _resolution(ds, resolution)
+    src = resolve_source(run_dir, base=base, lora_scale=lora_scale, pipelines=True)
+    check_output(out, kind="dir", inputs=[run_dir, src.pipeline_dir], overwrite=overwrite)
+    res = _resolution(src, resolution)
     if fmt == "coreml" and bundle_resources:
         from .coreml import check_bundle_tools
 
         check_bundle_tools()
     with output_lock(out):
-        from .common import load_fused, write_common, write_record
-
-        comps = load_fused(ds, allow_pickle)
+        comps = load_fused(src, allow_pickle)
         with atomic_dir(out, replace=overwrite) as tmp:
             readme = _convert(fmt, comps, tmp, res, settings)
-            write_common(tmp, comps, ds, fmt, settings, res)
-            write_record(tmp, ds, fmt, settings, res, readme)
+            write_common(tmp, comps, fmt, src)
+            write_record(tmp, src, fmt, settings, res, readme)
     return out
 
 
@@ -72,10 +70,8 @@ def _settings(fmt: str, weight_format: str, quantize_nbits, attention: str, bund
     return {"quantize_nbits": quantize_nbits, "attention": attention, "bundle_resources": bundle_resources}
 
 
-def _resolution(ds, resolution: int | None) -> int:
-    from ...backbones import native_resolution
-
-    res = resolution or int((ds.run or {}).get("resolution") or native_resolution(ds.pipeline_dir))
+def _resolution(src: Source, resolution: int | None) -> int:
+    res = resolution or int((src.subject_run or {}).get("resolution") or native_resolution(src.pipeline_dir))
     if res <= 0 or res % 8:
         raise UserError(f"--resolution must be a positive multiple of 8, got {res}")
     return res

@@ -1,0 +1,28 @@
+"""The optional extras: which pip extra brings which modules, and the one check that a command's
+extra is installed (one line naming the flag and the `pip install` that fixes it)."""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import UserError
+
+# extra -> the modules it installs that the code imports
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx", "onnxruntime"),
+    "openvino": ("openvino",),
+    "coreml": ("coremltools",),
+    "prodigy": ("prodigyopt",),
+    "app": ("gradio",),
+    "lycoris": ("lycoris",),
+}
+
+
+def require_extra(extra: str, flag: str, also: tuple[str, ...] = ()) -> None:
+    """Raise a one-line UserError naming `flag` and the extra when one of its modules is missing."""
+    for m in (*EXTRAS[extra], *also):
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            raise UserError(f"{flag}: needs the {m} package; install it with pip install 'personalize[{extra}]' "
+                            f"(in a checkout, add -c requirements/lock.txt)") from None
