@@ -83,6 +83,38 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_no_ob
     assert not lock_path(out).exists()
 
 
+def test_three_writers_never_hold_one_output_at_once(tmp_path):
+    """The holder deletes the lock file as it leaves. A writer that opened the old file just before
+    (B, waiting) must not count the lock it then gets on a deleted file, or a third writer (C)
+    creating the file anew would hold it at the same time. (flock is per open file, so threads
+    here race as processes would.)"""
+    import threading
+    import time
+
+    out = tmp_path / "shared-cache"
+    inside, overlaps, b_waiting = [], [], threading.Event()
+
+    def writer(name, hold):
+        with output_lock(out, wait=True):
+            if inside:
+                overlaps.append((name, list(inside)))
+            inside.append(name)
+            time.sleep(hold)
+            inside.remove(name)
+
+    with output_lock(out):  # A
+        b = threading.Thread(target=writer, args=("B", 0.6))
+        b.start()
+        time.sleep(0.3)  # B has opened the file and waits for A's lock
+    time.sleep(0.1)  # A is gone (file deleted); B now holds a lock
+    c = threading.Thread(target=writer, args=("C", 0.1))
+    c.start()
+    b.join()
+    c.join()
+    assert overlaps == []
+    assert not lock_path(out).exists()
+
+
 def test_two_concurrent_generates_into_one_folder(lora_run, tmp_path, monkeypatch, cli):
     """The second writer is refused while the first holds the folder (the holder is simulated by a
     lock taken here, as another process would)."""
