@@ -21,7 +21,7 @@ import torch
 from .adapters import ADAPTER_DIR, ADAPTER_METHODS, LORA_WEIGHTS, has_adapter, method_of
 from .backbones import (BACKBONES, HUB_PATTERNS, ResolvedBase, hub_offline, is_pipeline_dir, local_snapshot,
                         materialize_tiny)
-from .defaults import DEFAULT_SCHEDULER, RUNTIMES, SCHEDULERS
+from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
 from .errors import UserError
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
@@ -174,7 +174,7 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
                   inference_precision: str | None = None) -> Source | None:
     """The Source of an ONNX/OpenVINO export folder, or None when `path` is not an export."""
     rec = read_export(path)
-    if rec is None:
+    if rec is None or rec.get("format") not in DEPLOY_FORMATS:  # a merged export is a plain pipeline dir
         return None
     if rec.get("runtime") not in RUNTIMES:
         raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "

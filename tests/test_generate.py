@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from personalize.runtimes import read_export
+
 GEN = ["--steps", "2", "--seed", "3"]
 
 
@@ -162,6 +164,9 @@ def test_merged_export_equals_the_unfused_adapter(lora_run, tmp_path, cli):
     assert not list(out.rglob("*.bin")) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     merged = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert not getattr(merged.unet, "peft_config", None)  # plain weights, no PEFT layers
+    # one export.json schema: its format first, as every deploy export writes it
+    rec = read_export(out)
+    assert rec is not None and rec["format"] == "merged" and rec["from"] == str(lora_run.resolve())
     assert cli("generate", lora_run, "--prompt", "a sks dog", *GEN, "--lora-scale", "0.5",
                "-o", tmp_path / "unfused").code == 0
     assert cli("generate", "--base", out, "--prompt", "a sks dog", *GEN, "-o", tmp_path / "fused").code == 0
