@@ -24,12 +24,13 @@ from .backbones import ResolvedBase, native_resolution
 from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
-from .data import latent_masks, load_masks, load_training_images, make_grid, read_captions, with_flips
-from .diffusion import check_prediction_type, diffusion_loss, noise_latents
+from .data import load_masks, load_training_images, make_grid, read_captions
 from .errors import UserError
 from .fileio import move_into, scratch_dir, write_text
 from .fit import FitConfig, fit, make_accelerator
+from .half_storage import store_frozen_in_half
 from . import monitor
+from .objective import build_cache, dreambooth_loss
 from .outputs import check_output, output_lock, slug
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
@@ -116,24 +117,6 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
 
 
 @torch.no_grad()
-def cache_latent_dists(vae, images: torch.Tensor, device, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE posterior of each image, in fp32 on `device`. One image per call on
-    CPU: batching buys no speed there, and 8 images of VAE activations cost GBs of peak memory."""
-    batch = batch or (8 if torch.device(device).type == "cuda" else 1)
-    vae.to(device)
-    means, stds = [], []
-    for chunk in images.split(batch):
-        dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-def tokenize(tokenizer, prompt: str, device) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
-
-
 class LoadedBase:
     """A base loaded once and reused across subjects (`personalize batch`): between subjects,
     `reset()` strips LoRA layers and restores the U-Net and text-encoder weights from pristine CPU
@@ -182,15 +165,51 @@ def train_subject(cfg: TrainConfig, log=print, progress: bool = True, loaded: Lo
 
 def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_steps: bool,
            extra_hooks: tuple = ()) -> Path:
+    """The phases of a run: load the base, draw (or find) the class images, cache what does not
+    change (latents, token ids, frozen text embeddings), attach what trains, fit, write outputs."""
     cfg = p.cfg
-    run_dir = p.run_dir
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, run_dir / "logs")
-    device = accelerator.device
-    note = bf16_cpu_note(accelerator.mixed_precision, device)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, p.run_dir / "logs")
+    note = bf16_cpu_note(accelerator.mixed_precision, accelerator.device)
     if note and accelerator.is_main_process:
         log(note)
-    compute_dtype = weight_dtype(accelerator.mixed_precision)
     t_start = time.perf_counter()
+    comps, reuse = _load_base(p, accelerator, loaded, log)
+    # --score-every: eval's evaluators, loaded once, before anything slow (a missing one is one line)
+    evaluators = monitor.load_evaluators(cfg, accelerator.device) if accelerator.is_main_process else None
+    t_load = time.perf_counter() - t_start
+    class_paths, class_info = _class_images(p, comps, accelerator, progress)
+    t0 = time.perf_counter()
+    cache = build_cache(p, comps, class_paths, accelerator.device, reuse)
+    t_cache = time.perf_counter() - t0
+    models = _trainables(cfg, comps, accelerator.device)
+
+    def components(ms: dict) -> dict:
+        return comps | {"unet": ms["unet"], "text_encoder": ms.get("text_encoder", comps["text_encoder"])}
+
+    def save_step(dest: Path, ms: dict, step: int) -> None:
+        c = components(ms)
+        checkpointing = c["unet"].is_gradient_checkpointing  # save_pipeline turns it off
+        outputs = save_weights(p, c, dest)
+        if checkpointing:
+            c["unet"].enable_gradient_checkpointing()
+        write_run_json(p, outputs, {"step": step, "steps": cfg.steps}, class_info, dest=dest, step=step)
+
+    # every process gets the same hooks (their barriers must match); fit runs them on the main one only
+    hooks = [*monitor.make_hooks(p, components, save_step, evaluators), *extra_hooks]
+    fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
+    result = fit(accelerator, models, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device), fit_cfg,
+                 p.run_dir, resume=cfg.resume, description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
+    if accelerator.is_main_process:
+        timings = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2)}
+        _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log)
+    accelerator.wait_for_everyone()
+    return p.run_dir
+
+
+def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tuple[dict, bool]:
+    """The base's components on the device, frozen; (components, whether `loaded` was reused)."""
+    cfg, device = p.cfg, accelerator.device
+    compute_dtype = weight_dtype(accelerator.mixed_precision)
     # LoRA keeps the base frozen, so under mixed precision its weights live in half precision
     # (the diffusers recipe); full finetuning keeps fp32 master weights and relies on autocast
     frozen_dtype = compute_dtype if cfg.method != "full" else torch.float32
@@ -208,73 +227,45 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
         # half storage: read straight into fp16 (tensor by tensor), never holding the fp32 model
         comps = load_components(p.base.path, cfg.allow_pickle, dtype=torch.float16 if half_store else frozen_dtype)
     if half_store:
-        from .half_storage import store_frozen_in_half
-
         store_frozen_in_half(comps["unet"])
         store_frozen_in_half(comps["text_encoder"])
-    tokenizer, text_encoder, vae, unet = comps["tokenizer"], comps["text_encoder"], comps["vae"], comps["unet"]
-    noise_scheduler = comps["noise_scheduler"]
-    for m in (text_encoder, vae, unet):
-        m.requires_grad_(False)
-        m.eval()
-    text_encoder.to(device)
-    unet.to(device)
-    # --score-every: eval's evaluators, loaded once, before anything slow (a missing one is one line)
-    evaluators = monitor.load_evaluators(cfg, device) if accelerator.is_main_process else None
-    t_load = time.perf_counter() - t_start
+    for k in ("text_encoder", "vae", "unet"):
+        comps[k].requires_grad_(False)
+        comps[k].eval()
+    comps["text_encoder"].to(device)
+    comps["unet"].to(device)
+    return comps, reuse
 
-    # -- prior preservation: class images from the shared cache, generated on first use
+
+def _class_images(p: Prepared, comps: dict, accelerator, progress: bool) -> tuple[list[Path], dict]:
+    """Prior preservation's class images from the shared cache, generated on first use."""
+    cfg = p.cfg
     prior = cfg.class_images > 0 and cfg.prior_loss_weight > 0
     class_info: dict = {"enabled": prior}
-    class_paths: list[Path] = []
-    if prior:
-        t0 = time.perf_counter()
-        vae.to(device)
-        # the OpenVINO path converts and runs its own graphs: torch autocast would trace into them
-        with accelerator.autocast() if cfg.class_images_runtime == "torch" else contextlib.nullcontext():
-            class_paths, made = ensure_class_images(
-                build_pipeline(comps) if cfg.class_images_runtime == "torch" else None, p.base, p.class_prompt,
-                cfg.class_images, p.resolution, steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale,
-                batch_size=cfg.class_image_batch_size, rank=accelerator.process_index,
-                world=accelerator.num_processes, progress=progress and accelerator.is_main_process,
-                runtime=cfg.class_images_runtime,
-            )
-        accelerator.wait_for_everyone()
-        class_info.update(dir=str(class_image_dir(p.base, p.class_prompt, p.resolution, cfg.class_images_runtime)),
-                          runtime=cfg.class_images_runtime, count=len(class_paths),
-                          generated_now=made, seconds=round(time.perf_counter() - t0, 2))
-
-    # -- one-off caches: latent distributions (with flips) and, if frozen, text embeddings
+    if not prior:
+        return [], class_info
     t0 = time.perf_counter()
-    inst_mean, inst_std = cache_latent_dists(vae, with_flips(p.images), device)
-    if prior:
-        class_imgs = load_training_images(class_paths, p.resolution, allow_upscale=True)
-        cls_mean, cls_std = cache_latent_dists(vae, with_flips(class_imgs), device)
-        del class_imgs
-    sf = vae.config.scaling_factor
-    # in-run samples, scores and full step saves decode or save with the VAE: it stays
-    keep_vae = bool(cfg.sample_every or cfg.score_every or (cfg.save_every and cfg.method == "full"))
-    if reuse:
-        vae.to(device if keep_vae else "cpu")  # a batch keeps it for the next subject
-    elif not keep_vae:
-        # not needed again until the outputs are written (reloaded then): its memory is the training's
-        comps["vae"] = vae = None
-    # one token row per distinct caption (a photo's own, else the instance prompt), shared by the
-    # photo's flip; the frozen text encoder's embedding cache is keyed by caption the same way
-    captions = [c or p.instance_prompt for c in (p.captions or [None] * len(p.images))] * 2
-    distinct = list(dict.fromkeys(captions))
-    caption_of = torch.tensor([distinct.index(c) for c in captions], device=device)
-    inst_ids = torch.cat([tokenize(tokenizer, c, device) for c in distinct])
-    class_ids = tokenize(tokenizer, p.class_prompt, device)
-    # loss masks at the latent resolution (kohya's masked loss), flipped with their photos
-    inst_mask = None if p.masks is None else latent_masks(with_flips(p.masks), inst_mean.shape[-2:]).to(device)
-    train_te = cfg.train_text_encoder
-    with torch.no_grad():
-        inst_emb = None if train_te else text_encoder(inst_ids)[0]
-        class_emb = None if train_te else text_encoder(class_ids)[0]
-    t_cache = time.perf_counter() - t0
+    comps["vae"].to(accelerator.device)
+    on_torch = cfg.class_images_runtime == "torch"
+    # the OpenVINO path converts and runs its own graphs: torch autocast would trace into them
+    with accelerator.autocast() if on_torch else contextlib.nullcontext():
+        class_paths, made = ensure_class_images(
+            build_pipeline(comps) if on_torch else None, p.base, p.class_prompt,
+            cfg.class_images, p.resolution, steps=cfg.class_image_steps, guidance_scale=cfg.guidance_scale,
+            batch_size=cfg.class_image_batch_size, rank=accelerator.process_index,
+            world=accelerator.num_processes, progress=progress and accelerator.is_main_process,
+            runtime=cfg.class_images_runtime,
+        )
+    accelerator.wait_for_everyone()
+    class_info.update(dir=str(class_image_dir(p.base, p.class_prompt, p.resolution, cfg.class_images_runtime)),
+                      runtime=cfg.class_images_runtime, count=len(class_paths),
+                      generated_now=made, seconds=round(time.perf_counter() - t0, 2))
+    return class_paths, class_info
 
-    # -- what is trained
+
+def _trainables(cfg: TrainConfig, comps: dict, device) -> dict:
+    """Attach the adapter (or unfreeze the models, `full`): the modules `fit` trains, by name."""
+    unet, text_encoder, train_te = comps["unet"], comps["text_encoder"], cfg.train_text_encoder
     if cfg.method != "full":
         add_adapter(unet, text_encoder, cfg)  # adapter weights are made fp32 below: the optimizer's master copy
         for m in (unet, text_encoder):
@@ -289,79 +280,36 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
         if train_te:
             # transformers 5 renamed it; older releases only have the first name
             getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
-    models = {"unet": unet, **({"text_encoder": text_encoder} if train_te else {})}
+    return {"unet": unet, **({"text_encoder": text_encoder} if train_te else {})}
 
-    b = cfg.train_batch_size
-    n_inst = inst_mean.shape[0]
-    n_cls = cls_mean.shape[0] if prior else 0
-    check_prediction_type(noise_scheduler)
-    class_te = [class_ids.expand(b, -1)] if prior else []
-    class_cached = [class_emb.expand(b, -1, -1)] if prior and not train_te else []
 
-    def loss_fn(ms, step, micro, g):
-        ii = torch.randint(0, n_inst, (b,), generator=g, device=device)
-        mean, std = inst_mean[ii], inst_std[ii]
-        if prior:
-            jj = torch.randint(0, n_cls, (b,), generator=g, device=device)
-            mean, std = torch.cat([mean, cls_mean[jj]]), torch.cat([std, cls_std[jj]])
-        latents = (mean + std * torch.randn(mean.shape, generator=g, device=device)) * sf
-        x = noise_latents(noise_scheduler, latents, g, noise_offset=cfg.noise_offset)
-        ci = caption_of[ii]
-        emb = ms["text_encoder"](torch.cat([inst_ids[ci], *class_te]))[0] if train_te else torch.cat([inst_emb[ci], *class_cached])
-        pred = ms["unet"](x.noisy, x.timesteps, emb).sample.float()
-        target = x.target
-        loss_inst = diffusion_loss(pred[:b], target[:b], x.timesteps[:b], noise_scheduler, cfg.snr_gamma,
-                                   mask=None if inst_mask is None else inst_mask[ii])
-        if not prior:
-            return {"loss": loss_inst, "loss_instance": loss_inst}
-        loss_prior = diffusion_loss(pred[b:], target[b:], x.timesteps[b:], noise_scheduler, cfg.snr_gamma)
-        return {"loss": loss_inst + cfg.prior_loss_weight * loss_prior, "loss_instance": loss_inst,
-                "loss_prior": loss_prior}
-
-    def components(ms: dict) -> dict:
-        return comps | {"unet": ms["unet"], "text_encoder": ms.get("text_encoder", text_encoder), "vae": vae}
-
-    def save_step(dest: Path, ms: dict, step: int) -> None:
-        c = components(ms)
-        checkpointing = c["unet"].is_gradient_checkpointing  # save_pipeline turns it off
-        outputs = save_weights(p, c, dest)
-        if checkpointing:
-            c["unet"].enable_gradient_checkpointing()
-        write_run_json(p, outputs, {"step": step, "steps": cfg.steps}, class_info, dest=dest, step=step)
-
-    # every process gets the same hooks (their barriers must match); fit runs them on the main one only
-    hooks = [*monitor.make_hooks(p, components, save_step, evaluators), *extra_hooks]
-    fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
-    result = fit(accelerator, models, loss_fn, fit_cfg, run_dir, resume=cfg.resume,
-                 description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
-
-    if accelerator.is_main_process:
-        unet, text_encoder = result.models["unet"], result.models.get("text_encoder", text_encoder)
-        for m in (unet, text_encoder):
-            m.eval()
-        if vae is None:
-            vae = load_vae(p.base.path, cfg.allow_pickle)
-        vae.to(device)
-        outputs = write_outputs(p, comps | {"unet": unet, "text_encoder": text_encoder, "vae": vae}, accelerator, log)
-        stats = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2),
-                 "seconds_per_step": round(result.seconds_per_step, 4), "final_losses": result.losses,
-                 "device": str(device), "mixed_precision": accelerator.mixed_precision}
-        if profile_steps:
-            stats["step_seconds"] = [round(x, 5) for x in result.step_seconds]
-        if result.hook_seconds:
-            stats["monitor_seconds"] = {k: round(sum(v), 2) for k, v in result.hook_seconds.items()}
-        watched = monitor.summary(run_dir, cfg.min_clip_t, result.step)
-        if watched:
-            stats["monitor"] = watched
-            best = monitor.describe_best(watched, cfg.min_clip_t)
-            if best:
-                log(best)
-        write_run_json(p, outputs, stats, class_info)
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        log(f"done: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
+def _finish(p: Prepared, comps: dict, result, accelerator, class_info: dict, timings: dict, profile_steps: bool,
+            log) -> None:
+    """The run's outputs (weights, validation grid, model card), run.json with its stats, and the
+    checkpoints removed unless kept. Main process only."""
+    cfg, device = p.cfg, accelerator.device
+    unet, text_encoder = result.models["unet"], result.models.get("text_encoder", comps["text_encoder"])
+    for m in (unet, text_encoder):
+        m.eval()
+    vae = comps["vae"] if comps["vae"] is not None else load_vae(p.base.path, cfg.allow_pickle)
+    vae.to(device)
+    outputs = write_outputs(p, comps | {"unet": unet, "text_encoder": text_encoder, "vae": vae}, accelerator, log)
+    stats = {**timings, "seconds_per_step": round(result.seconds_per_step, 4), "final_losses": result.losses,
+             "device": str(device), "mixed_precision": accelerator.mixed_precision}
+    if profile_steps:
+        stats["step_seconds"] = [round(x, 5) for x in result.step_seconds]
+    if result.hook_seconds:
+        stats["monitor_seconds"] = {k: round(sum(v), 2) for k, v in result.hook_seconds.items()}
+    watched = monitor.summary(p.run_dir, cfg.min_clip_t, result.step)
+    if watched:
+        stats["monitor"] = watched
+        best = monitor.describe_best(watched, cfg.min_clip_t)
+        if best:
+            log(best)
+    write_run_json(p, outputs, stats, class_info)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(p.run_dir / "checkpoints", ignore_errors=True)
+    log(f"done: {p.run_dir}")
 
 
 def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
