@@ -140,6 +140,7 @@ def worker_reference(a, lever: str | None = None) -> dict:
     from personalize.adapters import add_lora
     from personalize.config import TrainConfig
     from personalize.data import load_training_images
+    from personalize.diffusion import noise_latents
     from personalize.sources import load_components
     from personalize.subjects import list_images
 
@@ -194,11 +195,10 @@ def worker_reference(a, lever: str | None = None) -> dict:
             lat = lat * vae.config.scaling_factor
             if lever == "channels_last":
                 lat = lat.contiguous(memory_format=torch.channels_last)
-            noise = torch.randn(lat.shape, generator=g, device=dev)
-            t = torch.randint(0, 1000, (n,), generator=g, device=dev)
+            x = noise_latents(sched, lat, g)  # the trainers' own noise/target step
             emb = te(ids)[0]
-            pred = unet(sched.add_noise(lat, noise, t), t, emb).sample.float()
-        loss = F.mse_loss(pred[:1], noise[:1]) + (F.mse_loss(pred[1:], noise[1:]) if a.prior else 0)
+            pred = unet(x.noisy, x.timesteps, emb).sample.float()
+        loss = F.mse_loss(pred[:1], x.target[:1]) + (F.mse_loss(pred[1:], x.target[1:]) if a.prior else 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,9 +1,10 @@
 """One training loop (`fit`) shared by full finetuning, LoRA and knowledge distillation.
 
-This is the only module that talks to `accelerate`: device placement, mixed precision, gradient
-accumulation, multi-GPU (`accelerate launch`). Callers hand `fit` the trainable modules and a
-`loss_fn(models, step, micro_step, generator) -> {"loss": total, other named parts...}`; `fit`
-owns the optimizer, checkpoints, resume, logging and the progress bar.
+The only module that holds an `accelerate.Accelerator` (pipeline.py uses only accelerate's
+meta-device loader): device placement, mixed precision, gradient accumulation, multi-GPU
+(`accelerate launch`). Callers hand `fit` the trainable modules and a
+`loss_fn(models, step, micro_step, generator) -> {"loss": total, other named parts...}`; `fit` owns
+the optimizer, checkpoints, resume, logging and the progress bar.
 
 Resume is exact: every random draw of a step comes from a generator seeded by (seed, step,
 process), and a checkpoint holds the trainable weights and the optimizer state, so an interrupted
