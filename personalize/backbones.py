@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fileio import atomic_dir
 from .outputs import slug
 
 
@@ -212,7 +213,6 @@ def materialize_tiny(seed: int = 0) -> Path:
     out = cache_root() / "backbones" / f"tiny-seed{seed}-v{TINY_VERSION}"
     if is_pipeline_dir(out):
         return out
-    from .fileio import atomic_dir
 
     try:
         from .pipeline import save_pretrained

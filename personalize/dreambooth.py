@@ -29,7 +29,8 @@ from .errors import UserError
 from .fileio import move_into, scratch_dir, write_text
 from .fit import FitConfig, fit, make_accelerator
 from .half_storage import store_frozen_in_half
-from . import monitor
+from . import __version__, monitor
+from .card import model_card
 from .objective import build_cache, dreambooth_loss
 from .outputs import check_output, output_lock, slug
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
@@ -319,7 +320,6 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
     if cfg.validation_images > 0:
         write_validation(p, comps, accelerator)
         outputs.append(VALIDATION_PNG)
-    from .card import model_card
 
     write_text(run_dir / "README.md", model_card(p))
     outputs.append("README.md")
@@ -362,8 +362,6 @@ def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dic
     import diffusers
     import peft
     import transformers
-
-    from . import __version__
 
     write_run(dest or p.run_dir, {
         "status": "finished",

@@ -14,6 +14,7 @@ import importlib.metadata as md
 import sys
 from dataclasses import dataclass
 
+from . import __version__
 from .errors import UserError
 
 DIST = "personalize"
@@ -110,7 +111,6 @@ def check(known_bad: list[KnownBad] | None = None, stream=None) -> None:
 
 def report() -> list[tuple[str, str]]:
     """(name, value) rows for `personalize env`: versions, the torch build and the devices."""
-    from . import __version__
 
     rows = [("personalize", __version__), ("python", sys.version.split()[0])]
     rows += [(name, installed(name) or "not installed") for name in KEY_PACKAGES]

@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..fileio import write_atomic
 from .metrics import clip_t, mean_cosine_to_set, nanmean, real_vs_real, strip_identifier
 from ..runs import base_name, find_run_dirs, read_run, run_token
+from ..subjects import fill_prompt, find_subject, list_images, load_prompts, load_subjects
 
 PROTOCOL = "DreamBooth §4.1 (Ruiz et al. 2023): 25 prompts x N images per subject; DINO, CLIP-I, CLIP-T"
 SCORES_JSON = "scores.json"
@@ -253,7 +254,6 @@ def real_images_for_run(run: dict, data_dir: str | None = None) -> list[Path]:
     folder the run was trained on (run.json `subject.image_dir`), else ./data/dreambooth/dataset
     (the lookup of `personalize.subjects`). A folder of the user's own photos: `--data-dir`/<name>
     when that exists, else the folder the run was trained on."""
-    from ..subjects import find_subject, list_images, load_subjects
 
     subj = run["subject"]
     name = subj["name"]
@@ -274,7 +274,6 @@ def real_images_for_run(run: dict, data_dir: str | None = None) -> list[Path]:
 
 def protocol_prompts(kind: str, token: str, class_noun: str) -> list[str]:
     """The 25 DreamBooth evaluation prompts of a subject (object or live set), filled in."""
-    from ..subjects import fill_prompt, load_prompts
 
     if kind not in ("live", "object"):
         raise UserError(f"unknown subject kind '{kind}' (live or object)")

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..fileio import write_atomic
+
 STATS_KEYS = ("mu", "sigma")  # pytorch-fid's --save-stats layout
 
 
@@ -62,8 +65,6 @@ def save_stats(path: Path, mu: torch.Tensor, sigma: torch.Tensor) -> Path:
 
     import numpy as np
 
-    from ..fileio import write_atomic
-
     buf = io.BytesIO()
     np.savez_compressed(buf, mu=_f64(mu).numpy(), sigma=_f64(sigma).numpy())
     return write_atomic(Path(path), buf.getvalue())
@@ -74,8 +75,6 @@ def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     import zipfile
 
     import numpy as np
-
-    from ..errors import UserError
 
     p = Path(path).expanduser()
     if not p.is_file():

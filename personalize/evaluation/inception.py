@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..backbones import cache_root
 from ..errors import UserError
 
 DEFAULT_FILE = "pt_inception-2015-12-05.pt"
@@ -38,8 +39,6 @@ INPUT_SIZE = 299
 
 
 def default_path() -> Path:
-    from ..backbones import cache_root
-
     return Path(os.environ[ENV]).expanduser() if os.environ.get(ENV) else cache_root() / "fid" / DEFAULT_FILE
 
 
