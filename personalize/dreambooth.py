@@ -117,7 +117,6 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
                     fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun), captions, masks)
 
 
-@torch.no_grad()
 class LoadedBase:
     """A base loaded once and reused across subjects (`personalize batch`): between subjects,
     `reset()` strips LoRA layers and restores the U-Net and text-encoder weights from pristine CPU

@@ -14,6 +14,7 @@ from .data import latent_masks, load_training_images, with_flips
 from .diffusion import check_prediction_type, diffusion_loss, noise_latents
 
 
+@torch.no_grad()
 def cache_latent_dists(vae, images: torch.Tensor, device, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE posterior of each image, in fp32 on `device`. One image per call on
     CPU: batching buys no speed there, and 8 images of VAE activations cost GBs of peak memory."""
