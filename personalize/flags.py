@@ -9,8 +9,9 @@ annotation cannot say is in the field's metadata:
     steps: int = field(default=800, metadata={"help": "optimizer steps"})
     optimizer: str = field(default="adamw", metadata={"help": "...", "choices": OPTIMIZERS})
 
-    help     required, also for a field without a flag: the flag's help; " (default: X)" is added
-             unless the text names its default (the word "default", or argparse's %(default)s)
+    help     required, also for a field without a flag: the flag's help, as argparse formats it
+             (%(default)s allowed, a literal % as %%); " (default: X)" is added unless the text
+             names its default itself (the word "default")
     choices  the library's own constant (a tuple, or a dict: its keys), never a copied list
     type     an argparse type (e.g. `argtypes.number(int, 1)`) instead of the annotation's
     flag     its spellings when not `--field-name` ("--data", ("-o", "--output")); None: no flag,
@@ -103,7 +104,7 @@ def _shown(value) -> str:
 def _with_default(text: str, default) -> str:
     if default in (None, "", dataclasses.MISSING) or re.search(r"\bdefault\b", text):
         return text
-    return f"{text} (default: {_shown(default)})".replace("%", "%%")
+    return f"{text} (default: {_shown(default).replace('%', '%%')})"
 
 
 def choices_of(f: dataclasses.Field, tp) -> list | None:
