@@ -9,14 +9,16 @@ UserError -> one line on stderr, exit 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 
+from personalize.cli import one_line_parser, run
 from personalize.errors import UserError
+from personalize.flags import add_flags, from_args
 
-from .arch import ARCHS
+from .arch import ARCHS, get_arch
+from .benchmark import EvalConfig, evaluate
+from .benchmark_report import build_report
 
 
 def _add_prune(sub):
@@ -24,7 +26,8 @@ def _add_prune(sub):
                        description="BK-SDM block removal: a student pipeline dir (teacher's VAE, text encoder, "
                                    "tokenizer, scheduler + the student U-Net initialised from the teacher).")
     p.add_argument("--teacher", required=True, help="registry name (sd-v1.4, sd-v2.1-base, ...) or pipeline dir")
-    p.add_argument("--arch", required=True, help=f"student architecture: {', '.join(ARCHS)}")
+    p.add_argument("--arch", required=True, metavar="{" + ",".join(ARCHS) + "}",
+                   help="student architecture: which teacher blocks it drops (full: none)")
     p.add_argument("-o", "--output", help="pipeline directory to write (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print U-Net parameter counts and MACs per step of teacher and student; write nothing")
@@ -36,7 +39,6 @@ def _add_prune(sub):
 
 
 def _run_prune(args) -> int:
-    from .arch import get_arch
     from .prune import dry_run, prune
 
     get_arch(args.arch)  # unknown arch: fail before touching the teacher
@@ -55,62 +57,10 @@ def _run_prune(args) -> int:
 
 
 # -------------------------------------------------------------------- `distill train`: flags from the config
-# Every leaf field of DistillConfig (and of its DataSpec and KDWeights) is one flag: `--field-name`,
-# typed by the annotation, required when the field has no default. Field metadata: "help", "flag"
-# (other spellings; None: no flag), "invert" (a bool whose flag turns it off), "choices", "group".
+# Every leaf field of DistillConfig (and of its DataSpec and KDWeights) is one flag, made by
+# personalize.flags from the field's type and metadata (help, spelling, choices, --help section).
 # Fields without a flag keep their default: DistillConfig.max_grad_norm (the recipe's 1.0).
 TRAIN_GROUPS = {"DataSpec": "data", "KDWeights": "optimisation", "DistillConfig": "optimisation"}
-
-
-def _scalar_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def train_fields(cls=None):
-    """(dataclass, field, type) for every leaf field of the `distill train` config, nested
-    dataclasses (`data`, `kd`) walked in place."""
-    from .train import DistillConfig
-
-    cls = cls or DistillConfig
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = _scalar_type(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            yield from train_fields(tp)
-        else:
-            yield cls, f, tp
-
-
-def _flags(f) -> tuple[str, ...]:
-    flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-    return () if flag is None else (flag,) if isinstance(flag, str) else tuple(flag)
-
-
-def _add_config_flags(p, root, groups_by_class: dict) -> None:
-    """One flag per leaf field of dataclass `root` (see the comment above `TRAIN_GROUPS`)."""
-    groups = {}
-    for cls, f, tp in train_fields(root):
-        flags, meta = _flags(f), f.metadata
-        if not flags:
-            continue
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required:  # the run's inputs and output, above the groups
-            g = p
-        else:
-            name = meta.get("group", groups_by_class[cls.__name__])
-            g = groups.get(name) or groups.setdefault(name, p.add_argument_group(name))
-        kw = dict(dest=f.name, help=meta["help"])
-        if tp is not bool and "choices" not in meta:  # named after the flag, not the field (--data DATA)
-            kw["metavar"] = flags[-1].lstrip("-").replace("-", "_").upper()
-        if tp is bool and meta.get("invert"):
-            g.add_argument(*flags, action="store_false", default=f.default, **kw)
-        elif tp is bool:
-            g.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, **kw)
-        elif required:
-            g.add_argument(*flags, type=tp, required=True, **kw)
-        else:
-            g.add_argument(*flags, type=tp, default=f.default, choices=meta.get("choices"), **kw)
 
 
 def _add_train(sub):
@@ -119,24 +69,16 @@ def _add_train(sub):
     p = sub.add_parser("train", help="KD pretraining of a pruned student (BK-SDM recipe defaults)",
                        description="BK-SDM distillation: lambda_sd * denoising MSE + lambda_kd_out * output KD + "
                                    "lambda_kd_feat * stage-feature KD; writes OUT/student as a pipeline dir.")
-    _add_config_flags(p, DistillConfig, TRAIN_GROUPS)
+    add_flags(p, DistillConfig, groups=TRAIN_GROUPS)
     p.set_defaults(func=_run_train)
 
 
 def train_config(args: argparse.Namespace, cls=None):
-    """The `distill train` config from parsed flags (fields without a flag keep their default)."""
+    """The `distill train` config (or `cls`, e.g. EvalConfig) from parsed flags; fields without a
+    flag keep their default."""
     from .train import DistillConfig
 
-    cls = cls or DistillConfig
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        tp = _scalar_type(hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            values[f.name] = train_config(args, tp)
-        elif _flags(f):
-            values[f.name] = getattr(args, f.name)
-    return cls(**values)
+    return from_args(cls or DistillConfig, args)
 
 
 def _run_train(args) -> int:
@@ -153,20 +95,16 @@ EVAL_GROUPS = {"GenerationConfig": "generation (BK-SDM generate.py defaults)", "
 
 
 def _add_eval(sub):
-    from .benchmark import EvalConfig
-
     p = sub.add_parser("eval", help="BK-SDM's zero-shot MS-COCO benchmark of a backbone: FID, IS, CLIP score, cost",
                        description="Generate one image per MS-COCO caption (resumable; `accelerate launch -m distill "
                                    "eval ...` shards the prompts over processes), then score them: FID against real "
                                    "statistics, IS, CLIP score, and the whole-pipeline cost. Writes images/, "
                                    "scores.json and scores.md into -o.")
-    _add_config_flags(p, EvalConfig, EVAL_GROUPS)
+    add_flags(p, EvalConfig, groups=EVAL_GROUPS)
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
-    from .benchmark import EvalConfig, evaluate
-
     evaluate(train_config(args, EvalConfig))
     return 0
 
@@ -182,8 +120,6 @@ def _add_report(sub):
 
 
 def _run_report(args) -> int:
-    from .benchmark_report import build_report
-
     paths, skipped = build_report([Path(d) for d in args.eval_dirs], Path(args.output), overwrite=args.overwrite)
     for p, why in skipped:
         print(f"skipped {p}: {why}", file=sys.stderr)
@@ -193,8 +129,6 @@ def _run_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from personalize.cli import one_line_parser
-
     parser = one_line_parser("distill", "Build BK-SDM backbones: block removal + KD.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune(sub)
@@ -205,8 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from personalize.cli import run
-
     # same start-up check, library quieting and error handling as `personalize`
     return run(argv, build_parser())
 

@@ -70,7 +70,7 @@ class DistillConfig:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute student activations in the backward pass (less memory, slower)"})
     # kd_train.sh: --max_grad_norm 1 (the recipe's value, no flag)
-    max_grad_norm: float = field(default=1.0, metadata={"flag": None})
+    max_grad_norm: float = field(default=1.0, metadata={"flag": None, "help": "clip the gradient norm to this"})
     # kd_train.sh: --seed 1234
     seed: int = field(default=1234, metadata={"help": "seed of data order, noise and timesteps (default %(default)s)"})
     # kd_train.sh: --checkpointing_steps 5000

@@ -14,87 +14,180 @@ from .extras import require_extra
 
 @dataclass
 class TrainConfig:
-    method: str  # one of METHODS
-    subject: str  # dataset subject name, or a folder of the user's own photos
-    base: str = "bk-sdm-base"  # the backbone the BK-SDM paper personalizes first
-    class_noun: str | None = None  # from subjects/subjects.csv for dataset subjects
-    data_dir: str | None = None  # else $PERSONALIZE_DATA, else ./data/dreambooth/dataset
-    output_dir: str | None = None  # else runs/<method>/<base>/<subject>
+    """A DreamBooth run. Each field is a flag of `personalize lora/full/...` and `batch`
+    (personalize.flags): `metadata` holds its help, and its choices as the library's constants; the
+    comment above or beside a field gives the reason for its default."""
 
-    token: str = "sks"  # DreamBooth's rare identifier token, also used by the BK-SDM scripts
-    instance_prompt: str = "a {token} {class}"  # DreamBooth instance prompt
-    class_prompt: str = "a {class}"  # DreamBooth class prompt (prior preservation)
+    method: str = field(metadata={"flag": None, "choices": METHODS,  # the command's name, not a flag
+                                  "help": "adapter method, or full finetuning (the command: personalize lora, ...)"})
+    # a dataset subject name, or a folder of the user's own photos
+    subject: str = field(metadata={
+        "help": "dataset subject name (e.g. dog) or a folder of your own photos (with --class-noun)"})
+    # the backbone the BK-SDM paper personalizes first
+    base: str = field(default="bk-sdm-base", metadata={
+        "help": "backbone: a registry name (`personalize backbones`), hub id, or local pipeline dir"})
+    # from subjects/subjects.csv for dataset subjects
+    class_noun: str | None = field(default=None, metadata={
+        "help": "class of the subject (dog, backpack, ...); required for your own photos"})
+    # else $PERSONALIZE_DATA, else ./data/dreambooth/dataset
+    data_dir: str | None = field(default=None, metadata={
+        "help": "DreamBooth dataset/ folder (default $PERSONALIZE_DATA, else ./data/dreambooth/dataset)"})
+    # else runs/<method>/<base>/<subject>
+    output_dir: str | None = field(default=None, metadata={
+        "help": "run directory (default runs/<method>/<base>/<subject>)"})
 
-    steps: int = 800  # BK-SDM DreamBooth: max_train_steps 800
-    resolution: int | None = None  # None: the base's native size (512 for every BK-SDM model)
-    train_batch_size: int = 1  # BK-SDM: train_batch_size 1 (+ 1 class image with prior preservation)
-    gradient_accumulation_steps: int = 1  # BK-SDM: 1
-    lr: float | None = None  # None: 1e-4 for LoRA, 1e-6 for full (BK-SDM scripts)
-    lr_warmup_steps: int = 0  # BK-SDM: constant LR, no warm-up
-    max_grad_norm: float = 1.0  # diffusers DreamBooth default
-    use_8bit_adam: bool = False  # option on CUDA; plain AdamW elsewhere (older spelling of --optimizer adamw8bit)
+    # DreamBooth's rare identifier token, also used by the BK-SDM scripts
+    token: str = field(default="sks", metadata={"help": "identifier token for the subject"})
+    # DreamBooth instance prompt
+    instance_prompt: str = field(default="a {token} {class}", metadata={
+        "help": "prompt of the subject's photos ({token} and {class} filled in)"})
+    # DreamBooth class prompt (prior preservation)
+    class_prompt: str = field(default="a {class}", metadata={
+        "help": "prompt of the class images for prior preservation ({class} filled in)"})
+
+    # BK-SDM DreamBooth: max_train_steps 800
+    steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    # None: the base's native size (512 for every BK-SDM model)
+    resolution: int | None = field(default=None, metadata={
+        "help": "training resolution in px, multiple of 8 (default: the base's native size)"})
+    # BK-SDM: train_batch_size 1 (+ 1 class image with prior preservation)
+    train_batch_size: int = field(default=1, metadata={
+        "help": "photos per micro-step (prior preservation adds as many class images)"})
+    # BK-SDM: 1
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    # None: 1e-4 for LoRA, 1e-6 for full (BK-SDM scripts)
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default 1e-4 LoRA, 1e-6 full)"})
+    # BK-SDM: constant LR, no warm-up
+    lr_warmup_steps: int = field(default=0, metadata={
+        "help": "LR warm-up steps (with the constant schedule: constant_with_warmup)"})
+    # diffusers DreamBooth default
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    # option on CUDA; plain AdamW elsewhere (older spelling of --optimizer adamw8bit)
+    use_8bit_adam: bool = field(default=False, metadata={
+        "help": "bitsandbytes 8-bit AdamW (CUDA only); the same as --optimizer adamw8bit"})
     # BK-SDM: constant LR; the names of diffusers' get_scheduler, which the DreamBooth scripts call
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = field(default="constant", metadata={
+        "choices": LR_SCHEDULERS, "help": "learning-rate schedule (diffusers' get_scheduler)"})
     # BK-SDM: AdamW; adamw8bit (bitsandbytes, CUDA); prodigy (Mishchenko & Defazio 2023, lr 1.0 as its README)
-    optimizer: str = "adamw"
+    optimizer: str = field(default="adamw", metadata={
+        "choices": OPTIMIZERS, "help": "the optimizer (adamw8bit: bitsandbytes, CUDA only; prodigy: pip install "
+                                       "'personalize[prodigy]', its lr defaults to 1.0)"})
 
-    prior_loss_weight: float = 1.0  # BK-SDM: prior preservation weight 1.0
+    # BK-SDM: prior preservation weight 1.0
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation loss"})
     # min-SNR loss weighting (Hang et al. 2023; 5.0 is their recommended gamma): off in the BK-SDM recipe
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0  # offset noise (Guttenberg 2023; 0.05-0.1 is usual): off in the BK-SDM recipe
-    class_images: int = 200  # BK-SDM: num_class_images 200; 0 turns prior preservation off
-    class_image_steps: int = 25  # DPM-Solver++ steps, as the BK-SDM generation scripts
-    class_image_batch_size: int = 4  # images per pipeline call when generating class images
+    snr_gamma: float | None = field(default=None, metadata={
+        "help": "min-SNR loss weighting with this gamma (Hang et al. 2023; 5.0 is usual; default off)"})
+    # offset noise (Guttenberg 2023; 0.05-0.1 is usual): off in the BK-SDM recipe
+    noise_offset: float = field(default=0.0, metadata={
+        "help": "offset noise strength (Guttenberg 2023; 0.05-0.1 is usual; default 0)"})
+    # BK-SDM: num_class_images 200; 0 turns prior preservation off
+    class_images: int = field(default=200, metadata={
+        "help": "class images for prior preservation (0 turns it off)"})
+    # DPM-Solver++ steps, as the BK-SDM generation scripts
+    class_image_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps per class image"})
+    # images per pipeline call when generating class images
+    class_image_batch_size: int = field(default=4, metadata={"help": "class images per pipeline call"})
     # torch, as the BK-SDM recipe; openvino: drawn on CPU from a cached OpenVINO export of the base, in bf16
     # where native: 0.32x the best torch CPU time per 512 px image (benchmarks/RESULTS.md, "Deploy runtimes")
-    class_images_runtime: str = "torch"
-    guidance_scale: float = 7.5  # SD default, used for class and validation images
+    class_images_runtime: str = field(default="torch", metadata={
+        "choices": CLASS_IMAGE_RUNTIMES,
+        "help": "where class images are drawn (openvino: on CPU from a cached OpenVINO export of the base, bf16 "
+                "where native, 0.32x torch's time at 512 px; pip install 'personalize[openvino]')"})
+    # SD default, used for class and validation images
+    guidance_scale: float = field(default=7.5, metadata={
+        "help": "classifier-free guidance of the class and validation images"})
 
-    train_text_encoder: bool = True  # BK-SDM: --train_text_encoder
-    rank: int = 16  # BK-SDM LoRA: U-Net rank 16
-    lora_alpha: float = 27  # BK-SDM LoRA: U-Net alpha 27
-    text_encoder_rank: int = 16  # BK-SDM LoRA: text-encoder rank 16
-    text_encoder_alpha: float = 17  # BK-SDM LoRA: text-encoder alpha 17
+    # BK-SDM: --train_text_encoder
+    train_text_encoder: bool = field(default=True, metadata={
+        "help": "train the text encoder too (--no-train-text-encoder: the U-Net only)"})
+    # BK-SDM LoRA: U-Net rank 16
+    rank: int = field(default=16, metadata={"help": "LoRA rank of the U-Net"})
+    # BK-SDM LoRA: U-Net alpha 27
+    lora_alpha: float = field(default=27, metadata={"help": "LoRA alpha of the U-Net"})
+    # BK-SDM LoRA: text-encoder rank 16
+    text_encoder_rank: int = field(default=16, metadata={"help": "LoRA rank of the text encoder"})
+    # BK-SDM LoRA: text-encoder alpha 17
+    text_encoder_alpha: float = field(default=17, metadata={"help": "LoRA alpha of the text encoder"})
     # the peft DreamBooth example's targets, which the BK-SDM LoRA script inherits
-    lora_unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
-    lora_text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_v"], metadata={
+        "flag": "--lora-targets", "help": "comma-separated U-Net module names that get LoRA"})
+    lora_text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
+        "help": "comma-separated text-encoder module names that get LoRA"})
     # LoKr: -1 = the factor nearest sqrt(width), LyCORIS' and peft's default (decompose_factor)
-    lokr_factor: int = -1
+    lokr_factor: int = field(default=-1, metadata={
+        "help": "LoKr: the Kronecker factor's size (-1: the one nearest sqrt of the width)"})
     # OFT: 32-wide orthogonal blocks, peft's default (OFTConfig.oft_block_size); must divide each target's input width
-    oft_block_size: int = 32
+    oft_block_size: int = field(default=32, metadata={
+        "help": "OFT: size of the orthogonal blocks; must divide every target's input width"})
 
     # None = auto: on for GPUs under 40 GiB (BK-SDM turns it on to fit a 24 GB card), off on CPU,
     # where RAM is rarely the limit and recomputation costs step time (benchmarks/RESULTS.md)
-    gradient_checkpointing: bool | None = None
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "recompute activations in backward to save memory (default: on for GPUs under 40 GiB, off on CPU)"})
     # LoRA on CPU: frozen base weights stored in fp16, computed in fp32 (half_storage.py); saves 2
     # bytes a frozen weight for 4-30% more step time (measured), so off unless memory is short (RESULTS.md)
-    cpu_half_weights: bool = False
-    mixed_precision: str = "auto"  # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
-    seed: int = 1234  # BK-SDM: seed 1234
+    cpu_half_weights: bool = field(default=False, metadata={
+        "help": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (2 bytes a frozen weight "
+                "instead of 4, slower steps)"})
+    # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, fp16 or bf16"})
+    # BK-SDM: seed 1234
+    seed: int = field(default=1234, metadata={"help": "random seed of the run"})
 
-    checkpoint_every: int = 200  # a quarter of a recipe run; only the newest is kept
-    keep_checkpoints: bool = False  # delete checkpoints/ once the final outputs are safely written
-    log_every: int = 10  # loss is synced to the host this often (no per-step host syncs)
-    validation_images: int = 4  # images in validation.png (0: none)
-    validation_steps: int = 25  # DPM-Solver++ steps for validation images
+    # a quarter of a recipe run; only the newest is kept
+    checkpoint_every: int = field(default=200, metadata={
+        "help": "save a resumable checkpoint every N steps (0: only at the end)"})
+    # delete checkpoints/ once the final outputs are safely written
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep checkpoints/ once the final outputs are written (they are deleted otherwise)"})
+    # loss is synced to the host this often (no per-step host syncs)
+    log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    # images in validation.png (0: none)
+    validation_images: int = field(default=4, metadata={"help": "images in validation.png (0: none)"})
+    # DPM-Solver++ steps for validation images
+    validation_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps of the validation images"})
     # in-run monitoring (personalize/monitor.py), all off as in the BK-SDM recipe, which keeps only the end
-    sample_every: int = 0  # a grid of fixed-seed samples every N steps (samples/step-N.png)
+    # a grid of fixed-seed samples every N steps (samples/step-N.png)
+    sample_every: int = field(default=0, metadata={
+        "help": "a grid of fixed-seed samples every N steps: samples/step-N.png + samples/index.html (0: off)"})
     # one prompt per line ({token}/{class} filled); None: instance prompt + one recontextualisation +
     # one property change of the subject's DreamBooth protocol prompts (Ruiz et al. 2023, Fig. 4 kinds)
-    sample_prompts: str | None = None
-    save_every: int = 0  # a loadable adapter (full: pipeline) every N steps (steps/step-N/); 0: final only
-    score_every: int = 0  # DINO / CLIP-I / CLIP-T every N steps (scores_by_step.csv), eval's evaluators
-    score_prompts: int = 4  # protocol prompts scored per step: a cheap, fixed subset of the 25
-    score_images: int = 2  # seeds per scored prompt
+    sample_prompts: str | None = field(default=None, metadata={
+        "help": "file with one prompt per line for --sample-every ({token}/{class} filled; default: the "
+                "instance prompt, one recontextualisation, one property change)"})
+    # a loadable adapter (full: pipeline) every N steps (steps/step-N/); 0: final only
+    save_every: int = field(default=0, metadata={
+        "help": "a loadable adapter (full: pipeline) every N steps in steps/step-N/ (0: only the final one)"})
+    # DINO / CLIP-I / CLIP-T every N steps (scores_by_step.csv), eval's evaluators
+    score_every: int = field(default=0, metadata={
+        "help": "DINO, CLIP-I, CLIP-T every N steps into scores_by_step.csv/.png (0: off)"})
+    # protocol prompts scored per step: a cheap, fixed subset of the 25
+    score_prompts: int = field(default=4, metadata={"help": "protocol prompts scored at each --score-every step"})
+    # seeds per scored prompt
+    score_images: int = field(default=2, metadata={"help": "seeds per prompt scored at each --score-every step"})
     # a step counts as best only if its CLIP-T is at least this (DreamBooth reports ~0.3 for good runs)
-    min_clip_t: float = 0.0
-    dino: str = DEFAULT_DINO  # the eval command's DINO ViT-S/16 (DreamBooth section 4.1)
-    clip: str = DEFAULT_CLIP  # the eval command's CLIP ViT-B/32 (DreamBooth section 4.1)
-    allow_upscale: bool = False  # refuse photos smaller than the resolution unless asked
-    alpha_mask: bool = False  # kohya's --alpha_mask: off, a transparent product shot is not always a mask
-    allow_pickle: bool = False  # only safetensors weights are loaded unless the user says so
-    resume: bool = False
-    overwrite: bool = False
+    min_clip_t: float = field(default=0.0, metadata={
+        "help": "the best step (run.json, console) is the best DINO among steps with CLIP-T at least this"})
+    # the eval command's DINO ViT-S/16 (DreamBooth section 4.1)
+    dino: str = field(default=DEFAULT_DINO, metadata={"help": "DINO evaluator for --score-every: hub id or local dir"})
+    # the eval command's CLIP ViT-B/32 (DreamBooth section 4.1)
+    clip: str = field(default=DEFAULT_CLIP, metadata={"help": "CLIP evaluator for --score-every: hub id or local dir"})
+    # refuse photos smaller than the resolution unless asked
+    allow_upscale: bool = field(default=False, metadata={
+        "help": "train on photos smaller than the resolution, upscaled (refused otherwise)"})
+    # kohya's --alpha_mask: off, a transparent product shot is not always a mask
+    alpha_mask: bool = field(default=False, metadata={
+        "help": "use a PNG's alpha channel as its loss mask (kohya's --alpha_mask; photo.mask.png files are "
+                "always used)"})
+    # only safetensors weights are loaded unless the user says so
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "allow loading .bin/.ckpt pickle weights (only for sources you trust)"})
+    # an unfinished run is continued only when asked
+    resume: bool = field(default=False, metadata={"help": "continue an unfinished run from its last checkpoint"})
+    # a finished run is replaced only when asked
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in the output directory"})
 
     def resolved_gradient_checkpointing(self, device) -> bool:
         if self.gradient_checkpointing is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
-from .dreambooth import add_flags, config_from_args
 from ..argtypes import number
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO, METHODS
+from .dreambooth import add_flags, config_from_args
 
 DESCRIPTION = """\
 Personalize every subject of the DreamBooth dataset (or --subjects), for every base in --bases and
@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("batch")
     g.add_argument("--methods", "--method", dest="methods", default="lora", metavar="M[,M]",
-                   help="comma list of lora, dora, loha, lokr, oft, full (default: lora)")
+                   help=f"comma list of {', '.join(METHODS)} (default: lora)")
     g.add_argument("--bases", "--base", dest="bases", default="bk-sdm-base", metavar="BASE[,BASE]",
                    help="comma list of backbones: registry names (`personalize backbones`), hub ids or local "
                         "pipeline dirs (default: bk-sdm-base)")

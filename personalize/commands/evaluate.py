@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..argtypes import number
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
 
 EVAL_HELP = (
     "generate the DreamBooth protocol images of a run (25 prompts x N images, reused when already generated "
@@ -37,8 +38,6 @@ def _report(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
-
     p = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="a `personalize lora/full` run dir, or a dir with several below it")

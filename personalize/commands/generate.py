@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..argtypes import float_list, number, resolution
+from ..defaults import (ADAPTER_METHOD_NAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS,
+                        DEPLOY_FORMATS, EXPORT_FORMATS, INFERENCE_PRECISIONS, RUNTIMES, SCHEDULERS)
+from ..errors import UserError
 
 
 # guidance beyond ~30 only saturates; negative values are a sign error, not a setting
@@ -37,13 +40,12 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
-    from ..errors import UserError
     from ..export import export_kohya, export_merged, export_single_file
 
     for flag, value, fmt in (("--names ldm", args.names != "diffusers", "kohya"), ("--half", args.half, "single-file")):
         if value and args.format != fmt:
             raise UserError(f"{flag}: only for --format {fmt}")
-    if args.format in ("onnx", "openvino", "coreml"):
+    if args.format in DEPLOY_FORMATS:
         from ..export.deploy import export_deploy
 
         out = export_deploy(args.run_dir, args.out, args.format, lora_scale=args.lora_scale, base=args.base,
@@ -67,8 +69,6 @@ def _export(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, SCHEDULERS
-
     p = sub.add_parser("generate", help="draw images with a personalized model (LoRA, full, several adapters)",
                        description="Generate images with a run's LoRA on its base, a full run's pipeline, or several "
                                    "LoRA adapters mixed. {token} and {class} in prompts fill in from the run.")
@@ -95,7 +95,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--inference-precision", default=None, choices=["fp32", "bf16"],
+    p.add_argument("--inference-precision", default=None, choices=list(INFERENCE_PRECISIONS),
                    help="OpenVINO exports: compute precision (default fp32, images equal torch's; bf16 only on CPUs "
                         "with native bf16: faster, images a few levels off)")
     p.add_argument("-o", "--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<time>)")
@@ -106,15 +106,16 @@ def add_parser(sub) -> None:
                        description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas (LyCORIS layouts for "
                                    "LoHa/LoKr/OFT). merged: the adapter fused into a complete diffusers pipeline "
                                    "directory. single-file: one original-SD checkpoint. "
-                                   "onnx/openvino/coreml: deploy folders (the adapter fused first; also full runs and "
-                                   "distill pipelines); generate runs onnx/openvino ones on CPU.")
+                                   f"{'/'.join(DEPLOY_FORMATS)}: deploy folders (the adapter fused first; also full "
+                                   f"runs and distill pipelines); generate runs {'/'.join(RUNTIMES)} ones on CPU.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                   help="a finished adapter run (lora, dora, loha, lokr, oft); single-file and the deploy formats also take "
-                        "a full run, a distill output or a pipeline dir")
-    p.add_argument("--format", required=True, choices=["kohya", "merged", "single-file", "onnx", "openvino", "coreml"],
+                   help=f"a finished adapter run ({', '.join(ADAPTER_METHOD_NAMES)}); single-file and the deploy formats "
+                        "also take a full run, a distill output or a pipeline dir")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                    help="single-file: one original-SD checkpoint (ComfyUI / A1111) of a full or LoRA run, "
                         "a distill output or any base")
-    p.add_argument("-o", "--out", type=Path, required=True, help="file (kohya, single-file) or directory (merged, onnx, openvino, coreml)")
+    p.add_argument("-o", "--out", type=Path, required=True,
+                   help=f"file (kohya, single-file) or directory (merged, {', '.join(DEPLOY_FORMATS)})")
     p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged/single-file: scale the adapter is fused at")
     p.add_argument("--half", action="store_true", help="single-file: fp16 tensors (half the size)")
     p.add_argument("--names", default="diffusers", choices=["diffusers", "ldm"],
