@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .defaults import CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, METHODS, OPTIMIZERS
+from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, METHODS, MIXED_PRECISIONS,
+                       OPTIMIZERS)
 from .errors import UserError
 from .extras import require_extra
 
@@ -132,7 +133,7 @@ class TrainConfig:
                 "instead of 4, slower steps)"})
     # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
     mixed_precision: str = field(default="auto", metadata={
-        "help": "auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, fp16 or bf16"})
+        "choices": MIXED_PRECISIONS, "help": "auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, fp16 or bf16"})
     # BK-SDM: seed 1234
     seed: int = field(default=1234, metadata={"help": "random seed of the run"})
 
@@ -249,6 +250,8 @@ class TrainConfig:
             raise UserError(f"--min-clip-t must be in [-1, 1] (a cosine similarity), got {self.min_clip_t}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{self.lr_scheduler}'")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got '{self.mixed_precision}'")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
         if self.optimizer == "prodigy":

@@ -40,3 +40,12 @@ RUNTIMES = ("onnx", "openvino")  # the deploy formats `personalize generate` run
 # pipeline's images; bf16 (native AVX512-BF16/AMX CPUs only) was 0.32x the best torch CPU time at
 # 512 px (benchmarks/RESULTS.md, "Deploy runtimes") at the cost of images a few levels off torch's.
 INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+OPENVINO_WEIGHT_FORMATS = ("fp32", "fp16", "int8")  # int8: NNCF weight compression
+COREML_NBITS = (1, 2, 3, 4, 6, 8)  # the LUT sizes Core ML's constexpr_lut_to_dense takes
+COREML_ATTENTION = ("original", "split_einsum")  # Apple's ml-stable-diffusion attention implementations
+KOHYA_NAMES = ("diffusers", "ldm")  # U-Net key names of a kohya export (ldm: the base's real ldm layout)
+
+# precisions: generate's --dtype (auto: fp16 on CUDA, fp32 on CPU) and training's --mixed-precision
+# (accelerate's names; auto: fp16 on CUDA as BK-SDM, bf16 on CPUs with native bf16, else no)
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")

@@ -88,8 +88,8 @@ def test_choices_are_the_library_constants():
 def test_export_choices_that_live_in_heavy_modules_equal_them():
     """These constants sit in modules that import torch (not importable while --help is built),
     so export spells them out; this holds the two together."""
-    from personalize.export.deploy.coreml import ATTENTION, NBITS
-    from personalize.export.deploy.openvino import WEIGHT_FORMATS
+    from personalize.defaults import COREML_ATTENTION as ATTENTION, COREML_NBITS as NBITS
+    from personalize.defaults import OPENVINO_WEIGHT_FORMATS as WEIGHT_FORMATS
 
     export = _by_flag(_personalize()["export"])
     assert list(export["--weight-format"].choices) == list(WEIGHT_FORMATS)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..argtypes import float_list, number, resolution
-from ..defaults import (ADAPTER_METHOD_NAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS,
-                        DEPLOY_FORMATS, EXPORT_FORMATS, INFERENCE_PRECISIONS, RUNTIMES, SCHEDULERS)
+from ..defaults import (ADAPTER_METHOD_NAMES, COREML_ATTENTION, COREML_NBITS, DEFAULT_GUIDANCE,
+                        DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, DEPLOY_FORMATS, DTYPES,
+                        EXPORT_FORMATS, INFERENCE_PRECISIONS, KOHYA_NAMES, OPENVINO_WEIGHT_FORMATS, RUNTIMES,
+                        SCHEDULERS)
 from ..errors import UserError
 
 
@@ -93,7 +95,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-scale", type=SCALE, default=1.0, help="multiplies every adapter's weight (default 1)")
     p.add_argument("--batch-size", type=number(int, 1, 1024), default=None, help="images per pipeline call (default 8 CUDA, 2 CPU)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--inference-precision", default=None, choices=list(INFERENCE_PRECISIONS),
                    help="OpenVINO exports: compute precision (default fp32, images equal torch's; bf16 only on CPUs "
@@ -118,17 +120,17 @@ def add_parser(sub) -> None:
                    help=f"file (kohya, single-file) or directory (merged, {', '.join(DEPLOY_FORMATS)})")
     p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged/single-file: scale the adapter is fused at")
     p.add_argument("--half", action="store_true", help="single-file: fp16 tensors (half the size)")
-    p.add_argument("--names", default="diffusers", choices=["diffusers", "ldm"],
+    p.add_argument("--names", default="diffusers", choices=KOHYA_NAMES,
                    help="kohya: U-Net key names; ldm = lora_unet_input_blocks_N_... from the base's real layout "
                         "(A1111 on BK-SDM); never mixed in one file")
     p.add_argument("--base", default=None, help="merged/single-file: fuse the adapter into this base instead of the training base")
     # deploy formats (personalize.export.deploy): LoRA fused first; full runs and distill pipelines as they are
-    p.add_argument("--weight-format", default="fp32", choices=["fp32", "fp16", "int8"],
+    p.add_argument("--weight-format", default="fp32", choices=OPENVINO_WEIGHT_FORMATS,
                    help="openvino: weights as fp32, fp16 or int8 (NNCF weight compression)")
-    p.add_argument("--quantize-nbits", type=nbits, default=6, metavar="{1,2,3,4,6,8,none}",
+    p.add_argument("--quantize-nbits", type=nbits, default=6, metavar="{" + ",".join(map(str, COREML_NBITS)) + ",none}",
                    help="coreml: k-means palettization bits (default 6, as Apple's and BK-SDM's published "
                         "Core ML weights); none keeps fp16")
-    p.add_argument("--attention", default="original", choices=["original", "split_einsum"],
+    p.add_argument("--attention", default="original", choices=COREML_ATTENTION,
                    help="coreml: attention layout (split_einsum targets the Neural Engine)")
     p.add_argument("--resolution", type=resolution, default=None,
                    help="coreml: the fixed image size (default the run's training resolution)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...backbones import native_resolution
-from ...defaults import DEPLOY_FORMATS
+from ...defaults import COREML_ATTENTION, COREML_NBITS, DEPLOY_FORMATS, OPENVINO_WEIGHT_FORMATS
 from ...extras import require_extra
 from ...fileio import atomic_dir
 from ...outputs import check_output, output_lock
@@ -52,21 +52,17 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
 
 def _settings(fmt: str, weight_format: str, quantize_nbits, attention: str, bundle_resources: bool) -> dict:
     if fmt == "openvino":
-        from .openvino import WEIGHT_FORMATS
-
-        if weight_format not in WEIGHT_FORMATS:
-            raise UserError(f"--weight-format {weight_format}: choose from {', '.join(WEIGHT_FORMATS)}")
+        if weight_format not in OPENVINO_WEIGHT_FORMATS:
+            raise UserError(f"--weight-format {weight_format}: choose from {', '.join(OPENVINO_WEIGHT_FORMATS)}")
         return {"runtime": "openvino", "weight_format": weight_format}
     if fmt == "onnx":
         if weight_format != "fp32":
             raise UserError("--weight-format applies to --format openvino (the ONNX export is fp32)")
         return {"runtime": "onnx", "weight_format": "fp32"}
-    from .coreml import ATTENTION, NBITS
-
-    if quantize_nbits is not None and quantize_nbits not in NBITS:
-        raise UserError(f"--quantize-nbits {quantize_nbits}: choose from {', '.join(map(str, NBITS))} or none")
-    if attention not in ATTENTION:
-        raise UserError(f"--attention {attention}: choose from {', '.join(ATTENTION)}")
+    if quantize_nbits is not None and quantize_nbits not in COREML_NBITS:
+        raise UserError(f"--quantize-nbits {quantize_nbits}: choose from {', '.join(map(str, COREML_NBITS))} or none")
+    if attention not in COREML_ATTENTION:
+        raise UserError(f"--attention {attention}: choose from {', '.join(COREML_ATTENTION)}")
     return {"quantize_nbits": quantize_nbits, "attention": attention, "bundle_resources": bundle_resources}
 
 

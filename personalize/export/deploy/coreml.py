@@ -32,8 +32,6 @@ import numpy as np
 from ...errors import UserError
 from .trace import example_inputs, wrappers
 
-NBITS = (1, 2, 3, 4, 6, 8)  # the LUT sizes Core ML's constexpr_lut_to_dense takes
-ATTENTION = ("original", "split_einsum")
 PACKAGES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder"}
 VAE_ENCODER = "VAEEncoder"  # optional: image-to-image (Swift's Encoder.swift), `--vae-encoder`
 NAMES = {"text_encoder": (["input_ids"], ["last_hidden_state", "pooled_outputs"]),

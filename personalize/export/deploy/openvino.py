@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .trace import ONNX_NAMES, example_inputs, wrappers
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8")
 FILES = {"text_encoder": "openvino_model", "unet": "openvino_model", "vae_decoder": "openvino_model"}
 
 
