@@ -15,10 +15,11 @@ import os
 import zipfile
 from pathlib import Path
 
+from ..clock import clock
 from ..defaults import EXPORT_FORMATS, METHODS
 from ..errors import UserError
 from ..fileio import atomic_file
-from .jobs import JobManager, clock
+from .jobs import JobManager
 from .workspace import MAX_PHOTOS, Photo, Workspace, check_name, thumbnail
 
 OWN, DATASET = "my photos", "DreamBooth subject"
