@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
-from .dreambooth import add_flags, config_from_args
 from ..argtypes import number
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
+from ..outputs import check_output
+from .dreambooth import add_flags, config_from_args
 
 DESCRIPTION = """\
 Personalize every subject of the DreamBooth dataset (or --subjects), for every base in --bases and
@@ -38,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         config_from_args(args, m, subject="batch").validate()
     from ..sources import resolve_base
-    from ..outputs import check_output
 
     resolved = [resolve_base(b).path for b in bases]
     batch_dir = args.batch_dir or default_batch_dir()
