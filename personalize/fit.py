@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import checkpoints
+from .clock import clock
 from .defaults import LR_SCHEDULERS, OPTIMIZERS
 from .errors import UserError
 from .extras import require_extra
@@ -223,13 +224,6 @@ def _progress(enabled: bool):
     )
 
 
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 # ---------------------------------------------------------------------------- periodic work
 @dataclass
 class Hook:
@@ -375,7 +369,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                     loss_log.log(step, last)
                     accelerator.log({f"train/{k}": v for k, v in last.items()}, step=step)
                 bar.update(task, loss=f"{last['loss']:.4f}", sps=f"{sps:.2f}",
-                           eta=_clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
+                           eta=clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
             bar.update(task, completed=step)
             due = [h for h in hooks if h.due(step, cfg.steps)]
             if due:
@@ -389,7 +383,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
                         stopped = e
                 accelerator.wait_for_everyone()
                 t_window += time.perf_counter() - t_hooks  # s/step stays the training's own
-                bar.update(task, eta=_clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
+                bar.update(task, eta=clock(_eta(step, cfg.steps, sps, hooks, hook_seconds)))
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stopped:
                 accelerator.wait_for_everyone()
                 if is_main:

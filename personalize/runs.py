@@ -1,20 +1,26 @@
-"""Finished training runs on disk: reading `run.json` and finding run directories.
+"""Training runs on disk: reading `run.json`, finding run directories and saying how far a run got.
 
 A run directory is what `personalize lora` / `full` writes: `run.json` (the resolved config, the
-base's resolved location, the subject) next to the weights. Generation, export, evaluation and
-batch all start from here. No model imports.
+base's resolved location, the subject) next to the weights, written last; while it trains, its
+`checkpoints/` and `logs/`. Generation, export, evaluation, batch and the app all start from here.
+No model imports.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .defaults import METHODS
 from .errors import UserError
 from .fileio import write_json
+from .subjects import DEFAULT_TOKEN
 
 RUN_JSON = "run.json"
+TRAINING_DIRS = ("checkpoints", "logs")  # what a run writes before run.json, and resumes from
+FINISHED, INTERRUPTED, FAILED, ABSENT = "finished", "interrupted", "failed", "absent"
 
 
 def load_run_json(run_dir: Path) -> dict | None:
@@ -41,8 +47,40 @@ def final_loss(run: dict) -> float | None:
     return ((run.get("stats") or {}).get("final_losses") or {}).get("loss")
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """How far the run in a folder got.
+
+    state: FINISHED (run.json says so); INTERRUPTED (not finished, a checkpoint to resume from);
+    FAILED (started, not finished, no checkpoint: nothing to resume, a rerun starts over; a
+    run still before its first checkpoint looks the same); ABSENT (no run there).
+    run: its run.json as read (None when absent or unreadable); step: the last checkpoint's step."""
+
+    state: str
+    run: dict | None = None
+    step: int | None = None
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    run_dir = Path(run_dir)
+    run = load_run_json(run_dir)
+    if _finished(run):
+        return RunStatus(FINISHED, run)
+    if not _is_run(run_dir, unfinished=True):
+        return RunStatus(ABSENT, run)
+    from .checkpoints import list_checkpoints  # torch: loaded only for a run that did not finish
+
+    ckpts = list_checkpoints(run_dir)
+    return RunStatus(INTERRUPTED, run, ckpts[-1][0]) if ckpts else RunStatus(FAILED, run)
+
+
 def is_finished(run_dir: Path) -> bool:
-    return (load_run_json(run_dir) or {}).get("status") == "finished"
+    """`run_status(run_dir).state == FINISHED`, without looking for checkpoints."""
+    return _finished(load_run_json(run_dir))
+
+
+def _finished(run: dict | None) -> bool:
+    return (run or {}).get("status") == FINISHED
 
 
 def read_run(run_dir: Path, finished: bool = False) -> dict:
@@ -59,29 +97,43 @@ def read_run(run_dir: Path, finished: bool = False) -> dict:
         raise UserError(f"{path}: no subject.name; not a personalize run.json")
     if run.get("method", "lora") not in METHODS:
         raise UserError(f"{path}: unknown method '{run.get('method')}' (this personalize knows {', '.join(METHODS)})")
-    if finished and run.get("status") != "finished":
+    if finished and not _finished(run):
         raise UserError(f"{run_dir}: the run has not finished; continue it with `personalize "
                         f"{run.get('method', 'lora')} ... --resume` first")
     return run
 
 
-def find_run_dirs(path: Path) -> list[Path]:
-    """`path` itself if it is a run dir, else every run dir below it (sorted)."""
+def _is_run(d: Path, unfinished: bool) -> bool:
+    return (d / RUN_JSON).is_file() or unfinished and any((d / n).exists() for n in TRAINING_DIRS)
+
+
+def find_run_dirs(path: Path, *, unfinished: bool = False, steps: bool = False, below: bool = False,
+                  missing_ok: bool = False) -> list[Path]:
+    """`path` itself if it is a run dir, else every run dir below it (sorted). Hidden folders are
+    skipped and symlinked folders are not followed.
+
+    unfinished: also runs without run.json yet (training, interrupted or failed: checkpoints/ or logs/).
+    steps: also the runs inside a run (its steps/step-N/ saves, --save-every), which otherwise
+    belong to it and are not listed.
+    below: only folders below `path` (a folder of runs, never a run itself).
+    missing_ok: none found is [] rather than a one-line UserError."""
     path = Path(path)
-    if (path / RUN_JSON).is_file():
-        return [path]
     if not path.is_dir():
+        if missing_ok:
+            return []
         raise UserError(f"{path}: no such directory")
-    found = sorted(p.parent for p in path.rglob(RUN_JSON)
-                   if not any(part.startswith(".") for part in p.relative_to(path).parts))
-    # a run's own steps/step-N/ (--save-every) are runs too, but belong to it: listed only when asked for
-    found = [d for d in found if not any(other in d.parents for other in found)]
-    if not found:
+    found = []
+    for dirpath, dirnames, _ in os.walk(path):
+        d = Path(dirpath)
+        if not (below and d == path) and _is_run(d, unfinished):
+            found.append(d)
+            if not steps:
+                dirnames.clear()
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+    if not found and not missing_ok:
         raise UserError(f"{path}: no {RUN_JSON} in it or below it; pass a `personalize lora/full` output dir")
-    return found
+    return sorted(found)
 
 
 def run_token(run: dict) -> str:
-    from .subjects import DEFAULT_TOKEN
-
     return str(run.get("token") or (run.get("config") or {}).get("token") or DEFAULT_TOKEN)

@@ -119,7 +119,6 @@ def _third_party_imports(path) -> set[str]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 in progress")
 def test_only_the_front_ends_and_batch_import_the_orchestrator():
     # the app's training process is a front-end like the CLI (personalize app)
     assert {f for f in _importers("personalize.dreambooth")} <= {

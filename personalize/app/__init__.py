@@ -3,7 +3,8 @@
 - `workspace`: the folder everything is written to, and the checks that keep it there;
 - `jobs`: one long job at a time (training in a worker process, with progress and Cancel);
 - `worker`: the training process (`dreambooth.train_subject`);
-- `ui`: the pages (Train, Generate, Runs) and their handlers.
+- `page`: the page (Train, Generate, Runs tabs), each control wired to its handler;
+- `handlers`: what the controls call (`App`): the CLI's own code behind each of them.
 
 Gradio is an optional extra (`pip install -e ".[app]"`); nothing here imports it at module level.
 """
@@ -14,6 +15,8 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from .handlers import App
+from .page import build
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -47,8 +50,6 @@ def exposure_note(host: str, port: int, share: bool, auth) -> str | None:
 def create(workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None):
     """(App, gr.Blocks) for `workspace`, queued (one long job at a time), not launched. Gradio's
     upload cache is put inside the workspace, so the app writes nowhere else."""
-    from .ui import App, build
-
     app = App(workspace, train_defaults, max_photo_mb)
     app.ws.gradio_cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(app.ws.gradio_cache)

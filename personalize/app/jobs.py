@@ -24,14 +24,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ..clock import clock
 from ..errors import UserError
-
-
-def clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class TrainJob:

@@ -20,6 +20,10 @@ import signal
 import sys
 import time
 
+from ..cli import quiet_libraries, user_facing
+from ..config import TrainConfig
+from ..environment import check as check_environment
+
 EXIT_CANCELLED = 130  # as the CLI after Ctrl-C
 
 
@@ -51,14 +55,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    from ..cli import quiet_libraries, user_facing
-    from ..config import TrainConfig
-
     emit("start", pid=os.getpid())
     try:
-        from ..environment import check
-
-        check()
+        check_environment()
         quiet_libraries()
         from ..dreambooth import train_subject
         from ..fit import Hook, StopRun

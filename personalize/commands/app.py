@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..app import create, exposure_note, launch_kwargs, parse_auth, require_gradio
 from ..argtypes import number
 
 
 def _app(args) -> int:
-    from ..app import create, exposure_note, launch_kwargs, parse_auth, require_gradio
-
     auth = parse_auth(args.auth)
     require_gradio()
     note = exposure_note(args.host, args.port, args.share, auth)

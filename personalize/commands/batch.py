@@ -6,6 +6,7 @@ import argparse
 
 from ..argtypes import number
 from ..defaults import DEFAULT_CLIP, DEFAULT_DINO, METHODS
+from ..outputs import check_output
 from .dreambooth import add_flags, config_from_args
 
 DESCRIPTION = """\
@@ -38,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         config_from_args(args, m, subject="batch").validate()
     from ..sources import resolve_base
-    from ..outputs import check_output
 
     resolved = [resolve_base(b).path for b in bases]
     batch_dir = args.batch_dir or default_batch_dir()

@@ -11,9 +11,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..backbones import BACKBONES
+from ..defaults import METHODS
 from ..errors import UserError
 from ..fileio import write_atomic
-from ..runs import RUN_JSON
+from ..runs import RUN_JSON, find_run_dirs
 from .dreambooth import METRIC_LABELS, METRICS, PROTOCOL, SCORES_JSON, csv_text, md_num, run_summary
 from .metrics import nanmean
 
@@ -23,17 +25,6 @@ from .metrics import nanmean
 REPORT_MD, REPORT_CSV, REPORT_PNG = "report.md", "report.csv", "report.png"
 REPORT_COLUMNS = ["row", "base", "method", "subject", "kind", "n_subjects", "n_images", "dino", "clip_i", "clip_t",
                   "dino_model", "clip_model", "scores"]
-
-
-def _find_run_json(scores_path: Path, root: Path) -> Path | None:
-    d = scores_path.parent
-    root = root.resolve()
-    while True:
-        if (d / RUN_JSON).is_file():
-            return d / RUN_JSON
-        if d.resolve() == root or d.parent == d:
-            return None
-        d = d.parent
 
 
 def _why_not_scores(doc: Any) -> str | None:
@@ -60,6 +51,7 @@ def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     and the scores.json files skipped, each with the reason."""
     runs_dir = Path(runs_dir)
     rows, skipped = [], []
+    run_dirs = set(find_run_dirs(runs_dir, steps=True, missing_ok=True))
     for sp in sorted(runs_dir.rglob(SCORES_JSON)):
         if any(part.startswith(".") for part in sp.relative_to(runs_dir).parts):
             continue
@@ -72,7 +64,8 @@ def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if why:
             skipped.append((sp, f"not a `personalize eval` scores file: {why}"))
             continue
-        rj = _find_run_json(sp, runs_dir)
+        # the innermost run holding it: a step dir's own scores describe the step, not its run
+        rj = next((d / RUN_JSON for d in sp.parents if d in run_dirs), None)
         try:
             run = json.loads(rj.read_text()) if rj else None
         except (OSError, json.JSONDecodeError) as e:
@@ -98,9 +91,6 @@ def _num(v: Any) -> float:
 
 
 def _group_order(rows: list[dict]) -> list[tuple[str, str]]:
-    from ..backbones import BACKBONES
-    from ..defaults import METHODS
-
     base_rank = {b: i for i, b in enumerate(BACKBONES)}
     method_rank = {m: i for i, m in enumerate(METHODS)}
     keys = {(r["base"], r["method"]) for r in rows}

@@ -1,6 +1,6 @@
-"""The app's pages (Gradio Blocks): Train, Generate, Runs. Handlers are thin: they check the
-browser's input (`workspace`), hand long work to `jobs`, and call the library exactly as the CLI
-does (`TrainConfig` -> `dreambooth.train_subject` in the worker; `generate.resolve_source` /
+"""What the app's buttons call (`page` wires them). Handlers are thin: they check the browser's
+input (`workspace`), hand long work to `jobs`, and call the library exactly as the CLI does
+(`TrainConfig` -> `dreambooth.train_subject` in the worker; `generate.resolve_source` /
 `generate_to_dir`; `personalize export` / `personalize eval` through the CLI's own parser). A
 user's error is the CLI's one line, shown as a Gradio error.
 """
@@ -10,64 +10,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
-import os
 import zipfile
 from pathlib import Path
 
-from ..defaults import EXPORT_FORMATS, METHODS
+from ..argtypes import float_list
+from ..backbones import BACKBONES, is_pipeline_dir, native_resolution
+from ..cli import build_parser, quiet_libraries, user_facing
+from ..clock import clock
+from ..config import TrainConfig
+from ..defaults import EXPORT_FORMATS
+from ..environment import check as check_environment
 from ..errors import UserError
 from ..fileio import atomic_file
-from .jobs import JobManager, clock
-from .workspace import MAX_PHOTOS, Photo, Workspace, check_name, thumbnail
+from ..runs import FINISHED, INTERRUPTED, base_name, final_loss, find_run_dirs, load_run_json, read_run, run_status
+from .jobs import JobManager
+from .workspace import Photo, Workspace, check_name, thumbnail
 
 OWN, DATASET = "my photos", "DreamBooth subject"
 RUN_COLUMNS = ["run", "status", "base", "method", "subject", "steps", "train time", "final loss", "DINO", "CLIP-I",
                "CLIP-T"]
-LONG = {"concurrency_limit": 1, "concurrency_id": "job"}  # one long job at a time, the rest wait in the queue
-
-
-def methods() -> list[str]:
-    return list(METHODS)
 
 
 def export_formats() -> list[str]:
     return list(EXPORT_FORMATS)
 
 
-def base_choices(ws: Workspace) -> list[tuple[str, str]]:
-    """Registry names with their U-Net sizes, then local pipeline dirs in the workspace."""
-    from ..backbones import BACKBONES, is_pipeline_dir
-
-    out = [(f"{s.name} ({s.unet_params_card} U-Net)" if s.unet_params_card else f"{s.name} ({s.description})", s.name)
-           for s in BACKBONES.values()]
-    for root in (ws.root / "bases", ws.exports):
-        if root.is_dir():
-            out += [(f"{p.name} (local: {p})", str(p)) for p in sorted(root.iterdir()) if is_pipeline_dir(p)]
-    return out
-
-
-def run_folders(root: Path) -> list[Path]:
-    """Folders below `root` that are runs (run.json, logs/ or checkpoints/), not descending into
-    one (its steps/step-N/ saves, samples/, eval/ belong to it); hidden folders are skipped."""
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        d = Path(dirpath)
-        if d != root and any((d / n).exists() for n in ("run.json", "logs", "checkpoints")):
-            found.append(d)
-            dirnames.clear()
-            continue
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-    return sorted(found)
-
-
 @functools.cache
 def _quiet() -> None:
     """The CLI's start-up for commands that load models (version check, library chatter off), once."""
-    from ..cli import quiet_libraries
-    from ..environment import check
-
-    check()
+    check_environment()
     quiet_libraries()
 
 
@@ -92,15 +65,13 @@ def user_errors(fn):
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
-    import inspect
-
     return gen_wrapper if inspect.isgeneratorfunction(fn) else wrapper
 
 
 def _photos(files) -> list[Photo]:
     out = []
     for f in files or []:
-        path = Path(f if isinstance(f, str) else getattr(f, "name", f))
+        path = Path(f)
         # gradio keeps the browser's file name as the temp file's own name
         out.append(Photo(path, path.name))
     return out
@@ -120,8 +91,6 @@ class App:
     def resolution_for(self, base: str, resolution) -> int:
         if _num(resolution, int):
             return int(resolution)
-        from ..backbones import BACKBONES, is_pipeline_dir, native_resolution
-
         if base in BACKBONES:
             return BACKBONES[base].resolution
         p = Path(base or "")
@@ -139,8 +108,6 @@ class App:
 
     def make_config(self, name, base, source, subject, files, class_noun, method, steps, resolution, lr, rank,
                     prior, class_images, sample_every, overwrite):
-        from ..config import TrainConfig
-
         name = check_name(name)
         run_dir = self.ws.new_run_dir(name)
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -164,7 +131,7 @@ class App:
             values["class_images"] = 0
         elif _num(class_images, int):
             values["class_images"] = int(class_images)
-        if "sample_every" in fields and sample_every not in (None, ""):
+        if sample_every not in (None, ""):
             values["sample_every"] = int(sample_every)
         if method != "full" and "checkpoint_every" not in self.train_defaults:
             # a page's runs get interrupted (app closed, machine restarted): an adapter's checkpoint is
@@ -188,8 +155,6 @@ class App:
         if config is None:
             raise UserError(f"run '{name}': not started by this app (no job record); resume it with "
                             f"`personalize <method> ... --resume`")
-        from ..config import TrainConfig
-
         cfg = TrainConfig(**(config | {"resume": True, "overwrite": False}))
         yield from self._start(name, Path(cfg.output_dir), cfg)
 
@@ -225,21 +190,19 @@ class App:
     def list_runs(self) -> list[dict]:
         """Every run below runs/: finished (run.json), running, interrupted (checkpoints, no final
         run.json) or empty; step saves (`steps/step-N/`) belong to their run and are not listed."""
-        from ..checkpoints import list_checkpoints
-        from ..runs import base_name, final_loss, load_run_json
-
         out = []
         live = self.jobs.train.run_dir if self.jobs.train and self.jobs.train.alive else None
-        for d in run_folders(self.ws.runs):
-            run = load_run_json(d)
+        for d in find_run_dirs(self.ws.runs, unfinished=True, below=True, missing_ok=True):
+            status = run_status(d)
+            run = status.run
             row = {"run": self.ws.rel(d), "path": d, "run_json": run}
             if live is not None and d == live:
                 row["status"] = "running"
-            elif run and run.get("status") == "finished":
+            elif status.state == FINISHED:
                 row["status"] = "finished"
             else:
-                ckpts = list_checkpoints(d)
-                row["status"] = f"interrupted at step {ckpts[-1][0]}" if ckpts else "interrupted (no checkpoint)"
+                row["status"] = (f"interrupted at step {status.step}" if status.state == INTERRUPTED
+                                 else "interrupted (no checkpoint)")
             cfg = (run or {}).get("config") or self.ws.load_job(d.name) or {}
             stats = (run or {}).get("stats") or {}
             row.update(base=base_name(run) if run else cfg.get("base", "?"), method=(run or cfg).get("method", "?"),
@@ -275,8 +238,6 @@ class App:
     @user_errors
     def run_details(self, rel):
         run_dir = self.ws.run_dir(rel)
-        from ..runs import load_run_json
-
         run = load_run_json(run_dir) or {"status": "not finished", "job": self.ws.load_job(run_dir.name)}
         grid = run_dir / "validation.png"
         summary = {k: run.get(k) for k in ("status", "method", "base", "subject", "instance_prompt", "resolution", "lr",
@@ -288,10 +249,7 @@ class App:
 
     def _cli(self, argv: list[str]):
         """Run a `personalize` subcommand in-process through the CLI's own parser and handler."""
-        from ..cli import build_parser, user_facing
-
         _quiet()
-
         try:
             args = build_parser().parse_args(argv)
         except SystemExit:
@@ -332,7 +290,6 @@ class App:
     # ------------------------------------------------------------------ Generate
     @user_errors
     def generate(self, runs, weights, prompt, negative, seed, n, steps, guidance, resolution):
-        from ..argtypes import float_list
         from ..generate import default_out_dir, generate_to_dir
         from ..sources import resolve_source
 
@@ -347,8 +304,6 @@ class App:
             except argparse.ArgumentTypeError as e:
                 raise UserError(f"adapter weights: {e}") from None
         # a full run is the pipeline the adapters go on, so it comes first (as RUN_DIR on the CLI)
-        from ..runs import read_run
-
         methods_ = [read_run(d, finished=True).get("method") for d in dirs]
         order = sorted(range(len(dirs)), key=lambda i: methods_[i] != "full")
         dirs = [dirs[i] for i in order]
@@ -371,114 +326,3 @@ class App:
                     z.write(p, p.name)
         gallery = [(str(j.path), f"{j.prompt} · seed {j.seed}") for j in jobs]
         return gallery, str(archive), f"{len(jobs)} image(s) in `{out}`; each PNG carries its settings (as `personalize generate`)"
-
-
-def build(app: App):
-    """The Gradio Blocks of `app` (not launched)."""
-    import gradio as gr
-
-    from ..subjects import load_subjects
-
-    subjects = load_subjects()
-    with gr.Blocks(title="personalize") as demo:
-        gr.Markdown(f"# personalize\nDreamBooth on BK-SDM backbones, the same code as the `personalize` CLI. "
-                    f"Workspace: `{app.ws.root}`")
-        with gr.Tab("Train"):
-            with gr.Row():
-                name = gr.Textbox(label="run name", value="my-run", elem_id="run-name", info="a folder under runs/ in the workspace")
-                base = gr.Dropdown(base_choices(app.ws), value="bk-sdm-base", label="base", allow_custom_value=True, elem_id="base",
-                                   info="registry name, or a local diffusers pipeline folder")
-                method = gr.Dropdown(methods(), value="lora", label="method")
-            with gr.Row():
-                source = gr.Radio([DATASET, OWN], value=OWN, label="subject")
-                subject = gr.Dropdown(list(subjects), value="dog", label="DreamBooth subject")
-                class_noun = gr.Textbox(label="class noun", placeholder="dog, backpack, ...", elem_id="class-noun")
-            photos = gr.File(label=f"your photos (3-{MAX_PHOTOS})", file_count="multiple", file_types=["image"],
-                             elem_id="photos")
-            thumbs = gr.Gallery(label="accepted photos", columns=6, height=160, elem_id="thumbs")
-            photo_msg = gr.Markdown(elem_id="photo-msg")
-            with gr.Row():
-                steps = gr.Number(800, label="steps", precision=0, elem_id="steps")
-                resolution = gr.Number(0, label="resolution (0: the base's)", precision=0)
-                lr = gr.Number(0, label="learning rate (0: the recipe's)", elem_id="lr")
-                rank = gr.Number(16, label="LoRA rank", precision=0, elem_id="rank")
-            with gr.Row():
-                prior = gr.Checkbox(True, label="prior preservation")
-                class_images = gr.Number(200, label="class images", precision=0, elem_id="class-images")
-                sample_every = gr.Number(0, label="sample grid every N steps (0: off)", precision=0, elem_id="sample-every")
-                overwrite = gr.Checkbox(False, label="overwrite a finished run of this name")
-            with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="start")
-                cancel = gr.Button("Cancel", elem_id="cancel")
-            with gr.Row():
-                interrupted = gr.Dropdown([], label="interrupted runs", allow_custom_value=True, elem_id="interrupted")
-                resume = gr.Button("Resume", elem_id="resume")
-            progress = gr.Markdown("no training yet", elem_id="progress")
-            samples = gr.Gallery(label="sample grids", columns=4, elem_id="samples")
-            log = gr.Textbox(label="log", lines=4, max_lines=12)
-
-        with gr.Tab("Generate"):
-            with gr.Row():
-                gen_runs = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="finished runs",
-                                       elem_id="gen-runs")
-                weights = gr.Textbox(label="adapter weights (one per run, e.g. 0.7,0.5)", placeholder="1 each")
-            prompt = gr.Textbox("a {token} {class} on the beach", label="prompt ({token} and {class} fill in)",
-                                elem_id="prompt")
-            negative = gr.Textbox(label="negative prompt")
-            with gr.Row():
-                seed = gr.Number(0, label="first seed", precision=0)
-                n = gr.Slider(1, 16, 4, step=1, label="images", elem_id="n-images")
-                gen_steps = gr.Number(25, label="steps", precision=0, elem_id="gen-steps")
-                guidance = gr.Number(7.5, label="guidance")
-                gen_res = gr.Number(0, label="resolution (0: the run's)", precision=0)
-            go = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="images", columns=4, format="png", elem_id="gallery",
-                                 buttons=["download", "download_all", "fullscreen"])
-            gen_info = gr.Markdown(elem_id="gen-info")
-            archive = gr.File(label="all images (zip)")
-
-        with gr.Tab("Runs"):
-            refresh = gr.Button("Refresh")
-            table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, elem_id="runs")
-            pick = gr.Dropdown([], label="run", allow_custom_value=True)
-            with gr.Row():
-                grid = gr.Image(label="validation grid", type="filepath")
-                details = gr.Code(label="run.json", language="json", interactive=False)
-            with gr.Row():
-                fmt = gr.Dropdown(export_formats(), value="kohya", label="export format")
-                exp_over = gr.Checkbox(False, label="overwrite")
-                export = gr.Button("Export")
-            exported = gr.File(label="exported file")
-            exp_msg = gr.Markdown()
-            with gr.Row():
-                from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
-
-                dino = gr.Textbox(DEFAULT_DINO, label="DINO model")
-                clip = gr.Textbox(DEFAULT_CLIP, label="CLIP model")
-                ipp = gr.Number(4, label="images per prompt", precision=0)
-                eval_steps = gr.Number(0, label="steps (0: generation's)", precision=0)
-                evaluate = gr.Button("Evaluate")
-            eval_msg = gr.Markdown()
-
-        train_inputs = [name, base, source, subject, photos, class_noun, method, steps, resolution, lr, rank, prior,
-                        class_images, sample_every, overwrite]
-        listing = [table, gen_runs, pick, interrupted]
-        photos.change(app.check_photos, [photos, base, resolution], [thumbs, photo_msg], api_name="check_photos")
-        for c in (base, resolution):  # the size check depends on both
-            c.change(app.check_photos, [photos, base, resolution], [thumbs, photo_msg], api_name=False)
-        start.click(app.train, train_inputs, [progress, samples, log], api_name="train", **LONG).then(
-            app.runs_table, None, listing, api_name=False)
-        resume.click(app.resume, [interrupted], [progress, samples, log], api_name="resume", **LONG).then(
-            app.runs_table, None, listing, api_name=False)
-        cancel.click(app.cancel, None, [progress], api_name="cancel", concurrency_limit=None)
-        go.click(app.generate, [gen_runs, weights, prompt, negative, seed, n, gen_steps, guidance, gen_res],
-                 [gallery, archive, gen_info], api_name="generate", **LONG)
-        refresh.click(app.runs_table, None, listing, api_name="runs", concurrency_limit=None)
-        pick.change(app.run_details, [pick], [grid, details], api_name="run_details")
-        export.click(app.export, [pick, fmt, exp_over], [exported, exp_msg], api_name="export", **LONG).then(
-            app.runs_table, None, listing, api_name=False)
-        evaluate.click(app.evaluate, [pick, dino, clip, ipp, eval_steps], [eval_msg], api_name="evaluate", **LONG).then(
-            app.runs_table, None, listing, api_name=False)
-        demo.load(app.runs_table, None, listing, api_name=False)
-        demo.load(app.watch, None, [progress, samples, log], api_name="watch", concurrency_limit=None)
-    return demo
