@@ -29,8 +29,7 @@ from .errors import UserError
 from .fileio import move_into, scratch_dir, write_text
 from .fit import FitConfig, fit, make_accelerator
 from .half_storage import store_frozen_in_half
-from . import __version__, monitor
-from .card import model_card
+from . import __version__, card, monitor
 from .objective import build_cache, dreambooth_loss
 from .outputs import check_output, output_lock, slug
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
@@ -320,7 +319,7 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
         write_validation(p, comps, accelerator)
         outputs.append(VALIDATION_PNG)
 
-    write_text(run_dir / "README.md", model_card(p))
+    write_text(run_dir / "README.md", card.model_card(p))
     outputs.append("README.md")
     return outputs
 

@@ -1,6 +1,6 @@
 """What the app's buttons call (`page` wires them). Handlers are thin: they check the browser's
 input (`workspace`), hand long work to `jobs`, and call the library exactly as the CLI does
-(`TrainConfig` -> `dreambooth.train_subject` in the worker; `generate.resolve_source` /
+(`TrainConfig` -> `dreambooth.train_subject` in the worker; `sources.resolve_source` /
 `generate_to_dir`; `personalize export` / `personalize eval` through the CLI's own parser). A
 user's error is the CLI's one line, shown as a Gradio error.
 """

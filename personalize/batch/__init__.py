@@ -1,6 +1,6 @@
 """`personalize batch`: DreamBooth over many subjects (x bases x methods) in one command.
 
-`plan` decides the jobs and checks the flags, `run` trains them, `summary` reports them.
+`planning` decides the jobs and checks the flags, `run` trains them, `summary` reports them.
 
 - Each base is loaded from disk once per process and reused for every subject and method
   (`LoadedBase.reset` restores its pristine weights between them).
@@ -19,9 +19,8 @@
 
 from __future__ import annotations
 
-# the function `plan` takes the package attribute of the module plan.py; import that module by its full name
-from .plan import (BATCH_JSON, RERUN_MAY_CHANGE, STATUS_DIR, Job, check_inputs, default_batch_dir, launcher_shard,
-                   parse_shard, plan, select_subjects, shard_jobs, split_list)
+from .planning import (BATCH_JSON, RERUN_MAY_CHANGE, STATUS_DIR, Job, check_inputs, default_batch_dir,
+                       launcher_shard, parse_shard, plan, select_subjects, shard_jobs, split_list)
 from .run import describe_error, evaluator, run_batch
 from .summary import SUMMARY_JSON, SUMMARY_MD, exit_code, job_status, print_summary, summary_markdown, write_summary
 

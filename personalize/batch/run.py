@@ -23,7 +23,7 @@ from ..evaluation.dreambooth import evaluate_run
 from ..evaluation.evaluators import ClipEmbedder, DinoEmbedder
 from ..fileio import write_json
 from ..runs import TRAINING_DIRS, is_finished
-from .plan import BATCH_JSON, STATUS_DIR, Job, check_inputs, check_same_setup, plan, shard_jobs
+from .planning import BATCH_JSON, STATUS_DIR, Job, check_inputs, check_same_setup, plan, shard_jobs
 from .summary import read_json, scores_file, write_summary
 
 

@@ -12,7 +12,7 @@ from ..evaluation.dreambooth import EVAL_DIR, SCORES_JSON
 from ..fileio import write_atomic, write_json
 from ..outputs import output_lock
 from ..runs import FINISHED, final_loss, run_status
-from .plan import Job
+from .planning import Job
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
