@@ -145,7 +145,7 @@ class Scorer:
         self.rows = {r["step"]: r for r in read_scores(self.run_dir / SCORES_CSV)}
 
     def __call__(self, step: int, models: dict) -> dict:
-        from .evaluation.dreambooth import GeneratedImage, score_subject
+        from .evaluation.protocol import GeneratedImage, score_subject
         from .pipeline import build_pipeline, generate
 
         prompts = [p for p in self.prompts for _ in range(self.n)]
@@ -316,7 +316,7 @@ def make_hooks(p, components: ComponentsFn, save_step: Callable[[Path, dict, int
         hooks.append(Hook("samples", cfg.sample_every, Sampler(p.run_dir, components, sample_prompts(p), meta=meta,
                                                                **gen), at_end=True))
     if cfg.score_every:
-        from .evaluation.dreambooth import protocol_prompts
+        from .evaluation.protocol import protocol_prompts
 
         dino, clip = evaluators or (None, None)  # None on the processes that never run hooks
         prompts = protocol_prompts(p.subject.kind, cfg.token, p.subject.class_noun)

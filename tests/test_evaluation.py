@@ -21,7 +21,7 @@ from _metric_fixtures import (  # noqa: F401 - pytest fixtures
 
 from personalize.errors import UserError
 from personalize.evaluation.metrics import mean_pairwise_cosine, mean_real_vs_real, strip_identifier
-from personalize.evaluation.dreambooth import EVAL_DIR, GeneratedImage, evaluate_run, protocol_prompts, score_subject
+from personalize.evaluation.protocol import EVAL_DIR, GeneratedImage, evaluate_run, protocol_prompts, score_subject
 from personalize.evaluation.report import build_report
 
 IMAGES_PER_PROMPT = 2

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import dreambooth, sources  # their functions are looked up when called, so a patched one is used
 from ..config import TrainConfig
 from ..errors import UserError
-from ..evaluation.dreambooth import evaluate_run
+from ..evaluation.protocol import evaluate_run
 from ..evaluation.evaluators import ClipEmbedder, DinoEmbedder
 from ..fileio import write_json
 from ..runs import TRAINING_DIRS, is_finished

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluation.dreambooth import EVAL_DIR, SCORES_JSON
+from ..evaluation.protocol import EVAL_DIR, SCORES_JSON
 from ..fileio import write_atomic, write_json
 from ..outputs import output_lock
 from ..runs import FINISHED, final_loss, run_status

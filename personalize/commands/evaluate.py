@@ -16,7 +16,7 @@ EVAL_HELP = (
 
 
 def _eval(args) -> int:
-    from ..evaluation.dreambooth import evaluate_paths
+    from ..evaluation.protocol import evaluate_paths
 
     generation = {"steps": args.steps, "guidance_scale": args.guidance_scale}
     evaluate_paths(args.run_dirs, dino_name=args.dino, clip_name=args.clip, batch_size=args.batch_size,

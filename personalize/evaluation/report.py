@@ -16,7 +16,7 @@ from ..defaults import METHODS
 from ..errors import UserError
 from ..fileio import write_atomic
 from ..runs import RUN_JSON, find_run_dirs
-from .dreambooth import METRIC_LABELS, METRICS, PROTOCOL, SCORES_JSON, csv_text, md_num, run_summary
+from .protocol import METRIC_LABELS, METRICS, PROTOCOL, SCORES_JSON, csv_text, md_num, run_summary
 from .metrics import nanmean
 
 # --------------------------------------------------------------------------------------------
