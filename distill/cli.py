@@ -14,9 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+from personalize.architectures import ARCHS, get_arch
 from personalize.errors import UserError
-
-from .arch import ARCHS
 
 
 def _add_prune(sub):
@@ -36,7 +35,6 @@ def _add_prune(sub):
 
 
 def _run_prune(args) -> int:
-    from .arch import get_arch
     from .prune import dry_run, prune
 
     get_arch(args.arch)  # unknown arch: fail before touching the teacher

@@ -1,8 +1,8 @@
 """`distill prune`: build a BK-SDM student pipeline by block removal (Kim et al. 2023, Sec. 3.1).
 
-The student U-Net is the teacher's with blocks removed (`arch.student_config`), every tensor
-initialised from the teacher (`mapping.init_student_from_teacher`). The output directory is a
-complete diffusers pipeline (the teacher's VAE, text encoder, tokenizer, scheduler + the
+The student U-Net is the teacher's with blocks removed (`personalize.architectures.student_config`),
+every tensor initialised from the teacher (`mapping.init_student_from_teacher`). The output
+directory is a complete diffusers pipeline (the teacher's VAE, text encoder, tokenizer, scheduler + the
 student U-Net), written as safetensors into a temporary sibling and renamed into place, so a
 crash never leaves a half-written pipeline where `personalize --base DIR` could pick it up.
 """
@@ -13,11 +13,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from personalize.architectures import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
 from personalize.errors import UserError
 from personalize.fileio import atomic_dir
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
-from .arch import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
 from .mapping import weight_mapping
 
 PROVENANCE_FILE = "distill.json"  # written into every pipeline dir this package produces

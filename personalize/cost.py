@@ -11,8 +11,8 @@ included). That is the conv+linear count thop reports and the BK-SDM paper quote
 
 A pipeline directory is costed from its own ``*/config.json``; a registry backbone without local
 weights from the real configs embedded here (SD-v1: CLIP ViT-L/14 text encoder; SD-v2: OpenCLIP
-ViT-H/14; both with SD's VAE) and `distill.arch`'s U-Net configs, so `personalize backbones --cost`
-needs no download.
+ViT-H/14; both with SD's VAE) and the U-Net configs of `architectures`, so `personalize backbones
+--cost` needs no download.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .architectures import ARCHS, TEACHER_UNET_CONFIGS, student_config
+from .backbones import BACKBONES
+from .errors import UserError
 
 # `text_encoder/config.json` of CompVis/stable-diffusion-v1-4 (openai/clip-vit-large-patch14's text tower)
 SD_V1_TEXT_CONFIG = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -37,7 +41,7 @@ SD_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "lay
                  "sample_size": 512}
 FAMILY_TEXT_CONFIGS = {"sd-v1": SD_V1_TEXT_CONFIG, "sd-v2": SD_V2_TEXT_CONFIG}
 
-# registry name -> (teacher registry name, distill.arch student arch)
+# registry name -> (teacher registry name, `architectures.ARCHS` student arch)
 REGISTRY_ARCHS = {
     **{f"bk-sdm-{s}{x}": ("sd-v1.4", f"bk-{s}") for s in ("base", "small", "tiny") for x in ("", "-2m")},
     **{f"bk-sdm-v2-{s}": ("sd-v2.1-base", f"bk-{s}") for s in ("base", "small", "tiny")},
@@ -123,8 +127,6 @@ def cost_from_configs(unet_cfg: dict, text_cfg: dict, vae_cfg: dict, resolution:
 
 
 def _read(path: Path) -> dict:
-    from .errors import UserError
-
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -141,11 +143,7 @@ def pipeline_cost(pipeline_dir: Path, resolution: int = 512) -> PipelineCost:
 @functools.lru_cache(maxsize=None)  # -2m variants share their shapes; counting takes a second each
 def registry_cost(name: str, resolution: int = 512) -> PipelineCost | None:
     """Cost of a registry backbone from the real configs (no download); None when its U-Net
-    architecture is not one `distill.arch` can derive (small-sd-v0, `tiny` before it is built)."""
-    from distill.arch import ARCHS, TEACHER_UNET_CONFIGS, student_config
-
-    from .backbones import BACKBONES
-
+    architecture is not one `architectures` can derive (small-sd-v0, `tiny` before it is built)."""
     if name not in REGISTRY_ARCHS:
         return None
     teacher, arch = REGISTRY_ARCHS[name]

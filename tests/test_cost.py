@@ -31,7 +31,7 @@ def test_published_unet_and_whole_pipeline_sizes(name, unet, whole):
 def test_unet_macs_equal_the_hooked_count_of_distill_arch():
     """Two independent counts (FlopCounterMode vs forward hooks on conv/linear/attention) agree;
     without attention it is the paper's conv+linear figure (BK-SDM-Small: 217.7G at 512 px)."""
-    from distill.arch import ARCHS, SD_V1_UNET_CONFIG, count_macs, student_config
+    from personalize.architectures import ARCHS, SD_V1_UNET_CONFIG, count_macs, student_config
 
     c = registry_cost("bk-sdm-small", 512)
     hooked = count_macs(student_config(SD_V1_UNET_CONFIG, ARCHS["bk-small"]), 512)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import write_photos
-from distill.arch import (
-    ARCHS, SD_V1_UNET_CONFIG, SD_V2_BASE_UNET_CONFIG, build_unet, count_macs, count_params, student_config,
-)
 from distill.kd import Distiller, FeatureCapture, KDWeights, feature_pairs
 from distill.mapping import MappingError, check_coverage, init_student_from_teacher, shapes, weight_mapping
+from personalize.architectures import (
+    ARCHS, SD_V1_UNET_CONFIG, SD_V2_BASE_UNET_CONFIG, build_unet, count_macs, count_params, student_config,
+)
 
 STUDENT_ARCHS = ["bk-base", "bk-small", "bk-tiny"]
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from .errors import UserError
+
 # Real U-Net configs of the teachers, embedded so that counts and `prune --dry-run` need no
 # download. Values are the `unet/config.json` of the hub repos (diffusers defaults left out).
 SD_V1_UNET_CONFIG: dict = {
@@ -114,8 +116,6 @@ ARCHS: dict[str, StudentArch] = {
 
 
 def get_arch(name: str) -> StudentArch:
-    from personalize.errors import UserError
-
     if name not in ARCHS:
         raise UserError(f"unknown arch '{name}'; known: {', '.join(ARCHS)}")
     return ARCHS[name]
