@@ -25,7 +25,8 @@ PROVENANCE_FILE = "distill.json"  # written into every pipeline dir this package
 
 def teacher_unet_config(teacher: str) -> dict:
     """The teacher U-Net config with no weights read: an embedded config for the registry's SD
-    teachers, otherwise ``unet/config.json`` of the resolved pipeline directory."""
+    teachers, otherwise ``unet/config.json`` of the pipeline directory that
+    `personalize.sources.resolve_base` finds for `--teacher` (local dir, HF cache or hub)."""
     p = Path(teacher).expanduser()
     if not p.exists() and teacher in TEACHER_UNET_CONFIGS:
         return dict(TEACHER_UNET_CONFIGS[teacher])
