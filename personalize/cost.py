@@ -4,10 +4,10 @@ the encoder, which generation never runs), and MACs of one text encoding, one U-
 VAE decode at a given resolution.
 
 Everything is *counted*, on the ``meta`` device (shapes only: no weights, no memory, a second or
-two for an SD-size U-Net): parameters by building each module from its config, MACs with
-``torch.utils.flop_counter.FlopCounterMode`` over one forward pass, MACs = FLOPs / 2 (it counts
-2 FLOPs per multiply-accumulate of every matmul and convolution, attention's Q K^T and A V
-included). That is the conv+linear count thop reports and the BK-SDM paper quotes, plus attention.
+two for an SD-size U-Net): parameters by building each module from its config, MACs by
+`architectures.module_macs` (``torch.utils.flop_counter.FlopCounterMode`` over one forward pass,
+MACs = FLOPs / 2, attention's Q K^T and A V included; the counter `distill prune --dry-run` uses).
+That is the conv+linear count thop reports and the BK-SDM paper quotes, plus attention.
 
 A pipeline directory is costed from its own ``*/config.json``; a registry backbone without local
 weights from the real configs embedded here (SD-v1: CLIP ViT-L/14 text encoder; SD-v2: OpenCLIP
@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .architectures import ARCHS, TEACHER_UNET_CONFIGS, student_config
+from .architectures import ARCHS, TEACHER_UNET_CONFIGS, module_macs, student_config
 from .backbones import BACKBONES
 from .errors import UserError
 
@@ -69,20 +69,6 @@ class PipelineCost:
         return {**asdict(self), "pipeline_params": self.pipeline_params}
 
 
-def _macs(module, *inputs, **kwargs) -> tuple[int, int]:
-    """(all MACs, attention MACs) of one forward of `module` (built on meta) on meta `inputs`.
-    Attention = the batched matmuls (bmm / scaled-dot-product kernels): in these models only
-    attention's Q K^T and A V are batched; linear layers are mm/addmm."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as fc:
-        module(*inputs, **kwargs)
-    by_op = fc.get_flop_counts().get("Global", {})
-    attention = sum(v for k, v in by_op.items() if "bmm" in str(k) or "scaled_dot_product" in str(k))
-    return fc.get_total_flops() // 2, attention // 2
-
-
 def _build(fn):
     import torch
 
@@ -117,12 +103,12 @@ def cost_from_configs(unet_cfg: dict, text_cfg: dict, vae_cfg: dict, resolution:
         ctx = torch.zeros(1, seq, cross)
         z = torch.zeros(1, vae.config.latent_channels, side, side)
         t = torch.zeros(1)
-    unet_macs, unet_attention = _macs(unet, latent, t, ctx)
+    unet_macs = module_macs(unet, latent, t, ctx)
     return PipelineCost(
         resolution=resolution,
         text_encoder_params=_count(text), unet_params=_count(unet), vae_decoder_params=_count(vae.decoder),
-        text_encoder_macs=_macs(text, ids)[0], unet_macs=unet_macs, unet_attention_macs=unet_attention,
-        vae_decoder_macs=_macs(vae.decoder, z)[0],
+        text_encoder_macs=module_macs(text, ids).total, unet_macs=unet_macs.total,
+        unet_attention_macs=unet_macs.attention, vae_decoder_macs=module_macs(vae.decoder, z).total,
     )
 
 
