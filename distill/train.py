@@ -26,7 +26,8 @@ from personalize.errors import UserError
 from personalize.fileio import write_text
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
-from .data import DataSpec, MapBatches, make_batches
+from .train_data.batches import Example, MapBatches, collate, make_batches
+from .train_data.sources import DataSpec
 from .kd import Distiller, KDWeights, feature_pairs
 
 from .prune import PROVENANCE_FILE, check_output, save_pipeline_atomic
@@ -198,8 +199,6 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
     -> (latent_params, text_emb)`; idempotent for an unchanged fingerprint."""
     from safetensors.torch import save_file
 
-    from .data import _collate, Example
-
     if Precomputed.valid(out, fingerprint):
         log(f"using precomputed latents in {out}")
         return Precomputed(out)
@@ -212,7 +211,7 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
             idx = list(range(a, min(n, s0 + Precomputed.SHARD, a + chunk)))
             rows = [ds[i] for i in idx]
             plan = [Example(i, False, 0, i) for i in idx]
-            b = _collate(rows, plan, batches.image_col, batches.caption_col, spec)
+            b = collate(rows, plan, batches.image_col, batches.caption_col, spec)
             lat, emb = encode(b["pixel_values"], b["captions"])
             parts["latent"].append(lat.cpu())
             parts["text_emb"].append(emb.cpu())

@@ -1,4 +1,4 @@
-"""distill/data.py: every source kind `distill train --data` accepts, read through `datasets`,
+"""distill/train_data/: every source kind `distill train --data` accepts, read through `datasets`,
 map-style and streamed, on a few synthetic image-caption pairs."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import write_photos
-from distill.data import DataSpec, make_batches
+from distill.train_data.batches import make_batches
+from distill.train_data.sources import DataSpec
 from personalize.errors import UserError
 
 N = 4
@@ -211,7 +212,7 @@ def test_lazily_decoded_bad_example_is_skipped_and_counted(kind, bad, tmp_path, 
     src = build(tmp_path, {1: BAD_BYTES[bad](good)})
     spec = DataSpec(source=str(src), resolution=32, streaming=streaming, shuffle_buffer=1)
     batches = make_batches(spec, batch_size=2, seed=0)
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.train_data"):
         got = [batches.batch(k) for k in range(2)]  # one epoch's worth: the bad row is met once
     for b in got:
         assert b["pixel_values"].shape == (2, 3, 32, 32)
@@ -239,9 +240,9 @@ def test_all_bad_map_data_stops_with_one_line(tmp_path):
 
 
 def test_precompute_collate_names_an_undecodable_row(tmp_path):
-    from distill.data import Example, _collate
+    from distill.train_data.batches import Example, collate
 
     src = _bytes_dataset(tmp_path, {0: b"junk"})
     b = make_batches(DataSpec(source=str(src), resolution=32), 2, seed=0)
     with pytest.raises(UserError, match="an image does not decode.*fix or remove it"):
-        _collate([b.ds[0]], [Example(0, False, 0, 0)], b.image_col, b.caption_col, b.spec)
+        collate([b.ds[0]], [Example(0, False, 0, 0)], b.image_col, b.caption_col, b.spec)
