@@ -246,3 +246,50 @@ def test_precompute_collate_names_an_undecodable_row(tmp_path):
     b = make_batches(DataSpec(source=str(src), resolution=32), 2, seed=0)
     with pytest.raises(UserError, match="an image does not decode.*fix or remove it"):
         collate([b.ds[0]], [Example(0, False, 0, 0)], b.image_col, b.caption_col, b.spec)
+
+
+def _transparent_png_and_rotated_jpeg(root: Path) -> tuple[Path, Path]:
+    """A PNG whose left half is fully transparent (black under the alpha), and a 32x16 JPEG, left
+    half red, right half blue, tagged EXIF orientation 6 (shown rotated 90 degrees clockwise)."""
+    root.mkdir(parents=True, exist_ok=True)
+    png = Image.new("RGBA", (16, 16), (0, 200, 0, 255))
+    png.paste((0, 0, 0, 0), (0, 0, 8, 16))
+    png.save(root / "transparent.png")
+    jpg = Image.new("RGB", (32, 16), (220, 0, 0))
+    jpg.paste((0, 0, 220), (16, 0, 32, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpg.save(root / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    return root / "transparent.png", root / "rotated.jpg"
+
+
+def test_distill_decodes_images_as_personalize_does(tmp_path):
+    """Transparent pixels come out white and EXIF orientation is applied, for every kind of image
+    cell a dataset row can hold, exactly as personalize decodes a training photo."""
+    import numpy as np
+
+    from distill.train_data.decode import decode_image
+    from personalize.data import open_image
+
+    png, jpg = _transparent_png_and_rotated_jpeg(tmp_path / "imgs")
+    for path in (png, jpg):
+        want = np.asarray(open_image(path))
+        cells = [str(path), {"bytes": path.read_bytes(), "path": str(path)}, path.read_bytes(), Image.open(path)]
+        for cell in cells:
+            got = np.asarray(decode_image(cell))
+            assert got.shape == want.shape and np.array_equal(got, want), (path.name, type(cell).__name__)
+    assert np.asarray(decode_image(str(png)))[0, 0].tolist() == [255, 255, 255]  # on white, not black
+    assert decode_image(str(jpg)).size == (16, 32)  # upright: portrait
+
+
+def test_distill_batches_see_upright_photos_on_white(tmp_path):
+    png, jpg = _transparent_png_and_rotated_jpeg(tmp_path / "pairs")
+    with (tmp_path / "pairs" / "metadata.jsonl").open("w") as f:
+        for p in (png, jpg):
+            f.write(json.dumps({"file_name": p.name, "text": p.stem}) + "\n")
+    spec = DataSpec(source=str(tmp_path / "pairs"), resolution=16, random_flip=False)
+    b = make_batches(spec, 2, seed=0).batch(0)
+    px = dict(zip(b["captions"], b["pixel_values"]))
+    assert torch.allclose(px["transparent"][:, :, :8], torch.ones(3, 16, 8))  # transparent half: white
+    red = px["rotated"][0] > 0.5
+    assert red[:7].all() and not red[9:].any()  # rotated: red on top, blue below (stored: side by side)

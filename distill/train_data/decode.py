@@ -1,7 +1,9 @@
 """Image cells -> tensors for BK-SDM distillation.
 
-Decoding: a cell is fully decoded to RGB (truncated data fails here, not later); a cell that does
-not decode is a `BadImage`, which the batchers skip and count.
+Decoding is personalize's (`personalize.data.upright_rgb`, as for DreamBooth photos): fully
+decoded (truncated data fails here, not later), EXIF orientation applied, transparency composited
+on white (LAION has both phone photos and transparent product shots). A cell that does not decode
+is a `BadImage`, which the batchers skip and count.
 
 Preprocessing is the BK-SDM recipe's (``kd_train.sh``: ``--resolution 512 --center_crop
 --random_flip``): shorter side resized to the resolution (bilinear), center (or random) crop,
@@ -10,11 +12,15 @@ random horizontal flip, pixels scaled to [-1, 1]. PIL + numpy only, no model imp
 
 from __future__ import annotations
 
+import io
 import os
 import random
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+
+from personalize.data import upright_rgb
 
 
 def one_line(e: Exception) -> str:
@@ -27,8 +33,6 @@ def image_file_problem(path: str) -> str | None:
     """Why the image file at `path` cannot be trained on, or None. `verify` checks the header and
     structure; a reopened, fully decoded image (JPEGs in draft mode, 1/8 scale: every byte is still
     read) catches truncated data."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         if not os.path.exists(path):
             return "no such file"
@@ -51,12 +55,8 @@ class BadImage(Exception):
 
 
 def decode_image(image):
-    """An image cell (PIL image, ``{"bytes", "path"}`` dict, bytes, path, array) -> RGB PIL image,
-    fully decoded; BadImage (naming the file where known) when it cannot be."""
-    import io
-
-    from PIL import Image
-
+    """An image cell (PIL image, ``{"bytes", "path"}`` dict, bytes, path, array) -> upright RGB PIL
+    image (`upright_rgb`); BadImage (naming the file where known) when it cannot be."""
     name = None
     try:
         if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
@@ -73,7 +73,7 @@ def decode_image(image):
             raise BadImage("no image in the row")
         elif not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
-        return image.convert("RGB")  # convert() loads: truncated data fails here, not later
+        return upright_rgb(image)
     except BadImage:
         raise
     except Exception as e:  # noqa: BLE001 - whatever PIL raises for bad bytes, it is bad data
@@ -83,8 +83,6 @@ def decode_image(image):
 def preprocess_image(image, resolution: int, center_crop: bool, flip: bool, crop_seed: int) -> torch.Tensor:
     """Image cell -> float32 CHW tensor in [-1, 1], BK-SDM recipe transforms (see module doc).
     Raises BadImage for an image that cannot be decoded."""
-    from PIL import Image
-
     image = decode_image(image)
     w, h = image.size
     scale = resolution / min(w, h)
