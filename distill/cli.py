@@ -15,7 +15,11 @@ import typing
 from pathlib import Path
 
 from personalize.architectures import ARCHS, get_arch
+from personalize.cli import one_line_parser, run
 from personalize.errors import UserError
+
+from .benchmark import EvalConfig, evaluate
+from .benchmark_report import build_report
 
 
 def _add_prune(sub):
@@ -151,8 +155,6 @@ EVAL_GROUPS = {"GenerationConfig": "generation (BK-SDM generate.py defaults)", "
 
 
 def _add_eval(sub):
-    from .benchmark import EvalConfig
-
     p = sub.add_parser("eval", help="BK-SDM's zero-shot MS-COCO benchmark of a backbone: FID, IS, CLIP score, cost",
                        description="Generate one image per MS-COCO caption (resumable; `accelerate launch -m distill "
                                    "eval ...` shards the prompts over processes), then score them: FID against real "
@@ -163,8 +165,6 @@ def _add_eval(sub):
 
 
 def _run_eval(args) -> int:
-    from .benchmark import EvalConfig, evaluate
-
     evaluate(train_config(args, EvalConfig))
     return 0
 
@@ -180,8 +180,6 @@ def _add_report(sub):
 
 
 def _run_report(args) -> int:
-    from .benchmark_report import build_report
-
     paths, skipped = build_report([Path(d) for d in args.eval_dirs], Path(args.output), overwrite=args.overwrite)
     for p, why in skipped:
         print(f"skipped {p}: {why}", file=sys.stderr)
@@ -191,8 +189,6 @@ def _run_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from personalize.cli import one_line_parser
-
     parser = one_line_parser("distill", "Build BK-SDM backbones: block removal + KD.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prune(sub)
@@ -203,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from personalize.cli import run
-
     # same start-up check, library quieting and error handling as `personalize`
     return run(argv, build_parser())
 

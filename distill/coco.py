@@ -22,8 +22,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from personalize.backbones import cache_root
 from personalize.defaults import SCHEDULERS
 from personalize.errors import UserError
+from personalize.fileio import write_atomic
 from personalize.subjects import read_prompts_file, read_prompts_text
 
 COCO30K = "coco30k"
@@ -43,8 +45,6 @@ class Prompt:
 
 
 def coco_candidates() -> list[Path]:
-    from personalize.backbones import cache_root
-
     out = []
     if os.environ.get(COCO_ENV):
         d = Path(os.environ[COCO_ENV]).expanduser()
@@ -142,8 +142,6 @@ def _encode(img, name: str) -> bytes:
 def save_pair(img, out: Path, p: Prompt, cfg: GenerationConfig) -> None:
     """The image at full size, then resized (the resized one last: its presence marks done)."""
     from PIL import Image
-
-    from personalize.fileio import write_atomic
 
     big, small = image_paths(out, p, cfg)
     write_atomic(big, _encode(img, p.file_name))

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from personalize.architectures import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
+from personalize import outputs
 from personalize.errors import UserError
 from personalize.fileio import atomic_dir
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
-from .mapping import weight_mapping
+from .mapping import init_student_from_teacher, weight_mapping
 
 PROVENANCE_FILE = "distill.json"  # written into every pipeline dir this package produces
 
@@ -62,11 +63,10 @@ def dry_run(teacher: str, arch_name: str, resolution: int = 512) -> tuple[ArchRe
 def check_output(out: Path, overwrite: bool, flag: str = "-o", inputs=()) -> Path:
     """personalize's output check (not an input, right kind, writable, no symlink), where an
     existing *empty* folder counts as free (cheap; run first)."""
-    from personalize.outputs import check_output as check
-
     out = Path(out).expanduser()
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
-    return check(out, kind="dir", inputs=inputs, flag=flag, overwrite=overwrite, allow_existing_dir=empty_dir)
+    return outputs.check_output(out, kind="dir", inputs=inputs, flag=flag, overwrite=overwrite,
+                                allow_existing_dir=empty_dir)
 
 
 def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
@@ -103,8 +103,6 @@ def provenance(teacher: str, teacher_path: Path, arch: StudentArch, tcfg: dict, 
 def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allow_pickle: bool = False,
           log=print) -> PruneResult:
     """Write the `arch_name` student of `teacher` as a pipeline directory at `out`."""
-    from .mapping import init_student_from_teacher
-
     arch = get_arch(arch_name)
     out = check_output(out, overwrite)
     tpath = resolve_base(teacher, flag="--teacher").path

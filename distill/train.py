@@ -22,15 +22,16 @@ from pathlib import Path
 
 import torch
 
+from personalize.backbones import is_pipeline_dir
 from personalize.errors import UserError
 from personalize.fileio import write_text
+from personalize.monitor import Sampler
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
+from .kd import Distiller, KDWeights, feature_pairs
+from .prune import PROVENANCE_FILE, check_output, save_pipeline_atomic
 from .train_data.batches import Example, MapBatches, collate, make_batches
 from .train_data.sources import DataSpec
-from .kd import Distiller, KDWeights, feature_pairs
-
-from .prune import PROVENANCE_FILE, check_output, save_pipeline_atomic
 
 STUDENT_DIR = "student"
 PRECOMPUTED_DIR = "precomputed"
@@ -227,8 +228,6 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
 
 # ---------------------------------------------------------------------------- the run
 def _check_student_dir(path: str) -> Path:
-    from personalize.backbones import is_pipeline_dir
-
     p = Path(path).expanduser()
     if not is_pipeline_dir(p):
         raise UserError(f"--student {path}: not a pipeline directory (run `distill prune` first)")
@@ -258,8 +257,6 @@ def _hooks(cfg: DistillConfig, out: Path, device, vae, text_encoder, tokenizer, 
         ema = StudentEMA(out, cfg.ema_decay, cfg.checkpoint_every, cfg.steps)
         hooks.append(Hook("ema", 1, ema))
     if cfg.valid_steps:
-        from personalize.monitor import Sampler
-
         def components(models: dict) -> dict:
             # with --precompute the encoders were parked on the CPU; the grid needs them back
             vae.to(device)
