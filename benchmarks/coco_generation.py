@@ -30,7 +30,7 @@ def build_pipeline(name: str, dtype, device):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from distill.arch import ARCHS, TEACHER_UNET_CONFIGS, clean_config, student_config
+    from personalize.architectures import ARCHS, TEACHER_UNET_CONFIGS, clean_config, student_config
     from personalize.backbones import BACKBONES, build_tiny_components
     from personalize.cost import FAMILY_TEXT_CONFIGS, REGISTRY_ARCHS, SD_VAE_CONFIG
 

@@ -73,7 +73,7 @@ def main() -> int:
         if a.unet:
             from diffusers import UNet2DConditionModel
 
-            from distill.arch import SD_V1_UNET_CONFIG, get_arch, student_config
+            from personalize.architectures import SD_V1_UNET_CONFIG, get_arch, student_config
 
             torch.manual_seed(0)
             unet = UNet2DConditionModel.from_config(student_config(SD_V1_UNET_CONFIG, get_arch("bk-tiny"))).eval()

@@ -53,7 +53,7 @@ def bench_pipeline(model: str, cache: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from distill.arch import SD_V1_UNET_CONFIG, clean_config, get_arch, student_config
+    from personalize.architectures import SD_V1_UNET_CONFIG, clean_config, get_arch, student_config
     from personalize.backbones import build_tiny_components
 
     torch.manual_seed(0)

@@ -20,10 +20,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from personalize.backbones import cache_root
+from personalize.cost import fmt_macs, fmt_params, pipeline_cost
 from personalize.errors import UserError
 from personalize.fileio import write_json, write_text
+from personalize.outputs import check_output, output_lock
 
-from .coco import COCO30K, COCO_ENV, GenerationConfig, Prompt, image_paths, read_prompts
+from .coco import COCO30K, COCO_ENV, GenerationConfig, Prompt, coco_candidates, generate, image_paths, read_prompts
 
 GENERATION_FILE = "generation.json"
 SCORES_FILE = "scores.json"
@@ -97,8 +100,6 @@ def real_stats_path(cfg: EvalConfig) -> Path | None:
         return None
     if cfg.real_stats:
         return Path(cfg.real_stats).expanduser()
-    from .coco import coco_candidates
-
     for c in coco_candidates():
         for d in (c.parent, c.parent.parent / "mscoco_val2014_41k_full"):
             if (d / REAL_STATS_NAME).is_file():
@@ -156,9 +157,6 @@ def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: 
 
     from personalize.fit import process_state
     from personalize.sources import Source, load_pipeline, pick_device, pick_dtype
-    from personalize.outputs import output_lock
-
-    from .coco import generate
 
     state = process_state()
     rank, world = state.process_index, state.num_processes
@@ -225,7 +223,6 @@ def inception_outputs(net, paths: list[Path], batch_size: int, size: int | None 
 def real_images_stats(d: Path, net, size: int, batch_size: int, log=print):
     """FID statistics of a real-image folder, resized to `size` x `size` (BK-SDM squashes val2014
     to 256x256); cached by (file names, sizes, mtimes, Inception, size)."""
-    from personalize.backbones import cache_root
     from personalize.evaluation import fid as F
 
     files = _image_files(d)
@@ -249,7 +246,6 @@ def score(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, ou
     """scores.json + scores.md of the images on disk (all of the prompts' must be there)."""
     import torch
 
-    from personalize.cost import pipeline_cost
     from personalize.evaluation import fid as F
     from personalize.evaluation.inception import load_inception
 
@@ -310,8 +306,6 @@ def _f(v, digits: int) -> str:
 
 
 def markdown_row(doc: dict) -> str:
-    from personalize.cost import fmt_macs, fmt_params
-
     c = doc.get("cost") or {}
     cells = [doc.get("name") or doc.get("base", "?"), _f(doc.get("fid"), 2), _f(doc.get("is"), 2),
              _f(doc.get("clip_score"), 4),
@@ -332,7 +326,6 @@ def markdown_table(docs: list[dict]) -> str:
 def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     """Generate (this process's share) and score (main process). Returns scores on the main process."""
     from personalize.fit import process_state
-    from personalize.outputs import check_output, output_lock
     from personalize.sources import resolve_base
 
     cfg.validate()

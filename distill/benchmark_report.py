@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 
 from personalize.errors import UserError
+from personalize.fileio import write_atomic, write_text
+from personalize.outputs import check_output
 
 from .benchmark import COLUMNS, SCORES_FILE, markdown_row, markdown_table
 
@@ -105,9 +107,6 @@ def _png(docs: list[dict]) -> bytes:
 
 def build_report(dirs: list[Path], out: Path, overwrite: bool = False):
     """Write benchmark.md/.csv/.png into `out`; returns ({kind: path}, skipped)."""
-    from personalize.fileio import write_atomic, write_text
-    from personalize.outputs import check_output
-
     docs, skipped = collect(dirs)
     if not docs:
         raise UserError(f"no `distill eval` scores.json under {', '.join(map(str, dirs))}")

@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from personalize.architectures import ARCHS, get_arch
 from personalize.cli import one_line_parser, run
 from personalize.errors import UserError
 from personalize.flags import add_flags, from_args
 
-from .arch import ARCHS, get_arch
 from .benchmark import EvalConfig, evaluate
 from .benchmark_report import build_report
 

@@ -22,8 +22,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from personalize.backbones import cache_root
 from personalize.defaults import SCHEDULERS
 from personalize.errors import UserError
+from personalize.fileio import write_atomic
+from personalize.subjects import read_prompts_file, read_prompts_text
 
 COCO30K = "coco30k"
 COCO_ENV = "PERSONALIZE_COCO"  # folder holding metadata.csv (and real_im256.npz), BK-SDM's layout
@@ -42,8 +45,6 @@ class Prompt:
 
 
 def coco_candidates() -> list[Path]:
-    from personalize.backbones import cache_root
-
     out = []
     if os.environ.get(COCO_ENV):
         d = Path(os.environ[COCO_ENV]).expanduser()
@@ -68,18 +69,12 @@ def read_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
             raise UserError(f"--prompts coco30k: no metadata.csv in {', '.join(map(str, coco_candidates()))}; {COCO_HOW}")
     else:
         path = Path(spec).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"--prompts {spec}: no such file (a metadata.csv with file_name,text or a text file "
                             f"with one prompt a line; or `coco30k`: {COCO_HOW})")
-    if path.stat().st_size > MAX_PROMPTS_BYTES:
-        raise UserError(f"--prompts {path}: larger than {MAX_PROMPTS_BYTES >> 20} MiB; not a prompts file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"--prompts {path}: not UTF-8 text") from None
     out: list[Prompt] = []
     if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(io.StringIO(text)))
+        rows = list(csv.reader(io.StringIO(read_prompts_text(path, "--prompts", MAX_PROMPTS_BYTES))))
         if not rows or len(rows[0]) < 2:
             raise UserError(f"--prompts {path}: expected a header and file_name,text columns (BK-SDM's metadata.csv)")
         for i, row in enumerate(r for r in rows[1:] if r):
@@ -87,7 +82,8 @@ def read_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
                 raise UserError(f"--prompts {path}: row {i + 2} has {len(row)} column(s), expected file_name,text")
             out.append(Prompt(i, _safe_name(row[0].strip(), f"--prompts {path} row {i + 2}"), row[1]))
     else:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # no `#` comments: line i is prompt i (its seed and file name), as in BK-SDM's text files
+        lines = read_prompts_file(path, "--prompts", MAX_PROMPTS_BYTES, comments=False)
         out = [Prompt(i, f"{i:05d}.jpg", t) for i, t in enumerate(lines)]
     if not out:
         raise UserError(f"--prompts {path}: no prompts")
@@ -146,8 +142,6 @@ def _encode(img, name: str) -> bytes:
 def save_pair(img, out: Path, p: Prompt, cfg: GenerationConfig) -> None:
     """The image at full size, then resized (the resized one last: its presence marks done)."""
     from PIL import Image
-
-    from personalize.fileio import write_atomic
 
     big, small = image_paths(out, p, cfg)
     write_atomic(big, _encode(img, p.file_name))

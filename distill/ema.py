@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from personalize.errors import UserError
+from personalize.fileio import atomic_file
 
 EMA_DIR = "ema"
 SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
@@ -66,8 +67,6 @@ class StudentEMA:
 
     def save(self, step: int) -> Path:
         from safetensors.torch import save_file
-
-        from personalize.fileio import atomic_file
 
         state = self.ema.state_dict()
         meta = {k: state[k] for k in SCALARS} | {"n": len(state["shadow_params"])}

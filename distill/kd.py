@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from personalize.architectures import full_config, num_stages, teacher_layers_per_block
 from personalize.diffusion import noise_latents
 from personalize.errors import UserError
-
-from .arch import full_config, num_stages, teacher_layers_per_block
 
 
 @dataclass

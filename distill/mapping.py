@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .arch import StudentArch, full_config, num_stages, student_config, teacher_layers_per_block
+from personalize.architectures import (
+    StudentArch, clean_config, full_config, num_stages, student_config, teacher_layers_per_block,
+)
 
 # Top-level modules that exist only for some configs (class/addition embeddings, hidden-state
 # projections): mapped one-to-one when the teacher has them.
@@ -132,8 +134,6 @@ def init_student_from_teacher(teacher_unet, arch: StudentArch, device: str = "cp
     """
     import torch
     from diffusers import UNet2DConditionModel
-
-    from .arch import clean_config
 
     tcfg = dict(teacher_unet.config)
     arch_cfg = student_config(tcfg, arch)

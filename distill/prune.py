@@ -1,8 +1,8 @@
 """`distill prune`: build a BK-SDM student pipeline by block removal (Kim et al. 2023, Sec. 3.1).
 
-The student U-Net is the teacher's with blocks removed (`arch.student_config`), every tensor
-initialised from the teacher (`mapping.init_student_from_teacher`). The output directory is a
-complete diffusers pipeline (the teacher's VAE, text encoder, tokenizer, scheduler + the
+The student U-Net is the teacher's with blocks removed (`personalize.architectures.student_config`),
+every tensor initialised from the teacher (`mapping.init_student_from_teacher`). The output
+directory is a complete diffusers pipeline (the teacher's VAE, text encoder, tokenizer, scheduler + the
 student U-Net), written as safetensors into a temporary sibling and renamed into place, so a
 crash never leaves a half-written pipeline where `personalize --base DIR` could pick it up.
 """
@@ -13,19 +13,21 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from personalize.architectures import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
+from personalize import outputs
 from personalize.errors import UserError
 from personalize.fileio import atomic_dir
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
-from .arch import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
-from .mapping import weight_mapping
+from .mapping import init_student_from_teacher, weight_mapping
 
 PROVENANCE_FILE = "distill.json"  # written into every pipeline dir this package produces
 
 
 def teacher_unet_config(teacher: str) -> dict:
     """The teacher U-Net config with no weights read: an embedded config for the registry's SD
-    teachers, otherwise ``unet/config.json`` of the resolved pipeline directory."""
+    teachers, otherwise ``unet/config.json`` of the pipeline directory that
+    `personalize.sources.resolve_base` finds for `--teacher` (local dir, HF cache or hub)."""
     p = Path(teacher).expanduser()
     if not p.exists() and teacher in TEACHER_UNET_CONFIGS:
         return dict(TEACHER_UNET_CONFIGS[teacher])
@@ -61,11 +63,10 @@ def dry_run(teacher: str, arch_name: str, resolution: int = 512) -> tuple[ArchRe
 def check_output(out: Path, overwrite: bool, flag: str = "-o", inputs=()) -> Path:
     """personalize's output check (not an input, right kind, writable, no symlink), where an
     existing *empty* folder counts as free (cheap; run first)."""
-    from personalize.outputs import check_output as check
-
     out = Path(out).expanduser()
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
-    return check(out, kind="dir", inputs=inputs, flag=flag, overwrite=overwrite, allow_existing_dir=empty_dir)
+    return outputs.check_output(out, kind="dir", inputs=inputs, flag=flag, overwrite=overwrite,
+                                allow_existing_dir=empty_dir)
 
 
 def save_pipeline_atomic(pipeline, out: Path, extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
@@ -102,8 +103,6 @@ def provenance(teacher: str, teacher_path: Path, arch: StudentArch, tcfg: dict, 
 def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allow_pickle: bool = False,
           log=print) -> PruneResult:
     """Write the `arch_name` student of `teacher` as a pipeline directory at `out`."""
-    from .mapping import init_student_from_teacher
-
     arch = get_arch(arch_name)
     out = check_output(out, overwrite)
     tpath = resolve_base(teacher, flag="--teacher").path

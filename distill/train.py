@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
+from personalize.backbones import is_pipeline_dir
 from personalize.errors import UserError
 from personalize.fileio import write_text
+from personalize.monitor import Sampler
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
-from .data import DataSpec, MapBatches, make_batches
 from .kd import Distiller, KDWeights, feature_pairs
-
 from .prune import PROVENANCE_FILE, check_output, save_pipeline_atomic
+from .train_data.batches import Example, MapBatches, collate, make_batches
+from .train_data.sources import DataSpec
 
 STUDENT_DIR = "student"
 PRECOMPUTED_DIR = "precomputed"
@@ -198,8 +200,6 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
     -> (latent_params, text_emb)`; idempotent for an unchanged fingerprint."""
     from safetensors.torch import save_file
 
-    from .data import _collate, Example
-
     if Precomputed.valid(out, fingerprint):
         log(f"using precomputed latents in {out}")
         return Precomputed(out)
@@ -212,7 +212,7 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
             idx = list(range(a, min(n, s0 + Precomputed.SHARD, a + chunk)))
             rows = [ds[i] for i in idx]
             plan = [Example(i, False, 0, i) for i in idx]
-            b = _collate(rows, plan, batches.image_col, batches.caption_col, spec)
+            b = collate(rows, plan, batches.image_col, batches.caption_col, spec)
             lat, emb = encode(b["pixel_values"], b["captions"])
             parts["latent"].append(lat.cpu())
             parts["text_emb"].append(emb.cpu())
@@ -228,8 +228,6 @@ def precompute(batches: MapBatches, encode, out: Path, fingerprint: dict, log=pr
 
 # ---------------------------------------------------------------------------- the run
 def _check_student_dir(path: str) -> Path:
-    from personalize.backbones import is_pipeline_dir
-
     p = Path(path).expanduser()
     if not is_pipeline_dir(p):
         raise UserError(f"--student {path}: not a pipeline directory (run `distill prune` first)")
@@ -259,8 +257,6 @@ def _hooks(cfg: DistillConfig, out: Path, device, vae, text_encoder, tokenizer, 
         ema = StudentEMA(out, cfg.ema_decay, cfg.checkpoint_every, cfg.steps)
         hooks.append(Hook("ema", 1, ema))
     if cfg.valid_steps:
-        from personalize.monitor import Sampler
-
         def components(models: dict) -> dict:
             # with --precompute the encoders were parked on the CPU; the grid needs them back
             vae.to(device)

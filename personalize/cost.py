@@ -4,15 +4,15 @@ the encoder, which generation never runs), and MACs of one text encoding, one U-
 VAE decode at a given resolution.
 
 Everything is *counted*, on the ``meta`` device (shapes only: no weights, no memory, a second or
-two for an SD-size U-Net): parameters by building each module from its config, MACs with
-``torch.utils.flop_counter.FlopCounterMode`` over one forward pass, MACs = FLOPs / 2 (it counts
-2 FLOPs per multiply-accumulate of every matmul and convolution, attention's Q K^T and A V
-included). That is the conv+linear count thop reports and the BK-SDM paper quotes, plus attention.
+two for an SD-size U-Net): parameters by building each module from its config, MACs by
+`architectures.module_macs` (``torch.utils.flop_counter.FlopCounterMode`` over one forward pass,
+MACs = FLOPs / 2, attention's Q K^T and A V included; the counter `distill prune --dry-run` uses).
+That is the conv+linear count thop reports and the BK-SDM paper quotes, plus attention.
 
 A pipeline directory is costed from its own ``*/config.json``; a registry backbone without local
 weights from the real configs embedded here (SD-v1: CLIP ViT-L/14 text encoder; SD-v2: OpenCLIP
-ViT-H/14; both with SD's VAE) and `distill.arch`'s U-Net configs, so `personalize backbones --cost`
-needs no download.
+ViT-H/14; both with SD's VAE) and the U-Net configs of `architectures`, so `personalize backbones
+--cost` needs no download.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .architectures import ARCHS, TEACHER_UNET_CONFIGS, module_macs, student_config
+from .backbones import BACKBONES
+from .errors import UserError
 
 # `text_encoder/config.json` of CompVis/stable-diffusion-v1-4 (openai/clip-vit-large-patch14's text tower)
 SD_V1_TEXT_CONFIG = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -37,7 +41,7 @@ SD_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "lay
                  "sample_size": 512}
 FAMILY_TEXT_CONFIGS = {"sd-v1": SD_V1_TEXT_CONFIG, "sd-v2": SD_V2_TEXT_CONFIG}
 
-# registry name -> (teacher registry name, distill.arch student arch)
+# registry name -> (teacher registry name, `architectures.ARCHS` student arch)
 REGISTRY_ARCHS = {
     **{f"bk-sdm-{s}{x}": ("sd-v1.4", f"bk-{s}") for s in ("base", "small", "tiny") for x in ("", "-2m")},
     **{f"bk-sdm-v2-{s}": ("sd-v2.1-base", f"bk-{s}") for s in ("base", "small", "tiny")},
@@ -63,20 +67,6 @@ class PipelineCost:
 
     def to_json(self) -> dict:
         return {**asdict(self), "pipeline_params": self.pipeline_params}
-
-
-def _macs(module, *inputs, **kwargs) -> tuple[int, int]:
-    """(all MACs, attention MACs) of one forward of `module` (built on meta) on meta `inputs`.
-    Attention = the batched matmuls (bmm / scaled-dot-product kernels): in these models only
-    attention's Q K^T and A V are batched; linear layers are mm/addmm."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as fc:
-        module(*inputs, **kwargs)
-    by_op = fc.get_flop_counts().get("Global", {})
-    attention = sum(v for k, v in by_op.items() if "bmm" in str(k) or "scaled_dot_product" in str(k))
-    return fc.get_total_flops() // 2, attention // 2
 
 
 def _build(fn):
@@ -113,18 +103,16 @@ def cost_from_configs(unet_cfg: dict, text_cfg: dict, vae_cfg: dict, resolution:
         ctx = torch.zeros(1, seq, cross)
         z = torch.zeros(1, vae.config.latent_channels, side, side)
         t = torch.zeros(1)
-    unet_macs, unet_attention = _macs(unet, latent, t, ctx)
+    unet_macs = module_macs(unet, latent, t, ctx)
     return PipelineCost(
         resolution=resolution,
         text_encoder_params=_count(text), unet_params=_count(unet), vae_decoder_params=_count(vae.decoder),
-        text_encoder_macs=_macs(text, ids)[0], unet_macs=unet_macs, unet_attention_macs=unet_attention,
-        vae_decoder_macs=_macs(vae.decoder, z)[0],
+        text_encoder_macs=module_macs(text, ids).total, unet_macs=unet_macs.total,
+        unet_attention_macs=unet_macs.attention, vae_decoder_macs=module_macs(vae.decoder, z).total,
     )
 
 
 def _read(path: Path) -> dict:
-    from .errors import UserError
-
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -141,11 +129,7 @@ def pipeline_cost(pipeline_dir: Path, resolution: int = 512) -> PipelineCost:
 @functools.lru_cache(maxsize=None)  # -2m variants share their shapes; counting takes a second each
 def registry_cost(name: str, resolution: int = 512) -> PipelineCost | None:
     """Cost of a registry backbone from the real configs (no download); None when its U-Net
-    architecture is not one `distill.arch` can derive (small-sd-v0, `tiny` before it is built)."""
-    from distill.arch import ARCHS, TEACHER_UNET_CONFIGS, student_config
-
-    from .backbones import BACKBONES
-
+    architecture is not one `architectures` can derive (small-sd-v0, `tiny` before it is built)."""
     if name not in REGISTRY_ARCHS:
         return None
     teacher, arch = REGISTRY_ARCHS[name]

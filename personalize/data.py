@@ -34,14 +34,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """An opened image fully decoded (truncated data fails here, not mid-training), turned upright
+    by its EXIF orientation (phone photos), as 8-bit RGB with transparency on white (`to_rgb`).
+    The one decoding of every training image."""
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
 def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (truncated files fail here, not mid-training), honouring
-    EXIF orientation (phone photos)."""
+    """Open and decode an image file with `upright_rgb`; a one-line UserError naming it if it cannot be."""
     try:
         with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+            return upright_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: unreadable or corrupt image ({type(e).__name__})") from None
 

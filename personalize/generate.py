@@ -26,7 +26,7 @@ from .fileio import write_json
 from .outputs import check_output, output_lock
 from .pipeline import generate, save_png
 from .sources import Source, input_paths, load_pipeline, pick_device, pick_dtype, resolve_source
-from .subjects import load_prompts
+from .subjects import load_prompts, read_prompts_file
 
 
 MAX_PROMPTS_BYTES = 4 * 2**20  # ~40k prompts; a larger "prompts file" is a wrong path (a log, /dev/zero)
@@ -173,17 +173,7 @@ def collect_prompts(src: Source, prompts: list[str] | None = None, prompts_file:
     `--protocol` (the subject's 25 DreamBooth prompts); none given: the run's instance prompt."""
     out = list(prompts or [])
     if prompts_file is not None:
-        pf = Path(prompts_file)
-        if pf.exists() and not pf.is_file():
-            raise UserError(f"--prompts {prompts_file}: not a regular file")
-        if pf.is_file() and pf.stat().st_size > MAX_PROMPTS_BYTES:
-            raise UserError(f"--prompts {prompts_file}: {pf.stat().st_size} bytes; a prompts file is at most "
-                            f"{MAX_PROMPTS_BYTES // 2**20} MiB (one prompt per line)")
-        try:
-            lines = pf.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--prompts {prompts_file}: unreadable ({type(e).__name__})") from None
-        out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        out += read_prompts_file(prompts_file, "--prompts", MAX_PROMPTS_BYTES)
         if not out:
             raise UserError(f"--prompts {prompts_file}: no prompts in it")
     if protocol:

@@ -21,6 +21,8 @@ from typing import Callable
 
 from .errors import UserError
 from .fileio import atomic_dir, scratch_dir, write_atomic, write_text
+from .subjects import fill_prompt
+from .subjects import read_prompts_file as read_prompt_lines
 
 SAMPLES_DIR = "samples"
 STEPS_DIR = "steps"
@@ -49,20 +51,9 @@ def default_sample_prompts(instance_prompt: str, protocol: list[str]) -> list[st
 
 
 def read_prompts_file(path: str | Path, token: str, class_noun: str, flag: str = "--sample-prompts") -> list[str]:
-    """One prompt per line (`#` comments, blank lines skipped), `{token}`/`{class}` filled."""
-    from .subjects import fill_prompt
-
-    pf = Path(path)
-    if not pf.is_file():
-        raise UserError(f"{flag} {path}: {'not a regular file' if pf.exists() else 'no such file'}")
-    if pf.stat().st_size > MAX_PROMPTS_BYTES:
-        raise UserError(f"{flag} {path}: {pf.stat().st_size} bytes; a prompts file is at most 1 MiB")
-    try:
-        lines = pf.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{flag} {path}: unreadable ({type(e).__name__})") from None
-    prompts = [fill_prompt(ln.strip(), token, class_noun) for ln in lines
-               if ln.strip() and not ln.lstrip().startswith("#")]
+    """`subjects.read_prompts_file` (at most 1 MiB, `#` comments) with `{token}`/`{class}` filled;
+    a file with no prompt is refused."""
+    prompts = [fill_prompt(p, token, class_noun) for p in read_prompt_lines(path, flag, MAX_PROMPTS_BYTES)]
     if not prompts:
         raise UserError(f"{flag} {path}: no prompts in it")
     return prompts

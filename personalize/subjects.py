@@ -1,4 +1,5 @@
-"""The 30 DreamBooth subjects, their evaluation prompts, and where their photos are.
+"""The 30 DreamBooth subjects, their evaluation prompts, where their photos are, and the one reader
+of a user's prompts file (`generate --prompts`, `--sample-prompts`, `distill eval --prompts`).
 
 Data files ship in the wheel under personalize/_data (see pyproject) and sit at the repo's top level
 (`subjects/`, `prompts/`) in a checkout; both places are searched. No model imports here.
@@ -10,6 +11,7 @@ import contextlib
 import csv
 import difflib
 import os
+import stat
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +57,45 @@ def load_prompts(kind: str) -> list[str]:
     with `{token}` and `{class}` placeholders."""
     lines = _data_file("prompts", f"{kind}.txt").read_text().splitlines()
     return [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n and not n % 2**20 else f"{n} bytes"
+
+
+def read_prompts_text(path: str | Path, flag: str, max_bytes: int) -> str:
+    """The UTF-8 text of a user's prompts file, or a one-line UserError naming `flag` and the file:
+    no such file, not a regular file (a folder, /dev/zero, a FIFO), over `max_bytes` (a larger
+    "prompts file" is a wrong path: a log, a dataset), not UTF-8."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: unreadable (no such file)") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: unreadable ({type(e).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{flag} {path}: not a regular file")
+    if st.st_size > max_bytes:
+        raise UserError(f"{flag} {path}: {st.st_size} bytes; a prompts file is at most {_size(max_bytes)}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since the stat
+    except OSError as e:
+        raise UserError(f"{flag} {path}: unreadable ({type(e).__name__})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{flag} {path}: more than {max_bytes} bytes; a prompts file is at most {_size(max_bytes)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path}: unreadable (not UTF-8 text)") from None
+
+
+def read_prompts_file(path: str | Path, flag: str, max_bytes: int = 1 << 20, comments: bool = True) -> list[str]:
+    """A user's prompts file: one prompt per line, stripped, blank lines and (with `comments`) lines
+    starting with `#` skipped; `{token}`/`{class}` left for the caller. Refusals as
+    `read_prompts_text`; an empty list is the caller's to refuse or not."""
+    lines = read_prompts_text(path, flag, max_bytes).splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not (comments and ln.lstrip().startswith("#"))]
 
 
 def fill_prompt(template: str, token: str, class_noun: str) -> str:

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import write_photos
-from distill.arch import (
-    ARCHS, SD_V1_UNET_CONFIG, SD_V2_BASE_UNET_CONFIG, build_unet, count_macs, count_params, student_config,
-)
 from distill.kd import Distiller, FeatureCapture, KDWeights, feature_pairs
 from distill.mapping import MappingError, check_coverage, init_student_from_teacher, shapes, weight_mapping
+from personalize.architectures import (
+    ARCHS, SD_V1_UNET_CONFIG, SD_V2_BASE_UNET_CONFIG, build_unet, count_macs, count_params, student_config,
+)
 
 STUDENT_ARCHS = ["bk-base", "bk-small", "bk-tiny"]
 
@@ -427,7 +427,7 @@ def test_train_flags_are_the_config_fields(distill_cli, capsys, tmp_path):
     import dataclasses
 
     from distill.cli import train_config
-    from distill.data import DataSpec
+    from distill.train_data.sources import DataSpec
     from distill.kd import KDWeights
     from distill.train import DistillConfig
 
@@ -675,7 +675,8 @@ def test_train_streams_data_under_bf16_mixed_precision(distill_cli, teacher_dir,
 
 # ---------------------------------------------------------------------------- data
 def test_map_batches_are_a_pure_function_of_the_batch_number(caption_folder):
-    from distill.data import DataSpec, make_batches
+    from distill.train_data.batches import make_batches
+    from distill.train_data.sources import DataSpec
 
     spec = DataSpec(source=str(caption_folder), resolution=32)
     b0 = make_batches(spec, batch_size=2, seed=7)

@@ -1,4 +1,4 @@
-"""distill/data.py: every source kind `distill train --data` accepts, read through `datasets`,
+"""distill/train_data/: every source kind `distill train --data` accepts, read through `datasets`,
 map-style and streamed, on a few synthetic image-caption pairs."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import write_photos
-from distill.data import DataSpec, make_batches
+from distill.train_data.batches import make_batches
+from distill.train_data.sources import DataSpec
 from personalize.errors import UserError
 
 N = 4
@@ -211,7 +212,7 @@ def test_lazily_decoded_bad_example_is_skipped_and_counted(kind, bad, tmp_path, 
     src = build(tmp_path, {1: BAD_BYTES[bad](good)})
     spec = DataSpec(source=str(src), resolution=32, streaming=streaming, shuffle_buffer=1)
     batches = make_batches(spec, batch_size=2, seed=0)
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.train_data"):
         got = [batches.batch(k) for k in range(2)]  # one epoch's worth: the bad row is met once
     for b in got:
         assert b["pixel_values"].shape == (2, 3, 32, 32)
@@ -239,9 +240,56 @@ def test_all_bad_map_data_stops_with_one_line(tmp_path):
 
 
 def test_precompute_collate_names_an_undecodable_row(tmp_path):
-    from distill.data import Example, _collate
+    from distill.train_data.batches import Example, collate
 
     src = _bytes_dataset(tmp_path, {0: b"junk"})
     b = make_batches(DataSpec(source=str(src), resolution=32), 2, seed=0)
     with pytest.raises(UserError, match="an image does not decode.*fix or remove it"):
-        _collate([b.ds[0]], [Example(0, False, 0, 0)], b.image_col, b.caption_col, b.spec)
+        collate([b.ds[0]], [Example(0, False, 0, 0)], b.image_col, b.caption_col, b.spec)
+
+
+def _transparent_png_and_rotated_jpeg(root: Path) -> tuple[Path, Path]:
+    """A PNG whose left half is fully transparent (black under the alpha), and a 32x16 JPEG, left
+    half red, right half blue, tagged EXIF orientation 6 (shown rotated 90 degrees clockwise)."""
+    root.mkdir(parents=True, exist_ok=True)
+    png = Image.new("RGBA", (16, 16), (0, 200, 0, 255))
+    png.paste((0, 0, 0, 0), (0, 0, 8, 16))
+    png.save(root / "transparent.png")
+    jpg = Image.new("RGB", (32, 16), (220, 0, 0))
+    jpg.paste((0, 0, 220), (16, 0, 32, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpg.save(root / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    return root / "transparent.png", root / "rotated.jpg"
+
+
+def test_distill_decodes_images_as_personalize_does(tmp_path):
+    """Transparent pixels come out white and EXIF orientation is applied, for every kind of image
+    cell a dataset row can hold, exactly as personalize decodes a training photo."""
+    import numpy as np
+
+    from distill.train_data.decode import decode_image
+    from personalize.data import open_image
+
+    png, jpg = _transparent_png_and_rotated_jpeg(tmp_path / "imgs")
+    for path in (png, jpg):
+        want = np.asarray(open_image(path))
+        cells = [str(path), {"bytes": path.read_bytes(), "path": str(path)}, path.read_bytes(), Image.open(path)]
+        for cell in cells:
+            got = np.asarray(decode_image(cell))
+            assert got.shape == want.shape and np.array_equal(got, want), (path.name, type(cell).__name__)
+    assert np.asarray(decode_image(str(png)))[0, 0].tolist() == [255, 255, 255]  # on white, not black
+    assert decode_image(str(jpg)).size == (16, 32)  # upright: portrait
+
+
+def test_distill_batches_see_upright_photos_on_white(tmp_path):
+    png, jpg = _transparent_png_and_rotated_jpeg(tmp_path / "pairs")
+    with (tmp_path / "pairs" / "metadata.jsonl").open("w") as f:
+        for p in (png, jpg):
+            f.write(json.dumps({"file_name": p.name, "text": p.stem}) + "\n")
+    spec = DataSpec(source=str(tmp_path / "pairs"), resolution=16, random_flip=False)
+    b = make_batches(spec, 2, seed=0).batch(0)
+    px = dict(zip(b["captions"], b["pixel_values"]))
+    assert torch.allclose(px["transparent"][:, :, :8], torch.ones(3, 16, 8))  # transparent half: white
+    red = px["rotated"][0] > 0.5
+    assert red[:7].all() and not red[9:].any()  # rotated: red on top, blue below (stored: side by side)

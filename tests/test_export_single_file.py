@@ -135,7 +135,7 @@ def test_bk_base_yaml_alone_builds_the_same_unet_and_vae_in_diffusers(students, 
     ("bk-tiny", "yes", "no: its ldm UNetModel cannot be built without a mid block"),
 ])
 def test_client_verdicts_on_the_real_sd_v1_shapes(arch, comfy, a1111):
-    from distill.arch import SD_V1_UNET_CONFIG, build_unet, get_arch, student_config
+    from personalize.architectures import SD_V1_UNET_CONFIG, build_unet, get_arch, student_config
     from personalize.export.ldm_layout import unet_layout
     from personalize.export.single_file import clients
 
@@ -311,8 +311,8 @@ def sd2_bk_base(tmp_path_factory) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from distill.arch import get_arch
     from distill.mapping import init_student_from_teacher
+    from personalize.architectures import get_arch
     from personalize.backbones import build_tiny_components
 
     comps = build_tiny_components(2)

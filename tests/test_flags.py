@@ -99,7 +99,7 @@ def test_export_choices_that_live_in_heavy_modules_equal_them():
 
 def test_distill_flags_come_from_the_same_generator():
     import distill.cli
-    from distill.arch import ARCHS
+    from personalize.architectures import ARCHS
     from distill.benchmark import EvalConfig
     from distill.train import MIXED_PRECISION, DistillConfig
 

@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 
-from distill.arch import SD_V1_UNET_CONFIG, build_unet, get_arch, student_config
+from personalize.architectures import SD_V1_UNET_CONFIG, build_unet, get_arch, student_config
 from personalize.export.ldm_layout import UNET_PREFIX, kohya_unet_namer, unet_layout
 
 ARCHS = ["sd-v1.4", "bk-base", "bk-small", "bk-tiny"]

@@ -74,12 +74,10 @@ def test_no_import_cycles(edges):
     assert cycles(edges) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 in progress")
 def test_imports_follow_the_layers(edges):
     assert [str(e) for e in upward(edges)] == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 in progress")
 def test_personalize_never_imports_distill(edges):
     assert [str(e) for e in edges if e.src.startswith("personalize") and e.dst.startswith("distill")] == []
 

@@ -6,12 +6,13 @@ import http.server
 import io
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from conftest import write_photos
 from personalize.errors import UserError
-from personalize.subjects import data_dir, fetch_dataset, find_subject
+from personalize.subjects import data_dir, fetch_dataset, find_subject, read_prompts_file
 
 
 @pytest.fixture
@@ -87,3 +88,28 @@ def test_own_photo_folder_and_dataset_subject(dataset, tmp_path):
     assert (s.class_noun, s.kind, s.image_dir) == ("backpack", "object", (dataset / "backpack").resolve())
     with pytest.raises(UserError, match="no folder"):
         find_subject("vase", str(dataset))
+
+
+def test_prompts_file_lines_and_comments(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# mine\n  a {token} {class}  \n\n   # indented comment\na #1 dog\n")
+    assert read_prompts_file(f, "--prompts") == ["a {token} {class}", "a #1 dog"]
+    assert read_prompts_file(f, "--prompts", comments=False) == [
+        "# mine", "a {token} {class}", "# indented comment", "a #1 dog"]
+    f.write_text("\n# only a comment\n")
+    assert read_prompts_file(f, "--prompts") == []  # the caller decides whether that is an error
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda d: d / "missing.txt", "unreadable (no such file)"),
+    (lambda d: d, "not a regular file"),
+    (lambda d: Path("/dev/zero"), "not a regular file"),
+    (lambda d: (d / "big.txt").write_text("a dog\n" * 200) and d / "big.txt", "1200 bytes; a prompts file is at most"),
+    (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1")) and d / "latin1.txt",
+     "unreadable (not UTF-8 text)"),
+])
+def test_a_bad_prompts_file_is_one_line_naming_flag_and_file(tmp_path, make, msg):
+    path = make(tmp_path)
+    with pytest.raises(UserError) as e:
+        read_prompts_file(path, "--sample-prompts", max_bytes=1000)
+    assert str(e.value).startswith(f"--sample-prompts {path}: ") and msg in str(e.value) and "\n" not in str(e.value)

@@ -1,4 +1,5 @@
-"""BK-SDM student architectures, derived from a teacher U-Net config by block removal.
+"""BK-SDM student architectures, derived from a teacher U-Net config by block removal, and what
+they cost per denoising step.
 
 Implements the architectural compression of BK-SDM (Kim et al. 2023, "BK-SDM: A Lightweight,
 Fast, and Cheap Version of Stable Diffusion"), for any SD-v1/SD-v2-shaped teacher:
@@ -12,21 +13,25 @@ Fast, and Cheap Version of Stable Diffusion"), for any SD-v1/SD-v2-shaped teache
 A student config is plain data computed from the teacher's config dict, so no weights are needed
 to reason about an architecture. Parameter counts build the U-Net on the ``meta`` device (no
 memory, instant). MACs are *measured*, not derived analytically: one forward pass on the meta
-device with hooks that count, per call,
+device under ``torch.utils.flop_counter.FlopCounterMode``, MACs = FLOPs / 2 (it counts 2 FLOPs
+per multiply-accumulate of every matmul and convolution), split into
 
-- ``conv+linear``: every ``nn.Conv2d`` and ``nn.Linear`` (output elements x input features x
-  kernel area / groups). This is what ``thop.profile`` reports and what the BK-SDM paper quotes
-  (339G for the SD-v1.4 U-Net at 512 px).
-- ``attention``: the two batched matmuls of every attention layer (Q K^T and A V, each
-  ``L_q x L_k x inner_dim``), which thop does not see.
+- ``conv+linear``: every convolution and linear layer (output elements x input features x kernel
+  area / groups). This is what ``thop.profile`` reports and what the BK-SDM paper quotes (339G
+  for the SD-v1.4 U-Net at 512 px).
+- ``attention``: the batched matmuls (bmm / scaled-dot-product kernels), which in these models are
+  only attention's Q K^T and A V (each ``L_q x L_k x inner_dim``); thop does not see them.
 
 Norms, activations and softmax are not counted (as in thop's convention for these layers).
+`personalize.cost` counts whole pipelines (text encoder, VAE decoder) with the same counter.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+
+from .errors import UserError
 
 # Real U-Net configs of the teachers, embedded so that counts and `prune --dry-run` need no
 # download. Values are the `unet/config.json` of the hub repos (diffusers defaults left out).
@@ -114,8 +119,6 @@ ARCHS: dict[str, StudentArch] = {
 
 
 def get_arch(name: str) -> StudentArch:
-    from personalize.errors import UserError
-
     if name not in ARCHS:
         raise UserError(f"unknown arch '{name}'; known: {', '.join(ARCHS)}")
     return ARCHS[name]
@@ -199,9 +202,9 @@ def count_params(cfg: dict) -> int:
 
 @dataclass(frozen=True)
 class MacCount:
-    """Multiply-accumulates of one U-Net call (one denoising step, batch 1)."""
+    """Multiply-accumulates of one forward pass (of a U-Net: one denoising step, batch 1)."""
 
-    conv_linear: int  # nn.Conv2d + nn.Linear: the thop / paper convention
+    conv_linear: int  # convolutions + linear layers: the thop / paper convention
     attention: int  # Q K^T and A V matmuls of every attention layer
 
     @property
@@ -209,47 +212,32 @@ class MacCount:
         return self.conv_linear + self.attention
 
 
-def count_macs(cfg: dict, resolution: int = 512, text_len: int = 77, vae_scale: int = 8) -> MacCount:
-    """U-Net MACs per denoising step for one `resolution`² image, measured by a hooked forward pass
-    on the meta device (shapes only; exact for the layers counted, see the module docstring)."""
+def module_macs(module, *inputs, **kwargs) -> MacCount:
+    """MACs of one forward of `module` (built on meta) on meta `inputs`, by FlopCounterMode.
+    Attention = the batched matmuls (bmm / scaled-dot-product kernels): in these models only
+    attention's Q K^T and A V are batched; linear layers are mm/addmm."""
     import torch
-    from diffusers.models.attention_processor import Attention
-    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(*inputs, **kwargs)
+    by_op = fc.get_flop_counts().get("Global", {})
+    attention = sum(v for k, v in by_op.items() if "bmm" in str(k) or "scaled_dot_product" in str(k)) // 2
+    return MacCount(conv_linear=fc.get_total_flops() // 2 - attention, attention=attention)
+
+
+def count_macs(cfg: dict, resolution: int = 512, text_len: int = 77, vae_scale: int = 8) -> MacCount:
+    """U-Net MACs per denoising step for one `resolution`² image (batch 1, no classifier-free
+    guidance doubling), measured on the meta device (shapes only; see the module docstring)."""
+    import torch
 
     unet = build_unet(cfg)
-    counts = {"conv_linear": 0, "attention": 0}
-
-    def on_layer(mod, _inputs, out):
-        if isinstance(mod, nn.Conv2d):
-            k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
-        else:
-            k = mod.in_features
-        counts["conv_linear"] += out.numel() * k
-
-    def on_attention(mod, args, kwargs):
-        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if hs.ndim == 4:  # spatial input (VAE-style attention): tokens = H*W
-            hs = hs.flatten(2).transpose(1, 2)
-        lk = (ctx if ctx is not None else hs).shape[1]
-        counts["attention"] += 2 * hs.shape[0] * hs.shape[1] * lk * mod.inner_dim
-
-    handles = []
-    for m in unet.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_hook(on_layer))
-        elif isinstance(m, Attention):
-            handles.append(m.register_forward_pre_hook(on_attention, with_kwargs=True))
     c = unet.config
     side = resolution // vae_scale
     cross = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
-    try:
-        with torch.device("meta"), torch.no_grad():
-            unet(torch.zeros(1, c.in_channels, side, side), torch.zeros(1), torch.zeros(1, text_len, cross))
-    finally:
-        for h in handles:
-            h.remove()
-    return MacCount(**counts)
+    with torch.device("meta"):
+        latent, t, ctx = torch.zeros(1, c.in_channels, side, side), torch.zeros(1), torch.zeros(1, text_len, cross)
+    return module_macs(unet, latent, t, ctx)
 
 
 @dataclass(frozen=True)
