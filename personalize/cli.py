@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from . import __version__
+from .environment import check
 from .errors import UserError
 
 # module (relative to the package) -> registers one or more subcommands
@@ -44,8 +46,6 @@ def one_line_parser(prog: str, description: str) -> OneLineParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = one_line_parser(
         "personalize", "DreamBooth personalization (LoRA or full) of compressed BK-SDM Stable Diffusion backbones.")
     parser.add_argument("--version", action="version", version=f"personalize {__version__}",
@@ -70,8 +70,6 @@ def run(argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
     try:
         # commands that only read files (backbones, subjects, env) set loads_models=False and stay fast
         if getattr(args, "loads_models", True):
-            from .environment import check
-
             check()
             quiet_libraries()
         return int(args.func(args) or 0)

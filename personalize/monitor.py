@@ -21,7 +21,7 @@ from typing import Callable
 
 from .errors import UserError
 from .fileio import atomic_dir, scratch_dir, write_atomic, write_text
-from .subjects import fill_prompt
+from .subjects import fill_prompt, list_images, load_prompts
 from .subjects import read_prompts_file as read_prompt_lines
 
 SAMPLES_DIR = "samples"
@@ -263,7 +263,6 @@ def describe_best(info: dict, min_clip_t: float) -> str | None:
 # ------------------------------------------------------------------------------------ wiring
 def sample_prompts(p) -> list[str]:
     """--sample-prompts FILE, else the defaults of `default_sample_prompts` for the subject."""
-    from .subjects import fill_prompt, load_prompts
 
     cfg, subject = p.cfg, p.subject
     if cfg.sample_prompts:
@@ -295,7 +294,6 @@ def make_hooks(p, components: ComponentsFn, save_step: Callable[[Path, dict, int
     """The fit.Hooks a run's flags ask for (`p`: dreambooth.Prepared). Order within a step: save,
     then samples, then scores (a saved step is on disk before anything slower can fail)."""
     from .fit import Hook
-    from .subjects import list_images
 
     cfg = p.cfg
     gen = dict(steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, resolution=p.resolution)

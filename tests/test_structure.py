@@ -82,7 +82,6 @@ def test_personalize_never_imports_distill(edges):
     assert [str(e) for e in edges if e.src.startswith("personalize") and e.dst.startswith("distill")] == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 in progress")
 def test_lazy_imports_only_defer_heavy_modules(edges):
     assert [str(e) for e in gratuitous_local(edges)] == []
 
@@ -98,7 +97,6 @@ def test_an_injected_upward_import_or_cycle_fails():
                                               % (len(errors.splitlines()) + 3)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 in progress")
 def test_no_file_over_450_lines():
     assert {m: n for m, p in source_files().items() if (n := len(p.read_text().splitlines())) > 450} == {}
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from ..backbones import BACKBONES, cache_root, is_pipeline_dir, local_snapshot, unet_param_count
+from ..cost import fmt_macs, fmt_params, pipeline_cost, registry_cost
+from ..environment import report
+from ..subjects import data_dir, load_subjects, photos_present
+
 
 def _console():
     """A terminal gets rich's own width; a pipe or file gets tables at their natural width
@@ -15,8 +20,6 @@ def _console():
 
 def _backbones(args) -> int:
     from rich.table import Table
-
-    from ..backbones import BACKBONES, cache_root, is_pipeline_dir, local_snapshot, unet_param_count
 
     t = Table(title="backbones (--base)")
     # names must stay whole and copy-pasteable on narrow terminals; the rest may fold
@@ -47,8 +50,6 @@ def _backbones(args) -> int:
 
 
 def _cost_cells(name: str, path) -> list[str]:
-    from ..cost import fmt_macs, fmt_params, pipeline_cost, registry_cost
-
     c = pipeline_cost(path, 512) if path else registry_cost(name, 512)
     if c is None:
         return ["?"] * 4
@@ -57,8 +58,6 @@ def _cost_cells(name: str, path) -> list[str]:
 
 def _subjects(args) -> int:
     from rich.table import Table
-
-    from ..subjects import data_dir, load_subjects, photos_present
 
     root, _ = data_dir(args.data_dir)
     t = Table(title=f"DreamBooth subjects (photos in {root})")
@@ -71,8 +70,6 @@ def _subjects(args) -> int:
 
 
 def _env(args) -> int:
-    from ..environment import report
-
     rows = report()
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
