@@ -19,6 +19,7 @@ from personalize.flags import add_flags, from_args
 
 from .benchmark import EvalConfig, evaluate
 from .benchmark_report import build_report
+from .config import DistillConfig
 
 
 def _add_prune(sub):
@@ -64,8 +65,6 @@ TRAIN_GROUPS = {"DataSpec": "data", "KDWeights": "optimisation", "DistillConfig"
 
 
 def _add_train(sub):
-    from .train import DistillConfig
-
     p = sub.add_parser("train", help="KD pretraining of a pruned student (BK-SDM recipe defaults)",
                        description="BK-SDM distillation: lambda_sd * denoising MSE + lambda_kd_out * output KD + "
                                    "lambda_kd_feat * stage-feature KD; writes OUT/student as a pipeline dir.")
@@ -76,7 +75,6 @@ def _add_train(sub):
 def train_config(args: argparse.Namespace, cls=None):
     """The `distill train` config (or `cls`, e.g. EvalConfig) from parsed flags; fields without a
     flag keep their default."""
-    from .train import DistillConfig
 
     return from_args(cls or DistillConfig, args)
 

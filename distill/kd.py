@@ -31,21 +31,7 @@ from personalize.architectures import full_config, num_stages, teacher_layers_pe
 from personalize.diffusion import noise_latents
 from personalize.errors import UserError
 
-
-@dataclass
-class KDWeights:
-    """The weights of the three loss parts (`distill train` flags; ``metadata``: their help)."""
-
-    # BK-SDM recipe (kd_train.sh): all three losses weighted 1.0
-    lambda_sd: float = field(default=1.0, metadata={"help": "weight of the denoising loss (default 1)"})
-    lambda_kd_out: float = field(default=1.0, metadata={"help": "weight of the output KD loss (default 1)"})
-    lambda_kd_feat: float = field(default=1.0, metadata={"help": "weight of the feature KD loss (default 1)"})
-
-    def validate(self) -> None:
-        """The range checks of `distill train` (messages name the flags); raises UserError."""
-        for name in ("lambda_sd", "lambda_kd_out", "lambda_kd_feat"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+from .config import KDWeights
 
 
 @dataclass(frozen=True)

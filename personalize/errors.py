@@ -5,3 +5,10 @@ class UserError(Exception):
     """Bad input or a missing resource the user can fix. The message is shown as-is."""
 
     exit_code = 2
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line, for a UserError's "why": its type and the first line of its
+    message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__

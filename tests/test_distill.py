@@ -428,8 +428,7 @@ def test_train_flags_are_the_config_fields(distill_cli, capsys, tmp_path):
 
     from distill.cli import train_config
     from distill.train_data.sources import DataSpec
-    from distill.kd import KDWeights
-    from distill.train import DistillConfig
+    from distill.config import DistillConfig, KDWeights
 
     p = _train_parser()
     dests = {a.dest for a in p._actions} - {"help"}

@@ -101,7 +101,8 @@ def test_distill_flags_come_from_the_same_generator():
     import distill.cli
     from personalize.architectures import ARCHS
     from distill.benchmark import EvalConfig
-    from distill.train import MIXED_PRECISION, DistillConfig
+    from distill.config import DistillConfig
+    from personalize.defaults import MIXED_PRECISIONS as MIXED_PRECISION
 
     assert not hasattr(distill.cli, "_scalar_type")  # one generator: personalize.flags
     commands = _commands(distill.cli.build_parser)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line
 
-from .decode import BadImage, one_line, preprocess_image
+from .decode import BadImage, preprocess_image
 from .sources import DataSpec, open_dataset
 
 SKIP_LOG_EVERY = 100  # one log line per this many examples skipped as undecodable

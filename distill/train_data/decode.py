@@ -21,12 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from personalize.data import upright_rgb
-
-
-def one_line(e: Exception) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__
+from personalize.errors import one_line
 
 
 def image_file_problem(path: str) -> str | None:

@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line
 
-from .decode import image_file_problem, one_line
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DATA_FILE_EXTS = {".parquet", ".arrow", ".tar"}  # shard formats `datasets` reads from a plain folder
@@ -152,6 +151,8 @@ def check_image_files(ds, image_col: str, source: str) -> None:
     """Every row's image file exists and decodes, checked before training (a few ms per file, on a
     thread pool). Raises one UserError naming the first bad file and how many there are."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from .decode import image_file_problem  # decoding loads torch; `--help` builds flags from DataSpec
 
     cells = ds[image_col]
     paths = [c.get("path") if isinstance(c, dict) else None for c in cells]
