@@ -3,8 +3,6 @@ extra is installed (one line naming the flag and the `pip install` that fixes it
 
 from __future__ import annotations
 
-import importlib
-
 from .errors import UserError
 
 # extra -> the modules it installs that the code imports
@@ -22,7 +20,7 @@ def require_extra(extra: str, flag: str, also: tuple[str, ...] = ()) -> None:
     """Raise a one-line UserError naming `flag` and the extra when one of its modules is missing."""
     for m in (*EXTRAS[extra], *also):
         try:
-            importlib.import_module(m)
+            __import__(m)  # (the builtin, looked up per call, so a test can hide a package)
         except ImportError:
             raise UserError(f"{flag}: needs the {m} package; install it with pip install 'personalize[{extra}]' "
-                            f"(in a checkout, add -c requirements/lock.txt)") from None
+                            f"(from a checkout: pip install -e \".[{extra}]\" -c requirements/lock.txt)") from None

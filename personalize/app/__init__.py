@@ -21,13 +21,6 @@ from .page import build
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def require_gradio() -> None:
-    try:
-        import gradio  # noqa: F401 - only whether it imports
-    except ImportError:
-        raise UserError("personalize app needs Gradio: pip install -e \".[app]\" (or pip install 'personalize[app]')") from None
-
-
 def parse_auth(text: str | None) -> tuple[str, str] | None:
     if not text:
         return None

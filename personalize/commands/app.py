@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..app import create, exposure_note, launch_kwargs, parse_auth, require_gradio
+from ..app import create, exposure_note, launch_kwargs, parse_auth
 from ..argtypes import number
+from ..extras import require_extra
 
 
 def _app(args) -> int:
     auth = parse_auth(args.auth)
-    require_gradio()
+    require_extra("app", "personalize app")
     note = exposure_note(args.host, args.port, args.share, auth)
     if note:
         print(note)
