@@ -42,6 +42,8 @@ def one_line_parser(prog: str, description: str) -> OneLineParser:
     """A top-level parser whose subcommands' parsers are one-line parsers too."""
     parser = OneLineParser(prog=prog, description=description)
     parser.register("action", "parsers", _OneLineSubparsers)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own warnings (optional kernels, hub notices), hidden by default")
     return parser
 
 
@@ -71,7 +73,7 @@ def run(argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
         # commands that only read files (backbones, subjects, env) set loads_models=False and stay fast
         if getattr(args, "loads_models", True):
             check()
-            quiet_libraries()
+            quiet_libraries(verbose=getattr(args, "verbose", False))
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - sorted below: only a user's errors become one line
         line = user_facing(e)
@@ -112,18 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     return run(argv, build_parser())
 
 
-def quiet_libraries() -> None:
-    """Library chatter a CLI user cannot act on: bitsandbytes' optional-kernel notice on CPU,
-    weight-loading progress bars, deprecation notices from transitive code. Imports diffusers and
-    transformers, so only commands that load models call it."""
+# loggers of optional machinery a user cannot act on: bitsandbytes on CPU asks the `kernels` package
+# (pulled in by transformers >= 5.25) for a hub kernel at import, which offline logs a trust-check
+# skip and a load failure before anything of ours is printed
+QUIET_LOGGERS = ("bitsandbytes", "kernels")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Library chatter a CLI user cannot act on: bitsandbytes' optional-kernel notices on CPU,
+    weight-loading progress bars, deprecation notices from transitive code; `verbose` (-v) keeps
+    the libraries' warnings. Imports diffusers and transformers, so only commands that load models
+    call it, before those imports."""
     import logging
     import warnings
 
+    if verbose:
+        return
     # diffusers/transformers chatter (torchvision fallbacks, kernels hub) is noise for a CLI user
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in QUIET_LOGGERS:  # set before the libraries import: their import-time notices too
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
     # several adapters in one pipeline is what `generate --adapter A --adapter B` is for

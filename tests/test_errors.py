@@ -108,3 +108,25 @@ def test_odd_image_modes_are_converted_and_train(mode, tmp_path, cli):
             "--validation-images", "0", "--output-dir", tmp_path / "run")
     assert r.code == 0, r.err
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_notices_stay_off_the_console_unless_verbose(verbose):
+    """transformers >= 5.25 pulls `kernels`; bitsandbytes asks it for a CPU hub kernel at import and,
+    offline, both log a notice before anything of ours. A user sees them only with -v."""
+    code = (f"from personalize.cli import quiet_libraries; quiet_libraries(verbose={verbose})\n"
+            "import logging\n"
+            "logging.getLogger('kernels._internals.hf_hub').warning('kernels notice')\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('bitsandbytes notice')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    shown = [ln for ln in r.stderr.splitlines() if "notice" in ln]
+    assert shown == (["kernels notice", "bitsandbytes notice"] if verbose else [])
+
+
+def test_verbose_is_a_flag_of_both_clis():
+    from distill.cli import build_parser as distill_parser
+    from personalize.cli import build_parser
+
+    assert build_parser().parse_args(["-v", "env"]).verbose
+    assert distill_parser().parse_args(["--verbose", "report", "x", "-o", "y"]).verbose
