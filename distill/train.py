@@ -160,10 +160,10 @@ def _hooks(cfg: DistillConfig, out: Path, device, vae, text_encoder, tokenizer, 
 
     hooks, ema = [], None
     if cfg.use_ema:
-        from .ema import StudentEMA
+        from .ema import student_ema
 
-        ema = StudentEMA(out, cfg.ema_decay, cfg.checkpoint_every, cfg.steps)
-        hooks.append(Hook("ema", 1, ema))
+        ema = student_ema(out, cfg.ema_decay)
+        hooks.append(Hook("ema", 1, ema, on_checkpoint=ema.save))
     if cfg.valid_steps:
         def components(models: dict) -> dict:
             # with --precompute the encoders were parked on the CPU; the grid needs them back
@@ -282,7 +282,7 @@ def train(cfg: DistillConfig, log=print) -> Path:
     if accelerator.is_main_process:
         trained = result.models["unet"].to("cpu", torch.float32)
         if ema is not None:
-            ema.copy_to(trained, result.step)
+            ema.copy_to({"unet": trained}, result.step)
             ema.prune()  # the checkpoint of the last step is written now: older EMA states can go
             resolved["weights"] = f"EMA of the student (decay {cfg.ema_decay})"
         final_pipe = load_diffusers_pipeline(student_dir, cfg.allow_pickle, unet=trained)

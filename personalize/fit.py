@@ -236,6 +236,9 @@ class Hook:
     fn: Callable[[int, dict], None]
     at_end: bool = False
     skip_last: bool = False  # not after the last step (a step save: the final outputs are that step)
+    # state of the hook's own to keep with each checkpoint (the EMA): `on_checkpoint(step)` runs on the
+    # main process just before fit writes the checkpoint of `step`, so the two always go together
+    on_checkpoint: Callable[[int], None] | None = None
 
     def due(self, step: int, total: int) -> bool:
         if self.every <= 0 or self.skip_last and step == total:
@@ -387,6 +390,9 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stopped:
                 accelerator.wait_for_everyone()
                 if is_main:
+                    for h in hooks:
+                        if h.on_checkpoint is not None:
+                            h.on_checkpoint(step)
                     pending = {"sums": {k: v.item() for k, v in sums.items()}, "window": window}
                     checkpoints.save_checkpoint(run_dir, step, params, optimizer, {"losses": last, "loss_window": pending},
                                     cfg.checkpoints_kept)
