@@ -182,6 +182,21 @@ class TrainConfig:
     alpha_mask: bool = field(default=False, metadata={
         "help": "use a PNG's alpha channel as its loss mask (kohya's --alpha_mask; photo.mask.png files are "
                 "always used)"})
+    # BK-SDM recipe: square centre crops; on: kohya's --enable_bucket / NovelAI's aspect-ratio buckets (buckets.py)
+    buckets: bool = field(default=False, metadata={
+        "help": "aspect-ratio buckets: each photo trains at the size of about resolution x resolution px (sides "
+                "multiples of 64, 1:2 to 2:1) nearest its aspect ratio, instead of a centre crop to a square"})
+    # kohya's --caption_dropout_rate (default 0): off in the BK-SDM recipe
+    caption_dropout: float = field(default=0.0, metadata={
+        "help": "probability that a photo's caption is replaced by the empty prompt in a step (kohya's "
+                "--caption_dropout_rate; default 0)"})
+    # kohya's --shuffle_caption (default off): off in the BK-SDM recipe
+    shuffle_caption: bool = field(default=False, metadata={
+        "help": "shuffle each caption's comma-separated parts every step; the first --keep-tokens and the "
+                "part naming the subject stay in place (kohya's --shuffle_caption)"})
+    # kohya's --keep_tokens (default 0)
+    keep_tokens: int = field(default=0, metadata={
+        "help": "with --shuffle-caption: leading comma-separated parts kept in place (default 0)"})
     # only safetensors weights are loaded unless the user says so
     allow_pickle: bool = field(default=False, metadata={
         "help": "allow loading .bin/.ckpt pickle weights (only for sources you trust)"})
@@ -266,6 +281,10 @@ class TrainConfig:
             raise UserError(f"--lokr-factor must be -1 (automatic) or positive, got {self.lokr_factor}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.keep_tokens < 0 or self.keep_tokens and not self.shuffle_caption:
+            raise UserError(f"--keep-tokens must be >= 0 and goes with --shuffle-caption, got {self.keep_tokens}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
 

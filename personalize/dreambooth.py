@@ -5,7 +5,8 @@ Loss per step, with x the cached VAE latents (instance and, with prior preservat
     L = ||eps - eps_theta(x_t, t, c_inst)||^2 + prior_loss_weight * ||eps - eps_theta(x'_t, t, c_class)||^2
 VAE latent distributions of every photo and its horizontal flip are computed once; each step
 samples from them (as the reference scripts' `latent_dist.sample()`) without touching the VAE.
-Text embeddings are cached whenever the text encoder is frozen.
+Text embeddings are cached whenever the text encoder is frozen (a step's caption variants,
+`--caption-dropout` / `--shuffle-caption`, on first use: text_cache.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from .adapters import ADAPTER_DIR, LORA_WEIGHTS, add_adapter, check_attach, save_adapter
 from .backbones import ResolvedBase, native_resolution
+from .buckets import Placement, load_bucketed, load_bucketed_masks
 from .checkpoints import list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
@@ -76,11 +78,12 @@ class Prepared:
     base: ResolvedBase
     resolution: int
     run_dir: Path
-    images: torch.Tensor  # (N, 3, R, R) instance photos in [-1, 1]
+    images: torch.Tensor | list[torch.Tensor]  # (N, 3, R, R) instance photos in [-1, 1]; --buckets: (3, h, w) each
     instance_prompt: str
     class_prompt: str
     captions: list[str | None] = field(default_factory=list)  # per photo, filled in; None: the instance prompt
-    masks: torch.Tensor | None = None  # (N, 1, R, R) loss masks in [0, 1]; None when no photo has one
+    masks: torch.Tensor | list[torch.Tensor] | None = None  # loss masks in [0, 1], as the images; None: no photo has one
+    buckets: dict[str, Placement] | None = None  # --buckets: each photo's (by file name) bucket and crop
 
 
 def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepared:
@@ -95,10 +98,16 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     subject = subject or find_subject(cfg.subject, cfg.data_dir, cfg.class_noun)
     resolution = cfg.resolution or native_resolution(base.path)
     photos = list_images(subject.image_dir)
-    images = load_training_images(photos, resolution, cfg.allow_upscale)
     # per-photo captions (photo.txt, metadata.jsonl) and loss masks (photo.mask.png, --alpha-mask)
+    buckets = None
+    if cfg.buckets:  # each photo at its aspect-ratio bucket, its mask cut alike
+        images, placed = load_bucketed(photos, resolution, cfg.allow_upscale)
+        masks = load_bucketed_masks(photos, placed, cfg.alpha_mask)
+        buckets = {ph.name: at for ph, at in zip(photos, placed)}
+    else:
+        images = load_training_images(photos, resolution, cfg.allow_upscale)
+        masks = load_masks(photos, resolution, cfg.alpha_mask)
     captions = [c and fill_prompt(c, cfg.token, subject.class_noun) for c in read_captions(photos)]
-    masks = load_masks(photos, resolution, cfg.alpha_mask)
     if cfg.sample_prompts:  # read now: a bad file must fail before any model is loaded
         monitor.read_prompts_file(cfg.sample_prompts, cfg.token, subject.class_noun)
     monitor.check_evaluators(cfg)
@@ -113,7 +122,7 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
-                    fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun), captions, masks)
+                    fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun), captions, masks, buckets)
 
 
 class LoadedBase:
@@ -364,6 +373,7 @@ def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dic
     write_run(dest or p.run_dir, {
         "status": "finished",
         **({"step": step, "of_run": "../.."} if step is not None else {}),  # steps/step-N/ of that run
+        **({"buckets": {name: at.to_json() for name, at in p.buckets.items()}} if p.buckets else {}),
         "method": p.cfg.method,
         "subject": p.subject.to_json(),
         "base": p.base.to_json() | {"resolution": p.resolution},

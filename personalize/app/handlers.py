@@ -119,6 +119,8 @@ class App:
             if not (class_noun or "").strip():
                 raise UserError("your own photos: say what the subject is in 'class noun' (e.g. dog)")
             subject = str(self.ws.store_photos(name, good))
+            # phone photos are rarely square: train each at its aspect ratio rather than cut to a square
+            values.setdefault("buckets", True)
         elif not subject:
             raise UserError("pick a DreamBooth subject or switch to your own photos")
         steps = int(steps)
