@@ -186,6 +186,17 @@ class TrainConfig:
     buckets: bool = field(default=False, metadata={
         "help": "aspect-ratio buckets: each photo trains at the size of about resolution x resolution px (sides "
                 "multiples of 64, 1:2 to 2:1) nearest its aspect ratio, instead of a centre crop to a square"})
+    # off as in the BK-SDM DreamBooth scripts (their KD script keeps one, --use_ema: distill --use-ema)
+    ema: bool = field(default=False, metadata={
+        "help": "keep an exponential moving average of the trained weights (diffusers' EMAModel) and save it "
+                "as the run's weights, in step saves too; samples and scores use it"})
+    # OneTrainer's ema_decay (0.999); diffusers' EMAModel 0.9999, SimpleTuner 0.995. All three cap the
+    # warm-up (1+t)/(10+t), which stays below 0.999 for 8990 updates: an 800-step run averages alike
+    ema_decay: float = field(default=0.999, metadata={
+        "help": "EMA decay, capping the warm-up (1+t)/(10+t) of update t (default %(default)s)"})
+    # the EMA is the output; the raw weights only when asked (kohya-style runs keep one file)
+    save_raw_weights: bool = field(default=False, metadata={
+        "help": "with --ema: also save the raw (not averaged) weights, in raw/ of the run and of each step save"})
     # kohya's --caption_dropout_rate (default 0): off in the BK-SDM recipe
     caption_dropout: float = field(default=0.0, metadata={
         "help": "probability that a photo's caption is replaced by the empty prompt in a step (kohya's "
@@ -281,6 +292,10 @@ class TrainConfig:
             raise UserError(f"--lokr-factor must be -1 (automatic) or positive, got {self.lokr_factor}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay <= 1:
+            raise UserError(f"--ema-decay must be in [0, 1] (0.999 is usual), got {self.ema_decay}")
+        if self.save_raw_weights and not self.ema:
+            raise UserError("--save-raw-weights needs --ema (without it the saved weights are the raw ones)")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.keep_tokens < 0 or self.keep_tokens and not self.shuffle_caption:

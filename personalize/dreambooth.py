@@ -12,6 +12,7 @@ Text embeddings are cached whenever the text encoder is frozen (a step's caption
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -23,13 +24,14 @@ import torch
 from .adapters import ADAPTER_DIR, LORA_WEIGHTS, add_adapter, check_attach, save_adapter
 from .backbones import ResolvedBase, native_resolution
 from .buckets import Placement, load_bucketed, load_bucketed_masks
-from .checkpoints import list_checkpoints
+from .checkpoints import CHECKPOINTS_DIR, list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
 from .config import TrainConfig
 from .data import load_masks, load_training_images, make_grid, read_captions
 from .errors import UserError
 from .fileio import move_into, scratch_dir, write_text
-from .fit import FitConfig, fit, make_accelerator
+from .ema import WeightsEMA
+from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .half_storage import store_frozen_in_half
 from . import __version__, card, monitor
 from .objective import build_cache, dreambooth_loss
@@ -41,9 +43,10 @@ from .sources import load_components, load_vae, resolve_base
 from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
 
 VALIDATION_PNG = "validation.png"
+RAW_DIR = "raw"  # --ema --save-raw-weights: the trained (not averaged) weights, a loadable run of their own
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
 OUTPUT_NAMES = {LORA_WEIGHTS, ADAPTER_DIR, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
-                "tokenizer", "scheduler", "feature_extractor", "safety_checker"}
+                "tokenizer", "scheduler", "feature_extractor", "safety_checker", RAW_DIR}
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
 
 
@@ -190,6 +193,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     cache = build_cache(p, comps, class_paths, accelerator.device, reuse)
     t_cache = time.perf_counter() - t0
     models = _trainables(cfg, comps, accelerator.device)
+    # --ema: the average of exactly what trains, its states kept with the checkpoints
+    ema = WeightsEMA(p.run_dir, p.run_dir / CHECKPOINTS_DIR / "ema", cfg.ema_decay,
+                     lambda ms: trainable_parameters(ms).values()) if cfg.ema else None
 
     def components(ms: dict) -> dict:
         return comps | {"unet": ms["unet"], "text_encoder": ms.get("text_encoder", comps["text_encoder"])}
@@ -197,21 +203,34 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     def save_step(dest: Path, ms: dict, step: int) -> None:
         c = components(ms)
         checkpointing = c["unet"].is_gradient_checkpointing  # save_pipeline turns it off
-        outputs = save_weights(p, c, dest)
+        outputs = save_trained(p, c, ms, dest, ema, class_info, step)
         if checkpointing:
             c["unet"].enable_gradient_checkpointing()
         write_run_json(p, outputs, {"step": step, "steps": cfg.steps}, class_info, dest=dest, step=step)
 
-    # every process gets the same hooks (their barriers must match); fit runs them on the main one only
-    hooks = [*monitor.make_hooks(p, components, save_step, evaluators), *extra_hooks]
+    # every process gets the same hooks (their barriers must match); fit runs them on the main one only.
+    # The EMA updates first; samples and scores then see the average (step saves choose for themselves)
+    hooks = monitor.make_hooks(p, components, save_step, evaluators)
+    if ema is not None:
+        hooks = [Hook("ema", 1, ema, on_checkpoint=ema.save),
+                 *(h if h.name == "save" else _with_average(h, ema) for h in hooks)]
+    hooks = [*hooks, *extra_hooks]
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     result = fit(accelerator, models, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device), fit_cfg,
                  p.run_dir, resume=cfg.resume, description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
     if accelerator.is_main_process:
         timings = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2)}
-        _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log)
+        _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log, ema)
     accelerator.wait_for_everyone()
     return p.run_dir
+
+
+def _with_average(h: Hook, ema: WeightsEMA) -> Hook:
+    def fn(step: int, models: dict):
+        with ema.applied(models):
+            return h.fn(step, models)
+
+    return dataclasses.replace(h, fn=fn)
 
 
 def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tuple[dict, bool]:
@@ -292,16 +311,26 @@ def _trainables(cfg: TrainConfig, comps: dict, device) -> dict:
 
 
 def _finish(p: Prepared, comps: dict, result, accelerator, class_info: dict, timings: dict, profile_steps: bool,
-            log) -> None:
-    """The run's outputs (weights, validation grid, model card), run.json with its stats, and the
-    checkpoints removed unless kept. Main process only."""
+            log, ema: WeightsEMA | None = None) -> None:
+    """The run's outputs (weights, validation grid, model card: the EMA's with --ema, the raw
+    weights in raw/ on request), run.json with its stats, and the checkpoints removed unless kept.
+    Main process only."""
     cfg, device = p.cfg, accelerator.device
     unet, text_encoder = result.models["unet"], result.models.get("text_encoder", comps["text_encoder"])
     for m in (unet, text_encoder):
         m.eval()
     vae = comps["vae"] if comps["vae"] is not None else load_vae(p.base.path, cfg.allow_pickle)
     vae.to(device)
-    outputs = write_outputs(p, comps | {"unet": unet, "text_encoder": text_encoder, "vae": vae}, accelerator, log)
+    final = comps | {"unet": unet, "text_encoder": text_encoder, "vae": vae}
+    raw = []
+    if ema is not None:
+        if cfg.save_raw_weights:
+            raw = [RAW_DIR]
+            write_run_json(p, save_weights(p, final, p.run_dir / RAW_DIR), {"step": result.step}, class_info,
+                           dest=p.run_dir / RAW_DIR, raw=True)
+        ema.copy_to(result.models, result.step)
+        ema.prune()
+    outputs = write_outputs(p, final, accelerator, log) + raw
     stats = {**timings, "seconds_per_step": round(result.seconds_per_step, 4), "final_losses": result.losses,
              "device": str(device), "mixed_precision": accelerator.mixed_precision}
     if profile_steps:
@@ -331,6 +360,20 @@ def write_outputs(p: Prepared, comps: dict, accelerator, log) -> list[str]:
     write_text(run_dir / "README.md", card.model_card(p))
     outputs.append("README.md")
     return outputs
+
+
+def save_trained(p: Prepared, comps: dict, models: dict, dest: Path, ema: WeightsEMA | None, class_info: dict,
+                 step: int) -> list[str]:
+    """A step save's weights: the EMA's with --ema (and the raw ones in raw/ on request)."""
+    if ema is None:
+        return save_weights(p, comps, dest)
+    raw = []
+    if p.cfg.save_raw_weights:
+        raw = [RAW_DIR]
+        write_run_json(p, save_weights(p, comps, dest / RAW_DIR), {"step": step}, class_info, dest=dest / RAW_DIR,
+                       step=step, raw=True)
+    with ema.applied(models):
+        return save_weights(p, comps, dest) + raw
 
 
 def save_weights(p: Prepared, comps: dict, dest: Path) -> list[str]:
@@ -363,9 +406,10 @@ def write_validation(p: Prepared, comps: dict, accelerator) -> None:
 
 
 def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dict, dest: Path | None = None,
-                   step: int | None = None) -> None:
-    """run.json of the run (or, with `dest`/`step`, of a `--save-every` step dir: a finished run of
-    its own, so every command that reads runs reads it)."""
+                   step: int | None = None, raw: bool = False) -> None:
+    """run.json of the run (or, with `dest`/`step`, of a `--save-every` step dir; with `raw`, of
+    the raw weights beside an EMA: each a finished run of its own, so every command that reads
+    runs reads it)."""
     import diffusers
     import peft
     import transformers
@@ -373,6 +417,8 @@ def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dic
     write_run(dest or p.run_dir, {
         "status": "finished",
         **({"step": step, "of_run": "../.."} if step is not None else {}),  # steps/step-N/ of that run
+        **({"of_run": "..", "weights": "raw"} if raw else {"weights": f"ema (decay {p.cfg.ema_decay})"} if p.cfg.ema
+           else {}),
         **({"buckets": {name: at.to_json() for name, at in p.buckets.items()}} if p.buckets else {}),
         "method": p.cfg.method,
         "subject": p.subject.to_json(),

@@ -98,6 +98,43 @@ def _varied_photos(folder):
     return folder
 
 
+@pytest.mark.slow
+def test_buckets_ema_and_caption_options_resume_bit_exactly(tmp_path, cli, monkeypatch):
+    """All of --buckets, --ema, --caption-dropout, --shuffle-caption --keep-tokens at once, with
+    prior preservation (square class images beside non-square buckets: two U-Net calls):
+    interrupted after the checkpoint of step 2 and resumed = uninterrupted, EMA included."""
+    import personalize.checkpoints as ckpt_mod
+
+    photos = _varied_photos(tmp_path / "photos")
+    args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--resolution", "192", "--steps", "4",
+            "--checkpoint-every", "2", "--validation-images", "0", "--lr", "1e-2", "--buckets", "--ema",
+            "--ema-decay", "0.5", "--caption-dropout", "0.3", "--shuffle-caption", "--keep-tokens", "1",
+            "--train-batch-size", "2", "--log-every", "1"]
+    assert cli(*args, "--output-dir", tmp_path / "a").code == 0
+    real = ckpt_mod.save_checkpoint
+
+    def save_then_die(run_dir, step, *a, **k):
+        real(run_dir, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
+    assert cli(*args, "--output-dir", tmp_path / "b").code == 130
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real)
+    assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
+
+    a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = ((tmp_path / d / "logs" / "loss.csv").read_text() for d in "ab")
+    assert la == lb and len(la.splitlines()) == 5
+    assert all(math.isfinite(float(x)) for row in la.splitlines()[1:] for x in row.split(","))
+    meta = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert {k: v["bucket"] for k, v in meta["buckets"].items()} == {
+        "00.png": [256, 128], "01.png": [128, 256], "02.png": [192, 192], "03.png": [192, 192]}
+    assert meta["buckets"]["03.png"]["crop"] == [0, 32, 192, 224]
+    assert meta["weights"] == "ema (decay 0.5)" and meta["config"]["shuffle_caption"] is True
+
+
 def test_the_app_trains_uploaded_photos_in_buckets_and_dataset_subjects_square(tmp_path):
     from conftest import write_photos
     from personalize.app.handlers import DATASET, OWN, App

@@ -3,9 +3,13 @@ distill), held against an EMA computed by hand over the recorded trajectory; exa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from conftest import FAST
 from personalize.ema import WeightsEMA
 from personalize.fit import FitConfig, Hook, StopRun, fit, make_accelerator
 
@@ -94,3 +98,38 @@ def test_applied_swaps_the_average_in_and_the_trained_weights_back_exactly(tmp_p
     with ema.applied(m):
         assert all(torch.equal(p, b) for p, b in zip(_trained(m), before))
     assert all(torch.equal(p, b) for p, b in zip(_trained(m), moved))
+
+
+@pytest.mark.slow
+def test_a_lora_run_saves_the_average_and_its_raw_weights(photos, tmp_path, cli):
+    """The run's output and each step save are the EMA of the raw adapter weights the run records
+    (steps/step-N/raw/ and raw/), computed by hand; raw/ is a loadable run of its own."""
+    run = tmp_path / "r"
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--steps", "3", "--lr", "1e-2",
+            "--class-images", "0", "--validation-images", "0", "--ema", "--ema-decay", "0.5", "--save-raw-weights",
+            "--save-every", "1", "--output-dir", run)
+    assert r.code == 0, r.err
+    name = "pytorch_lora_weights.safetensors"
+    raws = [load_file(run / "steps" / f"step-00000{s}" / "raw" / name) for s in (1, 2)] + [load_file(run / "raw" / name)]
+    for step, path in ((2, run / "steps" / "step-000002" / name), (3, run / name)):
+        saved = load_file(path)
+        assert saved.keys() == raws[0].keys()
+        hand = dict(zip(saved, _by_hand([[t[k] for k in saved] for t in raws[:step]], 0.5)))
+        for k in saved:
+            torch.testing.assert_close(saved[k], hand[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(load_file(run / name)[k], raws[-1][k]) for k in raws[-1])
+    meta, raw_meta = (json.loads((d / "run.json").read_text()) for d in (run, run / "raw"))
+    assert meta["weights"] == "ema (decay 0.5)" and "raw" in meta["outputs"]
+    assert raw_meta["weights"] == "raw" and raw_meta["status"] == "finished"
+    assert not (run / "checkpoints").exists()
+
+
+def test_flag_checks_are_one_line(photos, tmp_path, cli):
+    base = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--output-dir", tmp_path / "r"]
+    for extra, msg in ((["--save-raw-weights"], "--save-raw-weights needs --ema"),
+                       (["--ema", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
+                       (["--caption-dropout", "1"], "--caption-dropout must be in [0, 1)"),
+                       (["--keep-tokens", "2"], "goes with --shuffle-caption")):
+        r = cli(*base, *extra)
+        assert r.code == 2 and msg in r.err, (extra, r.err)
+    assert not (tmp_path / "r").exists()

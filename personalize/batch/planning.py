@@ -28,7 +28,7 @@ RERUN_MAY_CHANGE = frozenset({
     "subject", "method", "base", "output_dir", "resume", "overwrite", "data_dir", "checkpoint_every",
     "keep_checkpoints", "log_every", "validation_images", "validation_steps", "class_image_batch_size",
     "allow_pickle", "sample_every", "sample_prompts", "save_every", "score_every", "score_prompts", "score_images",
-    "min_clip_t", "dino", "clip",
+    "min_clip_t", "dino", "clip", "save_raw_weights",
 })
 
 
