@@ -36,6 +36,7 @@ REAL_STATS_NAME = "real_im256.npz"  # BK-SDM's data/mscoco_val2014_41k_full/real
 # the CLIP of BK-SDM's eval_clip_score.py (open_clip ViT-g-14 laion2b_s34b_b88k), as transformers loads it
 DEFAULT_BENCH_CLIP = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+FID_NEEDS = "FID needs at least 2 generated and 2 real images (a covariance of one sample is undefined)"
 
 
 @dataclass
@@ -123,6 +124,8 @@ def preflight(cfg: EvalConfig) -> dict:
             d = Path(cfg.real_images).expanduser()
             if not d.is_dir() or not _image_files(d):
                 raise UserError(f"--real-images {cfg.real_images}: no such folder or no images in it")
+            if len(_image_files(d)) < 2:
+                raise UserError(f"--real-images {cfg.real_images}: 1 image; {FID_NEEDS}")
             found["real_images"] = d
         inc = Path(cfg.inception).expanduser() if cfg.inception else default_path()
         if not inc.is_file():
@@ -330,6 +333,10 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
 
     cfg.validate()
     prompts = read_prompts(cfg.prompts, cfg.limit or None)
+    if cfg.score and len(prompts) < 2:  # the covariance of one sample: fail now, not after generating
+        culprit = f"--limit {cfg.limit}" if cfg.limit else f"--prompts {cfg.prompts}"
+        raise UserError(f"{culprit}: {len(prompts)} prompt, so 1 generated image; {FID_NEEDS} (or pass --no-score "
+                        f"to only generate)")
     resolved = resolve_base(cfg.base)
     base_dir, label = resolved.path, resolved.name
     out = check_output(Path(cfg.output), kind="dir", inputs=[base_dir], allow_existing_dir=True)

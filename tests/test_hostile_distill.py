@@ -1,0 +1,148 @@
+"""Issue 25 on `distill prune/train/eval/report` and `personalize report`: bad input or a fault is
+one line `error: <what>: <why>` naming the culprit, exit 2, no traceback, nothing written; a
+damaged cache is rebuilt; a second writer of one output is refused naming the holder; odd but
+valid input works. Tiny everything: the in-code teacher, a TorchScript Inception of a few
+kilobytes, synthetic images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_photos
+from _fid_fixtures import tiny_inception_file
+from _metric_fixtures import write_images
+from personalize.outputs import output_lock
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Result:
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def distill_cli(capsys):
+    from distill.cli import main
+
+    def run(*args) -> Result:
+        code = main([str(a) for a in args])
+        cap = capsys.readouterr()
+        return Result(code, cap.out, cap.err)
+
+    return run
+
+
+def one_line(r: Result, *fragments: str) -> str:
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.err
+    assert "Traceback" not in r.err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    from personalize.backbones import build_tiny_components
+
+    out = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
+    StableDiffusionPipeline(**build_tiny_components(seed=0), requires_safety_checker=False).save_pretrained(
+        out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory) -> Path:
+    from distill.cli import main
+
+    out = tmp_path_factory.mktemp("students") / "bk-tiny"
+    assert main(["prune", "--teacher", str(teacher_dir), "--arch", "bk-tiny", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    root = write_photos(tmp_path_factory.mktemp("kd-data") / "pairs", n=2, size=(72, 80), seed=3)
+    with (root / "metadata.jsonl").open("w") as f:
+        for i, p in enumerate(sorted(root.glob("*.jpg"))):
+            f.write(json.dumps({"file_name": p.name, "text": f"a photo of thing {i}"}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("bench-assets")
+    (d / "prompts.txt").write_text("a cat\na dog\na bird\n")
+    return {"inception": tiny_inception_file(d / "tiny_inception.pt"), "prompts": d / "prompts.txt",
+            "real": write_images(d / "real", list(range(4)))[0].parent}
+
+
+def eval_args(assets, out: Path, **swap) -> list:
+    """`distill eval` on tiny at 64 px, 1 step, no CLIP; `swap` replaces a flag's value
+    (`real_images=None` drops the flag)."""
+    flags = {"--prompts": assets["prompts"], "--inception": assets["inception"], "--real-images": assets["real"]}
+    for k, v in swap.items():
+        flags[f"--{k.replace('_', '-')}"] = v
+    args = ["eval", "--base", "tiny", "-o", out, "--steps", "1", "--resolution", "64", "--resize", "32",
+            "--allow-pickle", "--clip", "none", "--device", "cpu", "--batch-size", "4"]
+    for k, v in flags.items():
+        if v is not None:
+            args += [k, v]
+    return args
+
+
+TRAIN_FAST = ["--steps", "1", "--resolution", "64", "--batch-size", "1", "--gradient-accumulation-steps", "1",
+              "--log-every", "1"]
+
+
+def train_args(teacher_dir, student_dir, captions, out, *extra) -> list:
+    return ["train", "--teacher", teacher_dir, "--student", student_dir, "--data", captions, "-o", out,
+            *TRAIN_FAST, *extra]
+
+
+# ---------------------------------------------------------------------------- distill eval: too few images
+@pytest.mark.parametrize("how", ["limit-1", "one-prompt", "one-real-image"])
+def test_eval_of_fewer_than_two_images_is_one_line_before_generating(how, assets, tmp_path, distill_cli):
+    out = tmp_path / "o"
+    if how == "limit-1":
+        args, culprit = eval_args(assets, out) + ["--limit", "1"], "--limit 1"
+    elif how == "one-prompt":
+        (tmp_path / "one.txt").write_text("a lonely cat\n")
+        args, culprit = eval_args(assets, out, prompts=tmp_path / "one.txt"), "--prompts"
+    else:
+        one = write_images(tmp_path / "one-real", [0])[0].parent
+        args, culprit = eval_args(assets, out, real_images=one), "--real-images"
+    line = one_line(distill_cli(*args), culprit, "at least 2 generated and 2 real images")
+    assert "1" in line
+    assert not out.exists()
+
+
+def test_eval_of_one_image_without_scoring_is_fine(assets, tmp_path, distill_cli):
+    """FID needs two images; generating one does not."""
+    out = tmp_path / "o"
+    r = distill_cli(*eval_args(assets, out), "--limit", "1", "--no-score")
+    assert r.code == 0, r.err
+    assert [p.name for p in (out / "images" / "im32").iterdir()] == ["00000.jpg"]
