@@ -14,6 +14,7 @@ missing file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -342,6 +343,14 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     out = check_output(Path(cfg.output), kind="dir", inputs=[base_dir], allow_existing_dir=True)
     found = preflight(cfg)
     state = process_state()
+    # the main process holds -o's writer lock throughout (a second `distill eval -o OUT` is refused
+    # before it records anything); every process also locks its own shard of the images
+    with output_lock(out) if state.is_main_process else contextlib.nullcontext():
+        return _run(cfg, prompts, base_dir, label, out, found, state, log)
+
+
+def _run(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, out: Path, found: dict, state,
+         log) -> dict | None:
     log = log if state.is_main_process else (lambda *a, **k: None)
     gen = cfg.generation.to_json()
     _check_generation_record(out, gen, base_dir)
@@ -356,8 +365,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     state.wait_for_everyone()
     if not (cfg.score and state.is_main_process):
         return None
-    with output_lock(out / SCORES_FILE):
-        return score(cfg, prompts, base_dir, label, out, found, log=log)
+    return score(cfg, prompts, base_dir, label, out, found, log=log)
 
 
 def _config_json(cfg: EvalConfig) -> dict:

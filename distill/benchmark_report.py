@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 from personalize.errors import UserError
-from personalize.fileio import write_atomic, write_text
-from personalize.outputs import check_output
+from personalize.fileio import write_atomic
+from personalize.outputs import check_output, output_lock
 
 from .benchmark import COLUMNS, SCORES_FILE, markdown_row, markdown_table
 
@@ -111,13 +111,15 @@ def build_report(dirs: list[Path], out: Path, overwrite: bool = False):
     if not docs:
         raise UserError(f"no `distill eval` scores.json under {', '.join(map(str, dirs))}")
     out = check_output(Path(out), kind="dir", inputs=[], allow_existing_dir=True)
-    if not overwrite and any((out / n).exists() for n in OUTPUTS):
-        raise UserError(f"-o {out}: holds a report already; pass --overwrite to replace it")
-    docs.sort(key=lambda d: ((d.get("cost") or {}).get("unet_macs") or 0, d.get("name") or ""))
-    paths = {"md": out / OUTPUTS[0], "csv": out / OUTPUTS[1], "png": out / OUTPUTS[2]}
-    write_text(paths["md"], markdown_table(docs))
-    write_text(paths["csv"], _csv(docs))
-    write_atomic(paths["png"], _png(docs))
+    with output_lock(out):  # a second `distill report -o OUT` is refused, naming this one
+        if not overwrite and any((out / n).exists() for n in OUTPUTS):
+            raise UserError(f"-o {out}: holds a report already; pass --overwrite to replace it")
+        docs.sort(key=lambda d: ((d.get("cost") or {}).get("unet_macs") or 0, d.get("name") or ""))
+        # everything rendered before the first write: a failure leaves no report half-replaced
+        data = {"md": markdown_table(docs), "csv": _csv(docs), "png": _png(docs)}
+        paths = {"md": out / OUTPUTS[0], "csv": out / OUTPUTS[1], "png": out / OUTPUTS[2]}
+        for k, path in paths.items():
+            write_atomic(path, data[k])
     return paths, skipped
 
 

@@ -106,7 +106,14 @@ def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allo
     arch = get_arch(arch_name)
     out = check_output(out, overwrite)
     tpath = resolve_base(teacher, flag="--teacher").path
-    check_output(out, overwrite, inputs=[tpath])  # the student is never written over its teacher
+    with outputs.output_lock(out):  # a second `distill prune -o OUT` is refused, naming this one
+        return _prune(teacher, tpath, arch, out, overwrite, allow_pickle, log)
+
+
+def _prune(teacher: str, tpath: Path, arch: StudentArch, out: Path, overwrite: bool, allow_pickle: bool,
+           log) -> PruneResult:
+    # under the lock: the student is never written over its teacher, nor over what another writer left
+    check_output(out, overwrite, inputs=[tpath])
     log(f"teacher {teacher} -> {tpath}")
     checked_student_config(_read_unet_config(tpath), arch, teacher)  # before reading any weights
     teacher_unet = load_unet(tpath, allow_pickle)

@@ -16,7 +16,9 @@ loss CSV + TensorBoard):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from personalize.backbones import is_pipeline_dir
 from personalize.errors import UserError
 from personalize.fileio import write_text
 from personalize.monitor import Sampler
+from personalize.outputs import output_lock
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
 from .config import DistillConfig
@@ -178,15 +181,26 @@ def _hooks(cfg: DistillConfig, out: Path, device, vae, text_encoder, tokenizer, 
     return hooks, ema
 
 
+def _is_main_launch_process() -> bool:
+    """Rank 0 of an `accelerate launch` / torchrun group (they set RANK), or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def train(cfg: DistillConfig, log=print) -> Path:
-    """Run BK-SDM KD training; returns the written student pipeline directory."""
+    """Run BK-SDM KD training; returns the written student pipeline directory. The main process
+    holds the run dir's writer lock throughout: a second `distill train -o OUT` is refused."""
+    out = Path(cfg.output).expanduser()
+    with output_lock(out) if _is_main_launch_process() else contextlib.nullcontext():
+        return _train(cfg, out, log)
+
+
+def _train(cfg: DistillConfig, out: Path, log) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from personalize.checkpoints import list_checkpoints
     from personalize.fit import FitConfig, fit, make_accelerator
 
-    out = Path(cfg.output).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
     if not cfg.resume and list_checkpoints(out):

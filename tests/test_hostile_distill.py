@@ -146,3 +146,87 @@ def test_eval_of_one_image_without_scoring_is_fine(assets, tmp_path, distill_cli
     r = distill_cli(*eval_args(assets, out), "--limit", "1", "--no-score")
     assert r.code == 0, r.err
     assert [p.name for p in (out / "images" / "im32").iterdir()] == ["00000.jpg"]
+
+
+# ---------------------------------------------------------------------------- concurrent writers
+def fake_distill_scores(d: Path, name: str = "m", **over) -> Path:
+    """A scores.json as `distill eval` writes it (the fields `distill report` reads)."""
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {"name": name, "base": name, "fid": 12.5, "is": 3.0, "is_std": 0.1, "clip_score": 0.25, "n_images": 4,
+           "cost": {"unet_params": 10**6, "pipeline_params": 2 * 10**6, "unet_macs": 3 * 10**9}, **over}
+    (d / "scores.json").write_text(json.dumps(doc))
+    return d / "scores.json"
+
+
+def fake_personalize_scores(d: Path, subject: str = "dog", text: str | None = None) -> Path:
+    """A scores.json as `personalize eval` writes it (no run.json: the doc describes its run)."""
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {"scores": {"dino": 0.5, "clip_i": 0.6, "clip_t": 0.3, "n_images": 4},
+           "run": {"method": "lora", "base": "tiny"}, "subject": {"name": subject}}
+    (d / "scores.json").write_text(text if text is not None else json.dumps(doc))
+    return d / "scores.json"
+
+
+@pytest.fixture
+def holder():
+    """Another process holding the writer's lock of a path (killed at the end, as kill -9 would)."""
+    procs = []
+
+    def hold(path: Path) -> int:
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from personalize.outputs import output_lock
+            with output_lock({str(path)!r}):
+                print("held", flush=True)
+                time.sleep(120)
+            """)], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "held"
+        return p.pid
+
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_prune_into_one_output_is_refused_naming_the_holder(teacher_dir, tmp_path, holder, distill_cli):
+    out = tmp_path / "student"
+    pid = holder(out)  # a first `distill prune -o student`, still writing
+    one_line(distill_cli("prune", "--teacher", teacher_dir, "--arch", "bk-tiny", "-o", out),
+             f"-o {out}", f"pid {pid}", "is writing it")
+    assert not out.exists()
+
+
+def test_a_second_train_into_one_run_dir_is_refused(teacher_dir, student_dir, captions, tmp_path, distill_cli):
+    out = tmp_path / "run"
+    with output_lock(out):
+        r = distill_cli(*train_args(teacher_dir, student_dir, captions, out))
+    one_line(r, f"-o {out}", "is writing it")
+    assert not out.exists()
+
+
+def test_a_second_eval_into_one_folder_is_refused_before_any_record(assets, tmp_path, distill_cli):
+    out = tmp_path / "o"
+    with output_lock(out):
+        r = distill_cli(*eval_args(assets, out))
+    one_line(r, f"-o {out}", "is writing it")
+    assert not out.exists()
+
+
+def test_a_second_distill_report_into_one_folder_is_refused(tmp_path, distill_cli):
+    fake_distill_scores(tmp_path / "evals" / "a")
+    out = tmp_path / "report"
+    with output_lock(out):
+        r = distill_cli("report", tmp_path / "evals", "-o", out)
+    one_line(r, f"{out}", "is writing it")
+    assert not out.exists()
+
+
+def test_a_second_personalize_report_into_one_folder_is_refused(tmp_path, cli):
+    fake_personalize_scores(tmp_path / "runs" / "dog" / "eval")
+    out = tmp_path / "report"
+    with output_lock(out):
+        r = cli("report", tmp_path / "runs", "--out", out)
+    one_line(r, f"{out}", "is writing it")
+    assert not out.exists()
