@@ -230,3 +230,58 @@ def test_a_second_personalize_report_into_one_folder_is_refused(tmp_path, cli):
         r = cli("report", tmp_path / "runs", "--out", out)
     one_line(r, f"{out}", "is writing it")
     assert not out.exists()
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + diffusers
+def test_two_real_prunes_into_one_output_one_wins_the_other_is_one_line(teacher_dir, tmp_path):
+    import os
+
+    out = tmp_path / "student"
+    cmd = [sys.executable, "-m", "distill", "prune", "--teacher", str(teacher_dir), "--arch", "bk-tiny", "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = sorted(((p.wait(timeout=300), p.stderr.read()) for p in procs), key=lambda r: r[0])
+    assert [code for code, _ in results] == [0, 2], results
+    err = results[1][1].strip().splitlines()
+    # refused while the first writes, or (if it started after) because the first has finished
+    assert len(err) == 1 and ("is writing it" in err[0] or "already exists" in err[0]), err
+    from diffusers import StableDiffusionPipeline
+
+    assert StableDiffusionPipeline.from_pretrained(out).unet.mid_block is None
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no temp folder, no lock file
+
+
+# ---------------------------------------------------------------------------- warnings: one form
+WARNING = r"^warning: skipped (\S+scores\.json): (.+)$"
+
+
+def test_warn_is_one_line_on_stderr(capsys):
+    from personalize.errors import warn
+
+    warn("runs/x/scores.json", "skipped, unreadable")
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err == "warning: runs/x/scores.json: skipped, unreadable\n"
+
+
+def test_both_reports_print_a_skipped_scores_file_in_one_form(tmp_path, distill_cli, cli):
+    import re
+
+    evals = tmp_path / "evals"
+    fake_distill_scores(evals / "good")
+    (evals / "bad").mkdir(parents=True)
+    (evals / "bad" / "scores.json").write_text("{ damaged")
+    r = distill_cli("report", evals, "-o", tmp_path / "r1")
+    assert r.code == 1 and (tmp_path / "r1" / "benchmark.md").is_file()  # written, but not all inputs made it
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and re.match(WARNING, lines[0]), r.err
+    assert re.match(WARNING, lines[0])[1] == str(evals / "bad" / "scores.json")
+
+    runs = tmp_path / "runs"
+    fake_personalize_scores(runs / "dog" / "eval")
+    fake_personalize_scores(runs / "cat" / "eval", text="{ damaged")
+    r = cli("report", runs, "--out", tmp_path / "r2")
+    assert r.code == 1
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and re.match(WARNING, lines[0]), r.err
+    assert re.match(WARNING, lines[0])[1] == str(runs / "cat" / "eval" / "scores.json")
