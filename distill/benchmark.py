@@ -23,11 +23,12 @@ from pathlib import Path
 
 from personalize.backbones import cache_root
 from personalize.cost import fmt_macs, fmt_params, pipeline_cost
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line, warn
 from personalize.fileio import write_json, write_text
 from personalize.outputs import check_output, output_lock
 
-from .coco import COCO30K, COCO_ENV, GenerationConfig, Prompt, coco_candidates, generate, image_paths, read_prompts
+from .coco import (COCO30K, COCO_ENV, GenerationConfig, Prompt, coco_candidates, generate, image_paths, is_done,
+                   read_prompts)
 
 GENERATION_FILE = "generation.json"
 SCORES_FILE = "scores.json"
@@ -110,32 +111,48 @@ def real_stats_path(cfg: EvalConfig) -> Path | None:
                     f"scripts/get_mscoco_files.sh) or --real-images DIR (statistics computed once and cached)")
 
 
-def preflight(cfg: EvalConfig) -> dict:
-    """Everything scoring needs, checked before generation: one line naming what is missing."""
+def _score_device(cfg: EvalConfig) -> str:
+    import torch
+
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def preflight(cfg: EvalConfig, main: bool = True, log=print) -> dict:
+    """Everything scoring needs, on the main process before generation: missing, damaged or
+    wrong-kind inputs are one line now, not after the last image. The Inception is loaded (and run
+    once), the real statistics read and matched to it, or computed from --real-images (cached)."""
+    if not (cfg.score and main):
+        return {}
     from personalize.evaluation import fid as F
-    from personalize.evaluation.inception import default_path, HOW_TO_GET
+    from personalize.evaluation.inception import HOW_TO_GET, default_path, load_inception
 
-    found = {}
-    if cfg.score:
-        stats = real_stats_path(cfg)
-        if stats is not None:
-            F.load_stats(stats)  # missing/malformed: one line, now
-            found["real_stats"] = stats
-        else:
-            d = Path(cfg.real_images).expanduser()
-            if not d.is_dir() or not _image_files(d):
-                raise UserError(f"--real-images {cfg.real_images}: no such folder or no images in it")
-            if len(_image_files(d)) < 2:
-                raise UserError(f"--real-images {cfg.real_images}: 1 image; {FID_NEEDS}")
-            found["real_images"] = d
-        inc = Path(cfg.inception).expanduser() if cfg.inception else default_path()
-        if not inc.is_file():
-            raise UserError(f"FID Inception {inc}: no such file; {HOW_TO_GET}")
-        if cfg.clip.lower() != "none":
-            from personalize.evaluation.evaluators import resolve_model
+    stats, real = real_stats_path(cfg), None
+    if stats is not None:
+        mu, sigma = F.load_stats(stats)  # missing/malformed/non-finite: one line, now
+    else:
+        real = Path(cfg.real_images).expanduser()
+        if not real.is_dir() or not _image_files(real):
+            raise UserError(f"--real-images {cfg.real_images}: no such folder or no images in it")
+        if len(_image_files(real)) < 2:
+            raise UserError(f"--real-images {cfg.real_images}: 1 image; {FID_NEEDS}")
+    inc = Path(cfg.inception).expanduser() if cfg.inception else default_path()
+    if not inc.is_file():
+        raise UserError(f"FID Inception {inc}: no such file; {HOW_TO_GET}")
+    if cfg.clip.lower() != "none":
+        from personalize.evaluation.evaluators import resolve_model
 
-            resolve_model(cfg.clip, what="CLIP", flag="--clip", needs=())
-    return found
+        resolve_model(cfg.clip, what="CLIP", flag="--clip", needs=())
+    device = _score_device(cfg)
+    net = load_inception(cfg.inception or None, cfg.allow_pickle, device=device)  # damaged / not one: one line
+    if real is None:
+        if mu.numel() != net.dim:
+            raise UserError(f"--real-stats {stats}: {mu.numel()}-d statistics, but the FID Inception ({net.name}) "
+                            f"gives {net.dim}-d features; use statistics made with the same Inception")
+        src = str(stats)
+    else:
+        mu, sigma, cached = real_images_stats(real, net, cfg.generation.resize, cfg.score_batch_size, log)
+        src = f"{real} (stats {cached})"
+    return {"inception": net, "real": (mu, sigma, src), "device": device}
 
 
 # ---------------------------------------------------------------------------- generation
@@ -145,8 +162,11 @@ def _check_generation_record(out: Path, gen: dict, base_dir: Path) -> None:
         return
     try:
         before = json.loads(f.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{f}: unreadable; cannot tell which protocol made the images there") from None
+    if not isinstance(before, dict) or not isinstance(before.get("generation"), dict):
+        raise UserError(f"{f}: not a `distill eval` generation record (no 'generation' object); cannot tell which "
+                        f"protocol made the images there")
     if before.get("generation") != gen:
         k = next(k for k in gen if (before.get("generation") or {}).get(k) != gen[k])
         raise UserError(f"-o {out}: its images were made with {k}={(before.get('generation') or {}).get(k)!r}, "
@@ -167,7 +187,7 @@ def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: 
     device = pick_device(cfg.device) if cfg.device else state.device
     dtype = pick_dtype(cfg.generation.dtype, device)
     with output_lock(out / f"shard-{rank}-of-{world}"):
-        todo = [p for p in prompts[rank::world] if not image_paths(out, p, cfg.generation)[1].is_file()]
+        todo = [p for p in prompts[rank::world] if not is_done(out, p, cfg.generation)]
         if not todo:
             log(f"[{rank}/{world}] all {len(prompts[rank::world])} images already there")
             _record_shard(out, rank, world, [])
@@ -196,28 +216,34 @@ def _image_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _load_uint8(paths: list[Path], size: int | None = None):
+def _load_uint8(paths: list[Path], size: int | None = None, flag: str = ""):
+    """uint8 [n, 3, H, W] of image files; one that does not decode is a one-line UserError naming
+    it (`flag`: the option it came from; none: a generated image, which a rerun draws again)."""
     import numpy as np
     import torch
     from PIL import Image
 
     arrs = []
     for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if size and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            arrs.append(np.asarray(im))
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if size and im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                arrs.append(np.asarray(im))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            fix = "" if flag else "; run `distill eval` without --no-generate to draw it again"
+            raise UserError(f"{flag + ' ' if flag else ''}{p}: unreadable image ({one_line(e)}){fix}") from None
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-def inception_outputs(net, paths: list[Path], batch_size: int, size: int | None = None):
+def inception_outputs(net, paths: list[Path], batch_size: int, size: int | None = None, flag: str = ""):
     """(pool [n, d], logits [n, c] or None) of image files, read one batch at a time."""
     import torch
 
     pools, logits = [], []
     for i in range(0, len(paths), batch_size):
-        o = net(_load_uint8(paths[i:i + batch_size], size))
+        o = net(_load_uint8(paths[i:i + batch_size], size, flag))
         pools.append(o["pool"])
         if o["logits"] is not None:
             logits.append(o["logits"])
@@ -236,10 +262,14 @@ def real_images_stats(d: Path, net, size: int, batch_size: int, log=print):
         h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cached = cache_root() / "fid_stats" / f"{h.hexdigest()[:20]}.npz"
     if cached.is_file():
-        log(f"real-image statistics from the cache ({cached})")
-        return (*F.load_stats(cached), cached)
+        try:
+            mu, sigma = F.load_stats(cached, flag="cached statistics")
+            log(f"real-image statistics from the cache ({cached})")
+            return mu, sigma, cached
+        except UserError as e:  # a damaged cache is computed again, never trusted
+            warn(cached, f"damaged FID statistics cache ({str(e).split(': ', 1)[-1]}); computing it again")
     log(f"computing FID statistics of {len(files)} real images in {d} (once; cached)")
-    pool, _ = inception_outputs(net, files, batch_size, size)
+    pool, _ = inception_outputs(net, files, batch_size, size, flag="--real-images")
     mu, sigma = F.feature_stats(pool)
     F.save_stats(cached, mu, sigma)
     return mu, sigma, cached
@@ -248,10 +278,7 @@ def real_images_stats(d: Path, net, size: int, batch_size: int, log=print):
 def score(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, out: Path, found: dict,
           log=print) -> dict:
     """scores.json + scores.md of the images on disk (all of the prompts' must be there)."""
-    import torch
-
     from personalize.evaluation import fid as F
-    from personalize.evaluation.inception import load_inception
 
     g = cfg.generation
     paths = [image_paths(out, p, g)[1] for p in prompts]
@@ -259,18 +286,12 @@ def score(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, ou
     if missing:
         raise UserError(f"{len(missing)} of {len(paths)} images missing in {missing[0].parent} (first: {missing[0].name}); "
                         f"run `distill eval` without --no-generate to make them")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_inception(cfg.inception or None, cfg.allow_pickle, device=device)
+    device, net = found["device"], found["inception"]
     log(f"scoring {len(paths)} images: Inception ({net.name})")
     pool, logits = inception_outputs(net, paths, cfg.score_batch_size)
     mu, sigma = F.feature_stats(pool)
     F.save_stats(out / GEN_STATS, mu, sigma)
-    if "real_stats" in found:
-        rmu, rsigma = F.load_stats(found["real_stats"])
-        real_src = str(found["real_stats"])
-    else:
-        rmu, rsigma, cached = real_images_stats(found["real_images"], net, g.resize, cfg.score_batch_size, log)
-        real_src = f"{found['real_images']} (stats {cached})"
+    rmu, rsigma, real_src = found["real"]
     fid = F.frechet_distance(mu, sigma, rmu, rsigma)
     is_mean = is_std = None
     is_note = None
@@ -341,11 +362,11 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     resolved = resolve_base(cfg.base)
     base_dir, label = resolved.path, resolved.name
     out = check_output(Path(cfg.output), kind="dir", inputs=[base_dir], allow_existing_dir=True)
-    found = preflight(cfg)
     state = process_state()
     # the main process holds -o's writer lock throughout (a second `distill eval -o OUT` is refused
     # before it records anything); every process also locks its own shard of the images
     with output_lock(out) if state.is_main_process else contextlib.nullcontext():
+        found = preflight(cfg, state.is_main_process, log)
         return _run(cfg, prompts, base_dir, label, out, found, state, log)
 
 

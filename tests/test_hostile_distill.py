@@ -285,3 +285,128 @@ def test_both_reports_print_a_skipped_scores_file_in_one_form(tmp_path, distill_
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and re.match(WARNING, lines[0]), r.err
     assert re.match(WARNING, lines[0])[1] == str(runs / "cat" / "eval" / "scores.json")
+
+
+# ---------------------------------------------------------------------------- distill eval: damaged / wrong-kind inputs
+def _stats(path: Path, mu, sigma) -> Path:
+    np.savez(path, mu=mu, sigma=sigma)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["not-npz", "no-sigma", "mu-2d", "other-extractor", "non-finite", "empty"])
+def test_eval_bad_real_stats_are_one_line_before_generating(kind, assets, tmp_path, distill_cli):
+    f = tmp_path / "real.npz"
+    if kind == "not-npz":
+        f.write_text("mu,sigma\n1,2\n")
+    elif kind == "no-sigma":
+        np.savez(f, mu=np.zeros(48))
+    elif kind == "mu-2d":
+        _stats(f, np.zeros((48, 1)), np.eye(48))
+    elif kind == "other-extractor":  # pytorch-fid's 2048-d statistics, a 48-d Inception here
+        _stats(f, np.zeros(2048), np.eye(2048))
+    elif kind == "non-finite":
+        _stats(f, np.full(48, np.nan), np.eye(48))
+    else:
+        _stats(f, np.zeros(0), np.zeros((0, 0)))
+    out = tmp_path / "o"
+    one_line(distill_cli(*eval_args(assets, out, real_images=None, real_stats=f)), f"--real-stats {f}")
+    assert not out.exists()
+
+
+def test_eval_real_stats_of_the_inceptions_size_work(assets, tmp_path, distill_cli):
+    """Odd but valid: hand-made statistics of the right size (identity covariance)."""
+    f = _stats(tmp_path / "real.npz", np.zeros(48), np.eye(48))
+    r = distill_cli(*eval_args(assets, tmp_path / "o", real_images=None, real_stats=f), "--limit", "2")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "o" / "scores.json").read_text())["fid"] > 0
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "not-an-inception"])
+def test_eval_bad_inception_is_one_line_before_generating(kind, assets, tmp_path, distill_cli):
+    f = tmp_path / "inception.pt"
+    if kind == "garbage":
+        f.write_bytes(b"\x07" * 5000)
+    elif kind == "truncated":
+        data = assets["inception"].read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    else:  # a TorchScript file, but of a model that does not take images
+        torch.jit.save(torch.jit.script(torch.nn.Linear(10, 4)), str(f))
+    out = tmp_path / "o"
+    one_line(distill_cli(*eval_args(assets, out, inception=f)), f"--inception {f}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_eval_damaged_real_image_is_one_line_naming_it_before_generating(damage, assets, tmp_path, distill_cli):
+    real = tmp_path / "real"
+    shutil.copytree(assets["real"], real)
+    victim = sorted(real.iterdir())[1]
+    data = victim.read_bytes()
+    victim.write_bytes({"garbage": b"\x07" * 300, "truncated": data[: len(data) // 2], "empty": b""}[damage])
+    out = tmp_path / "o"
+    one_line(distill_cli(*eval_args(assets, out, real_images=real)), str(victim))
+    assert not out.exists()
+
+
+def test_a_damaged_real_image_statistics_cache_is_rebuilt(assets, tmp_path, monkeypatch):
+    from distill.benchmark import real_images_stats
+    from personalize.evaluation.inception import load_inception
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "cache"))
+    net = load_inception(assets["inception"], allow_pickle=True)
+    mu, sigma, cached = real_images_stats(assets["real"], net, 32, 4, log=lambda *a: None)
+    cached.write_bytes(cached.read_bytes()[:40])  # a disk that filled, a copy that was cut short
+    mu2, sigma2, again = real_images_stats(assets["real"], net, 32, 4, log=lambda *a: None)
+    assert again == cached and torch.equal(mu, mu2) and torch.equal(sigma, sigma2)
+    from personalize.evaluation.fid import load_stats
+
+    assert torch.equal(load_stats(cached)[0], mu)  # the cache is whole again
+
+
+def test_eval_redraws_a_damaged_generated_image_and_scoring_names_one(assets, tmp_path, distill_cli):
+    out = tmp_path / "o"
+    assert distill_cli(*eval_args(assets, out), "--limit", "2", "--no-score").code == 0
+    small = out / "images" / "im32" / "00001.jpg"
+    good = small.read_bytes()
+    small.write_bytes(b"\x07" * 100)  # damaged after it was written: not trusted as done
+    assert distill_cli(*eval_args(assets, out), "--limit", "2", "--no-score").code == 0
+    assert small.read_bytes() == good  # drawn again, the same image (its own seed)
+    small.write_bytes(good[: len(good) // 2])  # truncated: only a full decode sees it
+    one_line(distill_cli(*eval_args(assets, out), "--limit", "2", "--no-generate"), str(small))
+    assert not (out / "scores.json").exists()
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '{"generation": [1]}', "{ damaged"])
+def test_eval_wrong_kind_generation_record_is_one_line(record, assets, tmp_path, distill_cli):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "generation.json").write_text(record)
+    one_line(distill_cli(*eval_args(assets, out)), str(out / "generation.json"))
+    assert [p.name for p in out.iterdir()] == ["generation.json"] and (out / "generation.json").read_text() == record
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "empty", "huge", "a-folder"])
+def test_eval_bad_prompts_file_is_one_line(kind, assets, tmp_path, distill_cli):
+    f = tmp_path / "prompts.txt"
+    if kind == "not-utf8":
+        f.write_bytes("a caf\u00e9\n".encode("latin-1"))
+    elif kind == "empty":
+        f.write_text("\n\n")
+    elif kind == "huge":
+        with f.open("wb") as fh:
+            fh.truncate(65 << 20)  # sparse: 65 MiB of nothing
+    else:
+        f.mkdir()
+    out = tmp_path / "o"
+    one_line(distill_cli(*eval_args(assets, out, prompts=f)), f"--prompts {f}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "-1"), ("--steps", "0"), ("--resolution", "7"),
+                                         ("--resize", "0"), ("--batch-size", "0"), ("--score-batch-size", "0"),
+                                         ("--is-splits", "0"), ("--guidance-scale", "nan"),
+                                         ("--guidance-scale", "-1")])
+def test_eval_out_of_range_numbers_are_one_line(flag, value, assets, tmp_path, distill_cli):
+    out = tmp_path / "o"
+    one_line(distill_cli(*eval_args(assets, out), flag, value), flag)
+    assert not out.exists()
