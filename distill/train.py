@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from personalize.backbones import is_pipeline_dir
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line
 from personalize.fileio import write_text
 from personalize.monitor import Sampler
 from personalize.outputs import output_lock
@@ -61,8 +61,10 @@ def check_resume_config(cfg: DistillConfig, run_dir: Path) -> None:
         return
     try:
         before = json.loads(f.read_text())["config"]
-    except (json.JSONDecodeError, KeyError):
-        raise UserError(f"{f}: unreadable; cannot check that --resume continues the same run") from None
+        if not isinstance(before, dict):
+            raise TypeError("'config' is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{f}: unreadable ({one_line(e)}); cannot check that --resume continues the same run") from None
     now = _normalised(cfg.to_json())
     before = _normalised(before)
     diff = [k for k in now if k not in DistillConfig.RESUMABLE_CHANGES and before.get(k) != now[k]]

@@ -410,3 +410,90 @@ def test_eval_out_of_range_numbers_are_one_line(flag, value, assets, tmp_path, d
     out = tmp_path / "o"
     one_line(distill_cli(*eval_args(assets, out), flag, value), flag)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- distill train
+def digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def kd_run(teacher_dir, student_dir, captions, tmp_path_factory) -> Path:
+    """A finished two-step KD run."""
+    from distill.cli import main
+
+    out = tmp_path_factory.mktemp("kd") / "run"
+    assert main([str(a) for a in train_args(teacher_dir, student_dir, captions, out, "--steps", "2")]) == 0
+    return out
+
+
+def test_train_data_folder_with_a_damaged_image_is_one_line_naming_it(teacher_dir, student_dir, captions, tmp_path,
+                                                                      distill_cli):
+    """Files of a folder are decoded up front (a table's image bytes are skipped when met instead:
+    tests/test_distill_data.py)."""
+    data = tmp_path / "pairs"
+    shutil.copytree(captions, data)
+    (data / "zz.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with (data / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "zz.jpg", "text": "a damaged photo"}) + "\n")
+    one_line(distill_cli(*train_args(teacher_dir, student_dir, data, tmp_path / "run")), "zz.jpg", "--data")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--lambda-sd", "nan"), ("--lambda-kd-out", "inf"),
+    ("--lambda-kd-feat", "-1"), ("--seed", "-5"), ("--seed", str(2**64)), ("--ema-decay", "2"), ("--ema-decay", "nan"),
+    ("--batch-size", "0"), ("--resolution", "7"), ("--steps", "0"), ("--checkpoint-every", "-1"),
+    ("--gradient-accumulation-steps", "0"), ("--log-every", "0"), ("--num-valid-images", "0"),
+])
+def test_train_out_of_range_numbers_are_one_line(flag, value, teacher_dir, student_dir, captions, tmp_path,
+                                                 distill_cli):
+    out = tmp_path / "run"
+    one_line(distill_cli(*train_args(teacher_dir, student_dir, captions, out, flag, value)), flag)
+    assert not out.exists()
+
+
+def test_train_with_every_loss_weighted_zero_is_one_line(teacher_dir, student_dir, captions, tmp_path, distill_cli):
+    out = tmp_path / "run"
+    r = distill_cli(*train_args(teacher_dir, student_dir, captions, out, "--lambda-sd", "0", "--lambda-kd-out", "0",
+                                "--lambda-kd-feat", "0"))
+    one_line(r, "--lambda-sd", "--lambda-kd-out", "--lambda-kd-feat")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '{"config": [1]}', '{"config": {"lr": 1}, "x": 1', "\udcff"])
+def test_train_resume_with_a_damaged_run_record_is_one_line(record, kd_run, teacher_dir, student_dir, captions,
+                                                            tmp_path, distill_cli):
+    run = tmp_path / "run"
+    shutil.copytree(kd_run, run)
+    (run / "distill.json").write_bytes(record.encode("utf-8", "surrogateescape"))
+    before = digest(run)
+    r = distill_cli(*train_args(teacher_dir, student_dir, captions, run, "--steps", "3", "--resume"))
+    one_line(r, str(run / "distill.json"))
+    assert digest(run) == before
+
+
+@pytest.mark.parametrize("extra, changed", [(["--lr", "1e-3"], "lr"), (["--seed", "7"], "seed"),
+                                           (["--lambda-kd-feat", "0.5"], "kd")])
+def test_train_resume_with_changed_settings_is_one_line(extra, changed, kd_run, teacher_dir, student_dir, captions,
+                                                        tmp_path, distill_cli):
+    run = tmp_path / "run"
+    shutil.copytree(kd_run, run)
+    before = digest(run)
+    r = distill_cli(*train_args(teacher_dir, student_dir, captions, run, "--steps", "3", "--resume", *extra))
+    one_line(r, "--resume", f"{changed} was")
+    assert digest(run) == before
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_train_with_a_damaged_unet_is_one_line_naming_it(which, teacher_dir, student_dir, captions, tmp_path,
+                                                         distill_cli):
+    src = teacher_dir if which == "teacher" else student_dir
+    bad = tmp_path / which
+    shutil.copytree(src, bad)
+    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    args = train_args(bad if which == "teacher" else teacher_dir, bad if which == "student" else student_dir,
+                      captions, tmp_path / "run")
+    one_line(distill_cli(*args), str(bad / "unet"))
+    assert not (tmp_path / "run").exists()
