@@ -88,11 +88,28 @@ class Precomputed:
 
     @staticmethod
     def valid(root: Path, fingerprint: dict) -> bool:
+        """The cache is for this data and model, and whole: every shard opens (safetensors checks
+        its header covers the file) and holds its rows. Anything else is recomputed, never trusted."""
+        from safetensors import SafetensorError
+
         f = root / "meta.json"
         try:
-            return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fingerprint
-        except (json.JSONDecodeError, AttributeError):  # unreadable cache: recompute it
+            meta = json.loads(f.read_text()) if f.is_file() else None
+            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+                return False
+            return all(Precomputed._shard_rows(root, s) == min(Precomputed.SHARD, meta["n"] - s * Precomputed.SHARD)
+                       for s in range(-(-meta["n"] // Precomputed.SHARD)))
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; SafetensorError: a damaged shard
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return False
+
+    @staticmethod
+    def _shard_rows(root: Path, s: int) -> int | None:
+        from safetensors import safe_open
+
+        with safe_open(str(root / f"shard-{s:05d}.safetensors"), framework="pt") as f:
+            rows = {f.get_slice(k).get_shape()[0] for k in f.keys()}
+        return rows.pop() if len(rows) == 1 else None
 
     def _shard(self, i: int):
         from safetensors import safe_open

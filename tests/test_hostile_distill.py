@@ -497,3 +497,22 @@ def test_train_with_a_damaged_unet_is_one_line_naming_it(which, teacher_dir, stu
                       captions, tmp_path / "run")
     one_line(distill_cli(*args), str(bad / "unet"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated-shard", "missing-shard"])
+def test_train_rebuilds_a_damaged_precomputed_cache_on_resume(damage, teacher_dir, student_dir, captions, tmp_path,
+                                                              distill_cli):
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    args = train_args(teacher_dir, student_dir, captions, run, "--precompute", "--checkpoint-every", "1")
+    assert distill_cli(*args).code == 0
+    shard = run / "precomputed" / "shard-00000.safetensors"
+    if damage == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[:300])
+    else:
+        shard.unlink()
+    r = distill_cli(*args, "--steps", "2", "--resume")
+    assert r.code == 0, r.err
+    with safe_open(str(shard), framework="pt") as f:  # whole again
+        assert f.get_slice("latent").get_shape()[0] == 2
