@@ -516,3 +516,93 @@ def test_train_rebuilds_a_damaged_precomputed_cache_on_resume(damage, teacher_di
     assert r.code == 0, r.err
     with safe_open(str(shard), framework="pt") as f:  # whole again
         assert f.get_slice("latent").get_shape()[0] == 2
+
+
+# ---------------------------------------------------------------------------- distill report / personalize report: inputs
+@pytest.mark.parametrize("over, why", [
+    ({"fid": "low"}, "fid"), ({"cost": [1, 2]}, "cost"), ({"cost": {"unet_macs": "many"}}, "cost.unet_macs"),
+    ({"name": ["a"]}, "name"), ({"n_images": "4"}, "n_images"), ({"is": True}, "is"),
+])
+def test_distill_report_skips_a_wrong_kind_scores_file_with_a_warning(over, why, tmp_path, distill_cli):
+    evals = tmp_path / "evals"
+    fake_distill_scores(evals / "good", name="good")
+    bad = fake_distill_scores(evals / "bad", **{"name": "bad", **over})
+    r = distill_cli("report", evals, "-o", tmp_path / "r")
+    lines = r.err.strip().splitlines()
+    assert r.code == 1 and len(lines) == 1 and lines[0].startswith(f"warning: skipped {bad}: ") and why in lines[0]
+    assert "Traceback" not in r.err
+    assert "| good |" in (tmp_path / "r" / "benchmark.md").read_text()
+    assert "bad" not in (tmp_path / "r" / "benchmark.csv").read_text()
+
+
+@pytest.mark.parametrize("kind", ["damaged", "not-utf8", "personalize-scores", "wrong-types", "huge"])
+def test_distill_report_of_only_unusable_inputs_is_one_line_naming_one(kind, tmp_path, distill_cli):
+    d = tmp_path / "evals" / "x"
+    d.mkdir(parents=True)
+    f = d / "scores.json"
+    if kind == "damaged":
+        f.write_text('{"fid": 1.0, "cost": {')
+    elif kind == "not-utf8":
+        f.write_bytes(b'{"name": "caf\xe9"}')
+    elif kind == "personalize-scores":
+        fake_personalize_scores(d)
+    elif kind == "wrong-types":
+        fake_distill_scores(d, fid="low")
+    else:
+        fake_distill_scores(d, name="x" * (17 << 20))
+    r = distill_cli("report", tmp_path / "evals", "-o", tmp_path / "r")
+    one_line(r, str(f), "no `distill eval` scores.json to report")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty-dir", "a-text-file"])
+def test_distill_report_input_that_is_no_eval_output_is_one_line(kind, tmp_path, distill_cli):
+    x = tmp_path / "x"
+    if kind == "empty-dir":
+        x.mkdir()
+    elif kind == "a-text-file":
+        x.write_text("not a scores file\n")
+    one_line(distill_cli("report", x, "-o", tmp_path / "r"), str(x))
+    assert not (tmp_path / "r").exists()
+
+
+def test_distill_report_output_that_is_a_file_is_one_line(tmp_path, distill_cli):
+    fake_distill_scores(tmp_path / "evals" / "a")
+    (tmp_path / "r").write_text("mine")
+    one_line(distill_cli("report", tmp_path / "evals", "-o", tmp_path / "r"), f"-o {tmp_path / 'r'}")
+    assert (tmp_path / "r").read_text() == "mine"
+
+
+def test_distill_report_of_a_score_without_fid_or_macs_works(tmp_path, distill_cli):
+    """Odd but valid: an eval whose FID is missing (null) or whose cost has no MAC count."""
+    fake_distill_scores(tmp_path / "evals" / "a", name="no-fid", fid=None)
+    fake_distill_scores(tmp_path / "evals" / "b", name="no-macs", cost={"unet_params": 5})
+    r = distill_cli("report", tmp_path / "evals", "-o", tmp_path / "r")
+    assert r.code == 0, r.err
+    md = (tmp_path / "r" / "benchmark.md").read_text()
+    assert "| no-fid | - |" in md and "| no-macs |" in md
+
+
+def test_personalize_report_skips_a_non_utf8_scores_file_with_a_warning(tmp_path, cli):
+    runs = tmp_path / "runs"
+    fake_personalize_scores(runs / "dog" / "eval")
+    bad = runs / "cat" / "eval" / "scores.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b'{"scores": "caf\xe9"}')
+    r = cli("report", runs)
+    lines = r.err.strip().splitlines()
+    assert r.code == 1 and len(lines) == 1 and lines[0].startswith(f"warning: skipped {bad}: "), r.err
+
+
+@pytest.mark.parametrize("kind", ["runs-dir-is-a-file", "out-is-a-file"])
+def test_personalize_report_wrong_kind_paths_are_one_line(kind, tmp_path, cli):
+    runs = tmp_path / "runs"
+    fake_personalize_scores(runs / "dog" / "eval")
+    if kind == "runs-dir-is-a-file":
+        (tmp_path / "f").write_text("x")
+        one_line(cli("report", tmp_path / "f"), str(tmp_path / "f"))
+    else:
+        (tmp_path / "out").write_text("mine")
+        one_line(cli("report", runs, "--out", tmp_path / "out"), f"--out {tmp_path / 'out'}")
+        assert (tmp_path / "out").read_text() == "mine"
+    assert not (runs / "report.md").exists()

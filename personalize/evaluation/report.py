@@ -57,8 +57,8 @@ def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if any(part.startswith(".") for part in sp.relative_to(runs_dir).parts):
             continue
         try:
-            doc = json.loads(sp.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            doc = json.loads(sp.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             skipped.append((sp, f"unreadable ({type(e).__name__})"))
             continue
         why = _why_not_scores(doc)
@@ -68,8 +68,8 @@ def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         # the innermost run holding it: a step dir's own scores describe the step, not its run
         rj = next((d / RUN_JSON for d in sp.parents if d in run_dirs), None)
         try:
-            run = json.loads(rj.read_text()) if rj else None
-        except (OSError, json.JSONDecodeError) as e:
+            run = json.loads(rj.read_text(encoding="utf-8")) if rj else None
+        except (OSError, ValueError) as e:
             skipped.append((sp, f"its {rj} is unreadable ({type(e).__name__})"))
             continue
         info = run_summary(run) if isinstance(run, dict) else {
