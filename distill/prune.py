@@ -15,7 +15,7 @@ from pathlib import Path
 
 from personalize.architectures import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
 from personalize import outputs
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line
 from personalize.fileio import atomic_dir
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
@@ -39,9 +39,12 @@ def _read_unet_config(pipeline_dir: Path) -> dict:
     if not f.is_file():
         raise UserError(f"{pipeline_dir}: no unet/config.json")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{f}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f}: not a U-Net config (a JSON {type(cfg).__name__}, not an object)")
+    return cfg
 
 
 def checked_student_config(tcfg: dict, arch: StudentArch, teacher: str) -> dict:

@@ -606,3 +606,31 @@ def test_personalize_report_wrong_kind_paths_are_one_line(kind, tmp_path, cli):
         one_line(cli("report", runs, "--out", tmp_path / "out"), f"--out {tmp_path / 'out'}")
         assert (tmp_path / "out").read_text() == "mine"
     assert not (runs / "report.md").exists()
+
+
+# ---------------------------------------------------------------------------- distill prune: inputs
+@pytest.mark.parametrize("damage", ["unet-weights", "text-encoder-weights", "unet-config-list", "unet-config-not-utf8",
+                                    "unet-config-not-json"])
+def test_prune_of_a_damaged_teacher_is_one_line_naming_it(damage, teacher_dir, tmp_path, distill_cli):
+    bad = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, bad)
+    if damage == "unet-weights":
+        f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(f.read_bytes()[:500])
+    elif damage == "text-encoder-weights":
+        next((bad / "text_encoder").glob("*.safetensors")).write_bytes(b"\x07" * 4096)
+    else:
+        (bad / "unet" / "config.json").write_bytes({"unet-config-list": b"[1, 2]", "unet-config-not-utf8": b'{"a": "\xe9"}',
+                                                    "unet-config-not-json": b"{ nope"}[damage])
+    before = digest(bad)
+    for dry in ([], ["--dry-run"]):
+        if dry and "config" not in damage:
+            continue  # --dry-run reads configs only
+        one_line(distill_cli("prune", "--teacher", bad, "--arch", "bk-tiny", "-o", tmp_path / "s", *dry), str(bad))
+    assert not (tmp_path / "s").exists() and digest(bad) == before
+
+
+@pytest.mark.parametrize("value", ["7", "0", "-8"])
+def test_prune_dry_run_out_of_range_resolution_is_one_line(value, distill_cli):
+    one_line(distill_cli("prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "--dry-run", "--resolution", value),
+             f"--resolution {value}")
