@@ -349,7 +349,7 @@ def test_eval_damaged_real_image_is_one_line_naming_it_before_generating(damage,
 
 
 def test_a_damaged_real_image_statistics_cache_is_rebuilt(assets, tmp_path, monkeypatch):
-    from distill.benchmark import real_images_stats
+    from distill.benchmark_inputs import real_images_stats
     from personalize.evaluation.inception import load_inception
 
     monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "cache"))
@@ -634,3 +634,36 @@ def test_prune_of_a_damaged_teacher_is_one_line_naming_it(damage, teacher_dir, t
 def test_prune_dry_run_out_of_range_resolution_is_one_line(value, distill_cli):
     one_line(distill_cli("prune", "--teacher", "sd-v1.4", "--arch", "bk-small", "--dry-run", "--resolution", value),
              f"--resolution {value}")
+
+
+def test_eval_of_a_damaged_base_is_one_line_and_leaves_no_folder(assets, tiny_base, tmp_path, distill_cli):
+    bad = tmp_path / "base"
+    shutil.copytree(tiny_base, bad)
+    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:300])
+    args = eval_args(assets, tmp_path / "o")
+    args[args.index("tiny")] = bad
+    one_line(distill_cli(*args), str(bad / "unet"))
+    assert not (tmp_path / "o").exists()  # not even generation.json
+
+
+def test_eval_rescoring_nothing_leaves_no_folder(assets, tmp_path, distill_cli):
+    one_line(distill_cli(*eval_args(assets, tmp_path / "o"), "--no-generate"), "images missing")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["weights", "config"])
+def test_eval_damaged_clip_is_one_line_before_generating(damage, tmp_path, assets, distill_cli):
+    from _metric_fixtures import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    if damage == "weights":
+        victim = next(clip.glob("*.safetensors"))
+        victim.write_bytes(victim.read_bytes()[:200])
+    else:
+        victim = clip / "config.json"
+        victim.write_text('{"architectures": [')
+    args = eval_args(assets, tmp_path / "o")
+    args[args.index("none")] = clip
+    one_line(distill_cli(*args), f"--clip {clip}", victim.name)
+    assert not (tmp_path / "o").exists()
