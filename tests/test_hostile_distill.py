@@ -667,3 +667,17 @@ def test_eval_damaged_clip_is_one_line_before_generating(damage, tmp_path, asset
     args[args.index("none")] = clip
     one_line(distill_cli(*args), f"--clip {clip}", victim.name)
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_limit_0_means_every_prompt(assets, tmp_path, distill_cli):
+    """Odd but valid, as its help says: --limit 0 is no limit."""
+    r = distill_cli(*eval_args(assets, tmp_path / "o"), "--limit", "0", "--no-score")
+    assert r.code == 0, r.err
+    assert len(list((tmp_path / "o" / "images" / "im32").iterdir())) == len(assets["prompts"].read_text().splitlines())
+
+
+def test_eval_real_stats_that_is_a_folder_says_so(assets, tmp_path, distill_cli):
+    (tmp_path / "stats").mkdir()
+    one_line(distill_cli(*eval_args(assets, tmp_path / "o", real_images=None, real_stats=tmp_path / "stats")),
+             f"--real-stats {tmp_path / 'stats'}: not a file")
+    assert not (tmp_path / "o").exists()

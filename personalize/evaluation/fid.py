@@ -78,6 +78,8 @@ def load_stats(path: Path, flag: str = "--real-stats") -> tuple[torch.Tensor, to
     import numpy as np
 
     p = Path(path).expanduser()
+    if p.exists() and not p.is_file():
+        raise UserError(f"{flag} {path}: not a file (pytorch-fid's mu/sigma .npz)")
     if not p.is_file():
         raise UserError(f"{flag} {path}: no such file (pytorch-fid writes one with "
                         f"`python -m pytorch_fid --save-stats REAL_DIR FILE.npz`; or pass --real-images DIR)")
