@@ -681,3 +681,13 @@ def test_eval_real_stats_that_is_a_folder_says_so(assets, tmp_path, distill_cli)
     one_line(distill_cli(*eval_args(assets, tmp_path / "o", real_images=None, real_stats=tmp_path / "stats")),
              f"--real-stats {tmp_path / 'stats'}: not a file")
     assert not (tmp_path / "o").exists()
+
+
+def test_personalize_report_of_a_symlinked_runs_dir_writes_into_it(tmp_path, cli):
+    """Odd but valid: RUNS_DIR a symlink (runs -> a bigger disk); the report goes where it points."""
+    real = tmp_path / "big-disk" / "runs"
+    fake_personalize_scores(real / "dog" / "eval")
+    (tmp_path / "runs").symlink_to(real)
+    r = cli("report", tmp_path / "runs")
+    assert r.code == 0, r.err
+    assert (real / "report.md").is_file()

@@ -141,8 +141,9 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[dict[str,
     order = {k: i for i, k in enumerate(_group_order(rows))}
     rows.sort(key=lambda r: (order[(r["base"], r["method"])], r["subject"], r["scores"]))
     means, real = summarize(rows)
+    # --out is checked as every output is; the default, RUNS_DIR itself, is an input the user named
     flag = "--out" if out_dir else "RUNS_DIR"
-    out_dir = check_output(Path(out_dir) if out_dir else runs_dir, kind="dir", flag=flag, allow_existing_dir=True)
+    out_dir = check_output(Path(out_dir), kind="dir", flag=flag, allow_existing_dir=True) if out_dir else runs_dir
     md = _report_markdown(rows, means, real)
     if skipped:
         md += "\n## Skipped\n\n" + "".join(f"- `{p}`: {why}\n" for p, why in skipped)
