@@ -691,3 +691,15 @@ def test_personalize_report_of_a_symlinked_runs_dir_writes_into_it(tmp_path, cli
     r = cli("report", tmp_path / "runs")
     assert r.code == 0, r.err
     assert (real / "report.md").is_file()
+
+
+def test_train_data_skip_notice_reads_as_a_warning(caplog):
+    """distill train's one notice for undecodable examples has the form of every warning,
+    `warning: <what>: <why>` (it goes through logging, whose last-resort handler prints the bare
+    message on stderr)."""
+    from distill.train_data.batches import _Skips
+
+    with caplog.at_level("WARNING", logger="distill.train_data"):
+        _Skips("data/pairs", 2).bad("truncated")
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("warning: --data data/pairs: skipped 1 example"), msg
