@@ -14,28 +14,27 @@ missing file.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from personalize.backbones import cache_root
 from personalize.cost import fmt_macs, fmt_params, pipeline_cost
 from personalize.errors import UserError
 from personalize.fileio import write_json, write_text
 from personalize.outputs import check_output, output_lock
 
-from .coco import COCO30K, COCO_ENV, GenerationConfig, Prompt, coco_candidates, generate, image_paths, read_prompts
+from .benchmark_inputs import FID_NEEDS, REAL_STATS_NAME, inception_outputs, preflight
+from .coco import COCO30K, COCO_ENV, IMAGES_DIR, GenerationConfig, Prompt, generate, image_paths, is_done, read_prompts
 
 GENERATION_FILE = "generation.json"
 SCORES_FILE = "scores.json"
 SCORES_MD = "scores.md"
 GEN_STATS = "gen_stats.npz"
-REAL_STATS_NAME = "real_im256.npz"  # BK-SDM's data/mscoco_val2014_41k_full/real_im256.npz
 # the CLIP of BK-SDM's eval_clip_score.py (open_clip ViT-g-14 laion2b_s34b_b88k), as transformers loads it
 DEFAULT_BENCH_CLIP = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 @dataclass
@@ -93,47 +92,6 @@ class EvalConfig:
             raise UserError("--no-generate and --no-score: nothing to do")
 
 
-# ---------------------------------------------------------------------------- inputs
-def real_stats_path(cfg: EvalConfig) -> Path | None:
-    """--real-stats, else BK-SDM's real_im256.npz beside the COCO files; None with --real-images."""
-    if cfg.real_images:
-        return None
-    if cfg.real_stats:
-        return Path(cfg.real_stats).expanduser()
-    for c in coco_candidates():
-        for d in (c.parent, c.parent.parent / "mscoco_val2014_41k_full"):
-            if (d / REAL_STATS_NAME).is_file():
-                return d / REAL_STATS_NAME
-    raise UserError(f"no real-image FID statistics: pass --real-stats FILE.npz (BK-SDM's {REAL_STATS_NAME}, from "
-                    f"scripts/get_mscoco_files.sh) or --real-images DIR (statistics computed once and cached)")
-
-
-def preflight(cfg: EvalConfig) -> dict:
-    """Everything scoring needs, checked before generation: one line naming what is missing."""
-    from personalize.evaluation import fid as F
-    from personalize.evaluation.inception import default_path, HOW_TO_GET
-
-    found = {}
-    if cfg.score:
-        stats = real_stats_path(cfg)
-        if stats is not None:
-            F.load_stats(stats)  # missing/malformed: one line, now
-            found["real_stats"] = stats
-        else:
-            d = Path(cfg.real_images).expanduser()
-            if not d.is_dir() or not _image_files(d):
-                raise UserError(f"--real-images {cfg.real_images}: no such folder or no images in it")
-            found["real_images"] = d
-        inc = Path(cfg.inception).expanduser() if cfg.inception else default_path()
-        if not inc.is_file():
-            raise UserError(f"FID Inception {inc}: no such file; {HOW_TO_GET}")
-        if cfg.clip.lower() != "none":
-            from personalize.evaluation.evaluators import resolve_model
-
-            resolve_model(cfg.clip, what="CLIP", flag="--clip", needs=())
-    return found
-
-
 # ---------------------------------------------------------------------------- generation
 def _check_generation_record(out: Path, gen: dict, base_dir: Path) -> None:
     f = out / GENERATION_FILE
@@ -141,8 +99,11 @@ def _check_generation_record(out: Path, gen: dict, base_dir: Path) -> None:
         return
     try:
         before = json.loads(f.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{f}: unreadable; cannot tell which protocol made the images there") from None
+    if not isinstance(before, dict) or not isinstance(before.get("generation"), dict):
+        raise UserError(f"{f}: not a `distill eval` generation record (no 'generation' object); cannot tell which "
+                        f"protocol made the images there")
     if before.get("generation") != gen:
         k = next(k for k in gen if (before.get("generation") or {}).get(k) != gen[k])
         raise UserError(f"-o {out}: its images were made with {k}={(before.get('generation') or {}).get(k)!r}, "
@@ -163,7 +124,7 @@ def run_generation(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, out: 
     device = pick_device(cfg.device) if cfg.device else state.device
     dtype = pick_dtype(cfg.generation.dtype, device)
     with output_lock(out / f"shard-{rank}-of-{world}"):
-        todo = [p for p in prompts[rank::world] if not image_paths(out, p, cfg.generation)[1].is_file()]
+        todo = [p for p in prompts[rank::world] if not is_done(out, p, cfg.generation)]
         if not todo:
             log(f"[{rank}/{world}] all {len(prompts[rank::world])} images already there")
             _record_shard(out, rank, world, [])
@@ -188,66 +149,10 @@ def _record_shard(out: Path, rank: int, world: int, made: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- scoring
-def _image_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _load_uint8(paths: list[Path], size: int | None = None):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    arrs = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if size and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            arrs.append(np.asarray(im))
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
-
-
-def inception_outputs(net, paths: list[Path], batch_size: int, size: int | None = None):
-    """(pool [n, d], logits [n, c] or None) of image files, read one batch at a time."""
-    import torch
-
-    pools, logits = [], []
-    for i in range(0, len(paths), batch_size):
-        o = net(_load_uint8(paths[i:i + batch_size], size))
-        pools.append(o["pool"])
-        if o["logits"] is not None:
-            logits.append(o["logits"])
-    return torch.cat(pools), (torch.cat(logits) if logits else None)
-
-
-def real_images_stats(d: Path, net, size: int, batch_size: int, log=print):
-    """FID statistics of a real-image folder, resized to `size` x `size` (BK-SDM squashes val2014
-    to 256x256); cached by (file names, sizes, mtimes, Inception, size)."""
-    from personalize.evaluation import fid as F
-
-    files = _image_files(d)
-    h = hashlib.sha1(f"{net.name}|{size}".encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cached = cache_root() / "fid_stats" / f"{h.hexdigest()[:20]}.npz"
-    if cached.is_file():
-        log(f"real-image statistics from the cache ({cached})")
-        return (*F.load_stats(cached), cached)
-    log(f"computing FID statistics of {len(files)} real images in {d} (once; cached)")
-    pool, _ = inception_outputs(net, files, batch_size, size)
-    mu, sigma = F.feature_stats(pool)
-    F.save_stats(cached, mu, sigma)
-    return mu, sigma, cached
-
-
 def score(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, out: Path, found: dict,
           log=print) -> dict:
     """scores.json + scores.md of the images on disk (all of the prompts' must be there)."""
-    import torch
-
     from personalize.evaluation import fid as F
-    from personalize.evaluation.inception import load_inception
 
     g = cfg.generation
     paths = [image_paths(out, p, g)[1] for p in prompts]
@@ -255,18 +160,12 @@ def score(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, ou
     if missing:
         raise UserError(f"{len(missing)} of {len(paths)} images missing in {missing[0].parent} (first: {missing[0].name}); "
                         f"run `distill eval` without --no-generate to make them")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_inception(cfg.inception or None, cfg.allow_pickle, device=device)
+    device, net = found["device"], found["inception"]
     log(f"scoring {len(paths)} images: Inception ({net.name})")
     pool, logits = inception_outputs(net, paths, cfg.score_batch_size)
     mu, sigma = F.feature_stats(pool)
     F.save_stats(out / GEN_STATS, mu, sigma)
-    if "real_stats" in found:
-        rmu, rsigma = F.load_stats(found["real_stats"])
-        real_src = str(found["real_stats"])
-    else:
-        rmu, rsigma, cached = real_images_stats(found["real_images"], net, g.resize, cfg.score_batch_size, log)
-        real_src = f"{found['real_images']} (stats {cached})"
+    rmu, rsigma, real_src = found["real"]
     fid = F.frechet_distance(mu, sigma, rmu, rsigma)
     is_mean = is_std = None
     is_note = None
@@ -330,11 +229,37 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
 
     cfg.validate()
     prompts = read_prompts(cfg.prompts, cfg.limit or None)
+    if cfg.score and len(prompts) < 2:  # the covariance of one sample: fail now, not after generating
+        culprit = f"--limit {cfg.limit}" if cfg.limit else f"--prompts {cfg.prompts}"
+        raise UserError(f"{culprit}: {len(prompts)} prompt, so 1 generated image; {FID_NEEDS} (or pass --no-score "
+                        f"to only generate)")
     resolved = resolve_base(cfg.base)
     base_dir, label = resolved.path, resolved.name
     out = check_output(Path(cfg.output), kind="dir", inputs=[base_dir], allow_existing_dir=True)
-    found = preflight(cfg)
     state = process_state()
+    # the main process holds -o's writer lock throughout (a second `distill eval -o OUT` is refused
+    # before it records anything); every process also locks its own shard of the images
+    fresh = not out.exists()
+    with output_lock(out) if state.is_main_process else contextlib.nullcontext():
+        try:
+            found = preflight(cfg, state.is_main_process, log)
+            return _run(cfg, prompts, base_dir, label, out, found, state, log)
+        except BaseException:
+            if fresh and state.num_processes == 1:
+                _remove_if_imageless(out)
+            raise
+
+
+def _remove_if_imageless(out: Path) -> None:
+    """A run that created -o and failed before drawing any image (a base that does not load,
+    --no-generate on nothing) leaves no folder behind, only its one-line error. A folder holding
+    images is kept: a rerun resumes from them."""
+    if out.is_dir() and not any(p.is_file() for p in (out / IMAGES_DIR).rglob("*")):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _run(cfg: EvalConfig, prompts: list[Prompt], base_dir: Path, label: str, out: Path, found: dict, state,
+         log) -> dict | None:
     log = log if state.is_main_process else (lambda *a, **k: None)
     gen = cfg.generation.to_json()
     _check_generation_record(out, gen, base_dir)
@@ -349,8 +274,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict | None:
     state.wait_for_everyone()
     if not (cfg.score and state.is_main_process):
         return None
-    with output_lock(out / SCORES_FILE):
-        return score(cfg, prompts, base_dir, label, out, found, log=log)
+    return score(cfg, prompts, base_dir, label, out, found, log=log)
 
 
 def _config_json(cfg: EvalConfig) -> dict:

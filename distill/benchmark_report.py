@@ -11,17 +11,59 @@ import math
 from pathlib import Path
 
 from personalize.errors import UserError
-from personalize.fileio import write_atomic, write_text
-from personalize.outputs import check_output
+from personalize.fileio import write_atomic
+from personalize.outputs import check_output, output_lock
 
 from .benchmark import COLUMNS, SCORES_FILE, markdown_row, markdown_table
 
 OUTPUTS = ("benchmark.md", "benchmark.csv", "benchmark.png")
 
 
+MAX_SCORES_BYTES = 16 << 20  # a `distill eval` scores.json is a few kB; a bigger one is something else
+
+
+def _number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def why_not_scores(doc) -> str | None:
+    """What makes a parsed scores.json not one `distill eval` wrote (a field of the wrong type
+    would break the table or the plot), or None."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    if "fid" not in doc or "cost" not in doc:
+        return "not a `distill eval` scores.json (no fid/cost)"
+    for k in ("fid", "is", "is_std", "clip_score"):
+        if not _number(doc.get(k)):
+            return f"{k} is {type(doc[k]).__name__}, not a number"
+    if not isinstance(doc["cost"], dict):
+        return f"cost is {type(doc['cost']).__name__}, not an object"
+    for k in ("unet_params", "pipeline_params", "unet_macs"):
+        if not _number(doc["cost"].get(k)):
+            return f"cost.{k} is {type(doc['cost'][k]).__name__}, not a number"
+    for k in ("name", "base"):
+        if doc.get(k) is not None and not isinstance(doc[k], str):
+            return f"{k} is {type(doc[k]).__name__}, not a string"
+    n = doc.get("n_images")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        return f"n_images is {type(n).__name__}, not an integer"
+    return None
+
+
+def _read(f: Path) -> tuple[dict | None, str | None]:
+    try:
+        if f.stat().st_size > MAX_SCORES_BYTES:
+            return None, f"{f.stat().st_size} bytes; a `distill eval` scores.json is a few kB"
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"unreadable ({type(e).__name__})"
+    why = why_not_scores(doc)
+    return (None, why) if why else (doc, None)
+
+
 def collect(dirs: list[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Every scores.json under `dirs` (recursively), in a stable order; unreadable ones are
-    returned as (path, why) instead."""
+    """Every scores.json under `dirs` (recursively), in a stable order; unreadable or wrong-kind
+    ones are returned as (path, why) instead."""
     docs, skipped, seen = [], [], set()
     for d in dirs:
         d = Path(d).expanduser()
@@ -33,13 +75,9 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
             if r in seen:
                 continue
             seen.add(r)
-            try:
-                doc = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                skipped.append((f, f"unreadable ({type(e).__name__})"))
-                continue
-            if not isinstance(doc, dict) or "fid" not in doc or "cost" not in doc:
-                skipped.append((f, "not a `distill eval` scores.json (no fid/cost)"))
+            doc, why = _read(f)
+            if doc is None:
+                skipped.append((f, why))
                 continue
             doc["_path"] = str(f)
             docs.append(doc)
@@ -109,15 +147,18 @@ def build_report(dirs: list[Path], out: Path, overwrite: bool = False):
     """Write benchmark.md/.csv/.png into `out`; returns ({kind: path}, skipped)."""
     docs, skipped = collect(dirs)
     if not docs:
-        raise UserError(f"no `distill eval` scores.json under {', '.join(map(str, dirs))}")
+        why = f" ({len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise UserError(f"{', '.join(map(str, dirs))}: no `distill eval` scores.json to report{why}")
     out = check_output(Path(out), kind="dir", inputs=[], allow_existing_dir=True)
-    if not overwrite and any((out / n).exists() for n in OUTPUTS):
-        raise UserError(f"-o {out}: holds a report already; pass --overwrite to replace it")
-    docs.sort(key=lambda d: ((d.get("cost") or {}).get("unet_macs") or 0, d.get("name") or ""))
-    paths = {"md": out / OUTPUTS[0], "csv": out / OUTPUTS[1], "png": out / OUTPUTS[2]}
-    write_text(paths["md"], markdown_table(docs))
-    write_text(paths["csv"], _csv(docs))
-    write_atomic(paths["png"], _png(docs))
+    with output_lock(out):  # a second `distill report -o OUT` is refused, naming this one
+        if not overwrite and any((out / n).exists() for n in OUTPUTS):
+            raise UserError(f"-o {out}: holds a report already; pass --overwrite to replace it")
+        docs.sort(key=lambda d: ((d.get("cost") or {}).get("unet_macs") or 0, d.get("name") or ""))
+        # everything rendered before the first write: a failure leaves no report half-replaced
+        data = {"md": markdown_table(docs), "csv": _csv(docs), "png": _png(docs)}
+        paths = {"md": out / OUTPUTS[0], "csv": out / OUTPUTS[1], "png": out / OUTPUTS[2]}
+        for k, path in paths.items():
+            write_atomic(path, data[k])
     return paths, skipped
 
 

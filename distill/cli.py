@@ -14,7 +14,7 @@ from pathlib import Path
 
 from personalize.architectures import ARCHS, get_arch
 from personalize.cli import one_line_parser, run
-from personalize.errors import UserError
+from personalize.errors import UserError, warn
 from personalize.flags import add_flags, from_args
 
 from .benchmark import EvalConfig, evaluate
@@ -120,7 +120,7 @@ def _add_report(sub):
 def _run_report(args) -> int:
     paths, skipped = build_report([Path(d) for d in args.eval_dirs], Path(args.output), overwrite=args.overwrite)
     for p, why in skipped:
-        print(f"skipped {p}: {why}", file=sys.stderr)
+        warn(f"skipped {p}", why)
     for p in paths.values():
         print(f"wrote {p}")
     return 1 if skipped else 0

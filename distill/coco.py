@@ -129,7 +129,19 @@ def image_paths(out: Path, p: Prompt, cfg: GenerationConfig) -> tuple[Path, Path
 
 
 def is_done(out: Path, p: Prompt, cfg: GenerationConfig) -> bool:
-    return image_paths(out, p, cfg)[1].is_file()
+    """The resized image (written last) is there and decodes: one damaged after it was written
+    (a garbage or cut-short file) is drawn again, not trusted."""
+    from PIL import Image
+
+    small = image_paths(out, p, cfg)[1]
+    if not small.is_file():
+        return False
+    try:
+        with Image.open(small) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _encode(img, name: str) -> bytes:

@@ -4,6 +4,7 @@ builds its parser from here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from personalize.defaults import MIXED_PRECISIONS
@@ -23,9 +24,14 @@ class KDWeights:
 
     def validate(self) -> None:
         """The range checks of `distill train` (messages name the flags); raises UserError."""
-        for name in ("lambda_sd", "lambda_kd_out", "lambda_kd_feat"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        names = ("lambda_sd", "lambda_kd_out", "lambda_kd_feat")
+        for name in names:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 and finite (got {v})")
+        if not any(getattr(self, name) for name in names):
+            raise UserError("--lambda-sd, --lambda-kd-out, --lambda-kd-feat: all 0, so the loss is 0 and nothing "
+                            "would train; give at least one a positive weight")
 
 
 @dataclass
@@ -112,7 +118,9 @@ class DistillConfig:
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1]")
         if self.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be >= 0")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}: must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr {self.lr}: must be > 0 and finite")
+        if not 0 <= self.seed < 2**63:  # numpy's and torch's generators take a non-negative 63-bit seed
+            raise UserError(f"--seed {self.seed}: must be in 0..2**63-1")
         self.data.validate()
         self.kd.validate()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from personalize.architectures import TEACHER_UNET_CONFIGS, ArchReport, StudentArch, get_arch, report, student_config
 from personalize import outputs
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line
 from personalize.fileio import atomic_dir
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
@@ -39,9 +39,12 @@ def _read_unet_config(pipeline_dir: Path) -> dict:
     if not f.is_file():
         raise UserError(f"{pipeline_dir}: no unet/config.json")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{f}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f}: not a U-Net config (a JSON {type(cfg).__name__}, not an object)")
+    return cfg
 
 
 def checked_student_config(tcfg: dict, arch: StudentArch, teacher: str) -> dict:
@@ -106,7 +109,14 @@ def prune(teacher: str, arch_name: str, out: Path, overwrite: bool = False, allo
     arch = get_arch(arch_name)
     out = check_output(out, overwrite)
     tpath = resolve_base(teacher, flag="--teacher").path
-    check_output(out, overwrite, inputs=[tpath])  # the student is never written over its teacher
+    with outputs.output_lock(out):  # a second `distill prune -o OUT` is refused, naming this one
+        return _prune(teacher, tpath, arch, out, overwrite, allow_pickle, log)
+
+
+def _prune(teacher: str, tpath: Path, arch: StudentArch, out: Path, overwrite: bool, allow_pickle: bool,
+           log) -> PruneResult:
+    # under the lock: the student is never written over its teacher, nor over what another writer left
+    check_output(out, overwrite, inputs=[tpath])
     log(f"teacher {teacher} -> {tpath}")
     checked_student_config(_read_unet_config(tpath), arch, teacher)  # before reading any weights
     teacher_unet = load_unet(tpath, allow_pickle)

@@ -16,16 +16,19 @@ loss CSV + TensorBoard):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from personalize.backbones import is_pipeline_dir
-from personalize.errors import UserError
+from personalize.errors import UserError, one_line
 from personalize.fileio import write_text
 from personalize.monitor import Sampler
+from personalize.outputs import output_lock
 from personalize.sources import load_diffusers_pipeline, load_unet, resolve_base
 
 from .config import DistillConfig
@@ -58,8 +61,10 @@ def check_resume_config(cfg: DistillConfig, run_dir: Path) -> None:
         return
     try:
         before = json.loads(f.read_text())["config"]
-    except (json.JSONDecodeError, KeyError):
-        raise UserError(f"{f}: unreadable; cannot check that --resume continues the same run") from None
+        if not isinstance(before, dict):
+            raise TypeError("'config' is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{f}: unreadable ({one_line(e)}); cannot check that --resume continues the same run") from None
     now = _normalised(cfg.to_json())
     before = _normalised(before)
     diff = [k for k in now if k not in DistillConfig.RESUMABLE_CHANGES and before.get(k) != now[k]]
@@ -83,11 +88,28 @@ class Precomputed:
 
     @staticmethod
     def valid(root: Path, fingerprint: dict) -> bool:
+        """The cache is for this data and model, and whole: every shard opens (safetensors checks
+        its header covers the file) and holds its rows. Anything else is recomputed, never trusted."""
+        from safetensors import SafetensorError
+
         f = root / "meta.json"
         try:
-            return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fingerprint
-        except (json.JSONDecodeError, AttributeError):  # unreadable cache: recompute it
+            meta = json.loads(f.read_text()) if f.is_file() else None
+            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+                return False
+            return all(Precomputed._shard_rows(root, s) == min(Precomputed.SHARD, meta["n"] - s * Precomputed.SHARD)
+                       for s in range(-(-meta["n"] // Precomputed.SHARD)))
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; SafetensorError: a damaged shard
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return False
+
+    @staticmethod
+    def _shard_rows(root: Path, s: int) -> int | None:
+        from safetensors import safe_open
+
+        with safe_open(str(root / f"shard-{s:05d}.safetensors"), framework="pt") as f:
+            rows = {f.get_slice(k).get_shape()[0] for k in f.keys()}
+        return rows.pop() if len(rows) == 1 else None
 
     def _shard(self, i: int):
         from safetensors import safe_open
@@ -178,15 +200,26 @@ def _hooks(cfg: DistillConfig, out: Path, device, vae, text_encoder, tokenizer, 
     return hooks, ema
 
 
+def _is_main_launch_process() -> bool:
+    """Rank 0 of an `accelerate launch` / torchrun group (they set RANK), or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def train(cfg: DistillConfig, log=print) -> Path:
-    """Run BK-SDM KD training; returns the written student pipeline directory."""
+    """Run BK-SDM KD training; returns the written student pipeline directory. The main process
+    holds the run dir's writer lock throughout: a second `distill train -o OUT` is refused."""
+    out = Path(cfg.output).expanduser()
+    with output_lock(out) if _is_main_launch_process() else contextlib.nullcontext():
+        return _train(cfg, out, log)
+
+
+def _train(cfg: DistillConfig, out: Path, log) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from personalize.checkpoints import list_checkpoints
     from personalize.fit import FitConfig, fit, make_accelerator
 
-    out = Path(cfg.output).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
     if not cfg.resume and list_checkpoints(out):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .architectures import ARCHS, TEACHER_UNET_CONFIGS, module_macs, student_config
 from .backbones import BACKBONES
-from .errors import UserError
+from .errors import UserError, one_line
 
 # `text_encoder/config.json` of CompVis/stable-diffusion-v1-4 (openai/clip-vit-large-patch14's text tower)
 SD_V1_TEXT_CONFIG = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -45,6 +45,10 @@ FAMILY_TEXT_CONFIGS = {"sd-v1": SD_V1_TEXT_CONFIG, "sd-v2": SD_V2_TEXT_CONFIG}
 REGISTRY_ARCHS = {
     **{f"bk-sdm-{s}{x}": ("sd-v1.4", f"bk-{s}") for s in ("base", "small", "tiny") for x in ("", "-2m")},
     **{f"bk-sdm-v2-{s}": ("sd-v2.1-base", f"bk-{s}") for s in ("base", "small", "tiny")},
+    # OFA-Sys/small-stable-diffusion-v0: its model card says it is SD-v1.4 with `layers_per_block=1`
+    # (initialised from the first layer of each block), mid block kept; its published
+    # unet/diffusion_pytorch_model.bin is 2.32 GB of fp32, ~0.58B parameters: BK-SDM-Base's U-Net shape
+    "small-sd-v0": ("sd-v1.4", "bk-base"),
     "sd-v1.4": ("sd-v1.4", "full"),
     "sd-v2.1-base": ("sd-v2.1-base", "full"),
 }
@@ -114,22 +118,34 @@ def cost_from_configs(unet_cfg: dict, text_cfg: dict, vae_cfg: dict, resolution:
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"{path}: unreadable ({type(e).__name__}); not a complete pipeline directory") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: a JSON {type(cfg).__name__}, not a config object; not a complete pipeline directory")
+    return cfg
 
 
 def pipeline_cost(pipeline_dir: Path, resolution: int = 512) -> PipelineCost:
-    """Cost of a local diffusers pipeline directory, from its component configs."""
+    """Cost of a local diffusers pipeline directory, from its component configs; configs that do
+    not build a countable SD pipeline are one UserError naming the directory."""
     d = Path(pipeline_dir)
-    return cost_from_configs(_read(d / "unet" / "config.json"), _read(d / "text_encoder" / "config.json"),
-                             _read(d / "vae" / "config.json"), resolution)
+    cfgs = [_read(d / part / "config.json") for part in ("unet", "text_encoder", "vae")]
+    try:  # transformers' configs validate their fields with huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: field errors are TypeErrors
+        StrictDataclassError = TypeError
+    try:
+        return cost_from_configs(*cfgs, resolution)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, StrictDataclassError) as e:
+        raise UserError(f"{d}: its unet/text_encoder/vae configs do not build a countable Stable Diffusion "
+                        f"pipeline ({one_line(e)})") from None
 
 
 @functools.lru_cache(maxsize=None)  # -2m variants share their shapes; counting takes a second each
 def registry_cost(name: str, resolution: int = 512) -> PipelineCost | None:
     """Cost of a registry backbone from the real configs (no download); None when its U-Net
-    architecture is not one `architectures` can derive (small-sd-v0, `tiny` before it is built)."""
+    architecture is not one `architectures` can derive (`tiny` before it is built)."""
     if name not in REGISTRY_ARCHS:
         return None
     teacher, arch = REGISTRY_ARCHS[name]

@@ -1,4 +1,7 @@
-"""User-facing errors: one line, exit code 2, no traceback (the CLI catches them)."""
+"""User-facing errors: one line, exit code 2, no traceback (the CLI catches them); and the one form
+of a non-fatal warning."""
+
+import sys
 
 
 class UserError(Exception):
@@ -12,3 +15,9 @@ def one_line(e: BaseException) -> str:
     message."""
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__
+
+
+def warn(what, why: str) -> None:
+    """A non-fatal problem as one line on stderr, `warning: <what>: <why>` (what: the file, flag or
+    field). Every command prints its warnings through this, so they read and grep alike."""
+    print(f"warning: {what}: {why}", file=sys.stderr)

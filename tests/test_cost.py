@@ -92,7 +92,8 @@ def test_local_pipeline_dir_counts_equal_its_loaded_modules(tiny_base):
 
 
 def test_unknown_architecture_has_no_registry_cost():
-    assert registry_cost("small-sd-v0") is None and registry_cost("tiny") is None
+    # (small-sd-v0 is counted now: test_small_sd_v0_is_counted_as_sd_v1_with_one_pair_per_stage)
+    assert registry_cost("tiny") is None
 
 
 @pytest.mark.slow
@@ -103,3 +104,99 @@ def test_backbones_cost_flag_prints_counts(cli):
     assert "0.482B" in row and "0.655B" in row  # U-Net, whole pipeline
     assert "255.4G" in row  # MACs per U-Net step at 512 px, attention included
     assert "whole pipeline" not in cli("backbones").out
+
+
+# ---------------------------------------------------------------- `backbones --cost DIR` (issue 25)
+@pytest.fixture
+def no_registry_counts(monkeypatch, tmp_path):
+    """The registry rows' SD-size counts take seconds each (and `tiny`'s, when it is cached, one);
+    these tests are about the DIR rows."""
+    from personalize.commands import info
+
+    monkeypatch.setattr(info, "registry_cost", lambda *a, **k: None)
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "empty-cache"))
+
+
+def _row(out: str, name: str) -> str:
+    return next(line for line in out.splitlines() if f" {name} " in line)
+
+
+def test_backbones_cost_counts_pipeline_dirs_like_registry_rows(tiny_base, tmp_path, cli, no_registry_counts):
+    import shutil
+
+    from personalize.cost import fmt_macs, fmt_params
+
+    c = pipeline_cost(tiny_base, 512)
+    a, b = tmp_path / "pipe-a", tmp_path / "pipe-b"
+    shutil.copytree(tiny_base, a)
+    shutil.copytree(tiny_base, b)
+    r = cli("backbones", "--cost", tiny_base, "--cost", f"{a},{b}")  # repeatable, and comma lists
+    assert r.code == 0, r.err
+    for d in (tiny_base, a, b):
+        row = _row(r.out, str(d))
+        assert f"{c.unet_params / 1e6:.1f}M" in row and "?" not in row
+        assert fmt_params(c.pipeline_params) in row and fmt_macs(c.unet_macs) in row
+    assert str(tiny_base) not in cli("backbones", "--cost").out  # plain --cost: the registry only
+
+
+def test_backbones_cost_counts_a_distill_output(tiny_base, tmp_path, cli, no_registry_counts):
+    """A `distill train` output (its pipeline is OUT/student) is counted as its student."""
+    import shutil
+
+    run = tmp_path / "kd-run"
+    shutil.copytree(tiny_base, run / "student")
+    r = cli("backbones", "--cost", run)
+    assert r.code == 0, r.err
+    assert f"{pipeline_cost(tiny_base, 512).unet_params / 1e6:.1f}M" in _row(r.out, str(run))
+
+
+@pytest.mark.parametrize("kind, culprit", [
+    ("missing", ""), ("a-file", ""), ("not-a-pipeline", ""), ("unet-config-not-json", "unet/config.json"),
+    ("unet-config-a-list", "unet/config.json"), ("text-config-wrong-values", ""),
+])
+def test_backbones_cost_of_a_bad_dir_is_one_line_and_prints_no_table(kind, culprit, tiny_base, tmp_path, cli,
+                                                                    no_registry_counts):
+    import json
+    import shutil
+
+    d = tmp_path / "pipe"
+    if kind == "a-file":
+        d.write_text("x")
+    elif kind == "not-a-pipeline":
+        d.mkdir()
+    elif kind != "missing":
+        shutil.copytree(tiny_base, d)
+        if kind == "unet-config-not-json":
+            (d / "unet" / "config.json").write_text("{ nope")
+        elif kind == "unet-config-a-list":
+            (d / "unet" / "config.json").write_text("[1, 2]")
+        else:
+            cfg = json.loads((d / "text_encoder" / "config.json").read_text())
+            (d / "text_encoder" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "wide"}))
+    r = cli("backbones", "--cost", f"{tiny_base},{d}")
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.err, r.err
+    assert str(d / culprit).rstrip("/") in lines[0] and r.out == ""
+
+
+@pytest.mark.slow
+def test_small_sd_v0_is_counted_as_sd_v1_with_one_pair_per_stage():
+    """OFA-Sys/small-stable-diffusion-v0's model card: SD-v1.4 with layers_per_block=1, initialised
+    from the first layer of each block; its unet/diffusion_pytorch_model.bin is 2.32 GB of fp32
+    (~0.58B parameters). That is BK-SDM-Base's U-Net shape (mid block kept)."""
+    c = registry_cost("small-sd-v0")
+    assert c is not None and _card(c.unet_params) == 0.58 and c == registry_cost("bk-sdm-base")
+
+
+@pytest.mark.slow
+def test_backbones_cost_row_of_small_sd_v0_is_counted(cli, monkeypatch, tmp_path):
+    from personalize.commands import info
+
+    monkeypatch.setenv("PERSONALIZE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(info, "registry_cost", lambda name, res=512: registry_cost(name, res)
+                        if name == "small-sd-v0" else None)  # the other rows: test_backbones_cost_flag_prints_counts
+    from personalize.cost import fmt_params
+
+    c = registry_cost("small-sd-v0")
+    row = _row(cli("backbones", "--cost").out, "small-sd-v0")
+    assert "?" not in row and f"{c.unet_params / 1e6:.1f}M (counted)" in row and fmt_params(c.pipeline_params) in row

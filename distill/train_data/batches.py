@@ -68,7 +68,8 @@ class _Skips:
         self.count += 1
         self.window.append(True)
         if self.count == 1 or self.count % SKIP_LOG_EVERY == 0:
-            logger.warning("--data %s: skipped %d example(s) whose image does not decode so far (latest: %s)",
+            # the form of every warning (personalize.errors.warn); logging prints it bare on stderr
+            logger.warning("warning: --data %s: skipped %d example(s) whose image does not decode so far (latest: %s)",
                            self.source, self.count, why)
         n_bad = sum(self.window)
         if n_bad > self.window.maxlen // 2:

@@ -3,11 +3,11 @@ protocol (DINO, CLIP-I, CLIP-T). Argument parsing only; the work is in `personal
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..argtypes import number
 from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
+from ..errors import warn
 
 EVAL_HELP = (
     "generate the DreamBooth protocol images of a run (25 prompts x N images, reused when already generated "
@@ -32,7 +32,7 @@ def _report(args) -> int:
     for path in written.values():
         print(path)
     for path, why in skipped:
-        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+        warn(f"skipped {path}", why)
     # exit 1 (not 2: the report is written) so a script notices means over fewer runs than it has
     return 1 if skipped else 0
 

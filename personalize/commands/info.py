@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..backbones import BACKBONES, cache_root, is_pipeline_dir, local_snapshot, unet_param_count
 from ..cost import fmt_macs, fmt_params, pipeline_cost, registry_cost
 from ..environment import report
+from ..errors import UserError
 from ..subjects import data_dir, load_subjects, photos_present
 
 
@@ -18,15 +20,36 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=1000, no_color=True)
 
 
+def _cost_dirs(values: list[str] | None) -> list[tuple[str, Path]]:
+    """The pipeline dirs of `--cost DIR` (repeatable, each a comma list) as (as given, pipeline
+    dir): any pipeline dir, a `distill prune` output, a `distill train` output (its student/)."""
+    items = [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
+    if not items:
+        return []  # plain `backbones` stays free of torch
+    from ..sources import resolve_base  # loads torch
+
+    dirs = []
+    for item in items:
+        p = Path(item).expanduser()
+        if not p.is_dir():
+            raise UserError(f"--cost {item}: {'not a directory' if p.exists() else 'no such directory'} "
+                            f"(a pipeline directory: model_index.json, unet/, text_encoder/, vae/)")
+        dirs.append((item, resolve_base(item, flag="--cost").path))
+    return dirs
+
+
 def _backbones(args) -> int:
     from rich.table import Table
 
+    cost = args.cost is not None  # `--cost` alone: the registry rows; `--cost DIR`: those dirs too
+    # every named dir is counted before anything is printed: a bad one is one line, not half a table
+    dir_rows = [(name, path, pipeline_cost(path, 512)) for name, path in _cost_dirs(args.cost)]
     t = Table(title="backbones (--base)")
     # names must stay whole and copy-pasteable on narrow terminals; the rest may fold
     t.add_column("name", no_wrap=True, min_width=15)
     t.add_column("U-Net params", no_wrap=True)
     t.add_column("local", no_wrap=True)
-    if getattr(args, "cost", False):  # counted on the meta device (personalize.cost), 512 px
+    if cost:  # counted on the meta device (personalize.cost), 512 px
         for c in ("U-Net (counted)", "whole pipeline", "U-Net MACs/step", "VAE decode MACs"):
             t.add_column(c, no_wrap=True)
     t.add_column("hub id", overflow="fold")
@@ -43,14 +66,19 @@ def _backbones(args) -> int:
         count = unet_param_count(path) if path else None
         params = f"{count / 1e6:.1f}M" if count else (
             f"{spec.unet_params_card} (card)" if spec.unet_params_card else "?")
-        extra = _cost_cells(spec.name, path) if getattr(args, "cost", False) else []
+        c = (pipeline_cost(path, 512) if path else registry_cost(spec.name, 512)) if cost else None
+        if params == "?" and c is not None:  # no weights here and no card figure: the counted one
+            params = f"{c.unet_params / 1e6:.1f}M (counted)"
+        extra = _cost_cells(c) if cost else []
         t.add_row(spec.name, params, where, *extra, spec.hub_id or "-", spec.description)
+    for name, path, c in dir_rows:
+        about = "`distill` output" if (path / "distill.json").is_file() else "pipeline directory"
+        t.add_row(name, f"{c.unet_params / 1e6:.1f}M", "dir", *_cost_cells(c), "-", f"{about} ({path})")
     _console().print(t)
     return 0
 
 
-def _cost_cells(name: str, path) -> list[str]:
-    c = pipeline_cost(path, 512) if path else registry_cost(name, 512)
+def _cost_cells(c) -> list[str]:
     if c is None:
         return ["?"] * 4
     return [fmt_params(c.unet_params), fmt_params(c.pipeline_params), fmt_macs(c.unet_macs), fmt_macs(c.vae_decoder_macs)]
@@ -79,9 +107,11 @@ def _env(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("backbones", help="list the backbones with U-Net sizes and local availability")
-    p.add_argument("--cost", action="store_true", help="also count (meta device, no download) the parameters of "
-                   "U-Net and whole pipeline (text encoder + U-Net + VAE decoder) and MACs per U-Net step and "
-                   "VAE decode at 512 px")
+    p.add_argument("--cost", nargs="?", action="append", const="", metavar="DIR",
+                   help="also count (meta device, no download) the parameters of U-Net and whole pipeline (text "
+                        "encoder + U-Net + VAE decoder) and MACs per U-Net step and VAE decode at 512 px; with DIR "
+                        "(repeatable, or a comma list) also of those pipeline dirs (`distill prune`/`train` outputs "
+                        "included), from their configs")
     p.set_defaults(func=_backbones, loads_models=False)
     p = sub.add_parser("subjects", help="list the 30 DreamBooth subjects and whether their photos are present")
     p.add_argument("--data-dir", default=None, help="DreamBooth dataset/ folder (default $PERSONALIZE_DATA, "

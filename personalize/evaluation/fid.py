@@ -70,27 +70,35 @@ def save_stats(path: Path, mu: torch.Tensor, sigma: torch.Tensor) -> Path:
     return write_atomic(Path(path), buf.getvalue())
 
 
-def load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu, sigma) from a pytorch-fid ``.npz``; a missing or malformed file is one UserError."""
+def load_stats(path: Path, flag: str = "--real-stats") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) from a pytorch-fid ``.npz``; a missing, malformed or non-finite file is one
+    UserError naming `flag` and the file."""
     import zipfile
 
     import numpy as np
 
     p = Path(path).expanduser()
+    if p.exists() and not p.is_file():
+        raise UserError(f"{flag} {path}: not a file (pytorch-fid's mu/sigma .npz)")
     if not p.is_file():
-        raise UserError(f"--real-stats {path}: no such file (pytorch-fid writes one with "
+        raise UserError(f"{flag} {path}: no such file (pytorch-fid writes one with "
                         f"`python -m pytorch_fid --save-stats REAL_DIR FILE.npz`; or pass --real-images DIR)")
     try:
         # allow_pickle=False: an .npz of object arrays would unpickle
         with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):  # a bare .npy array, not an archive of named ones
+                raise ValueError("a single array, not an npz archive")
             missing = [k for k in STATS_KEYS if k not in z.files]
             if missing:
-                raise UserError(f"--real-stats {path}: no '{missing[0]}' array (expected pytorch-fid's mu/sigma npz)")
+                raise UserError(f"{flag} {path}: no '{missing[0]}' array (expected pytorch-fid's mu/sigma npz)")
             mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"--real-stats {path}: not a readable npz ({type(e).__name__})") from None
-    if mu.ndim != 1 or sigma.shape != (mu.numel(), mu.numel()):
-        raise UserError(f"--real-stats {path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not fit")
+    except (ValueError, TypeError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{flag} {path}: not a readable npz ({type(e).__name__})") from None
+    if mu.ndim != 1 or mu.numel() == 0 or sigma.shape != (mu.numel(), mu.numel()):
+        raise UserError(f"{flag} {path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not fit "
+                        f"(expected mu [d] and sigma [d, d])")
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        raise UserError(f"{flag} {path}: mu or sigma holds NaN or infinite values")
     return mu, sigma
 
 

@@ -58,6 +58,7 @@ class InceptionFeatures(nn.Module):
         self.net = net.eval()
         self.name = name
         self.input_size = input_size
+        self.dim: int | None = None  # pool feature size, known once `load_inception` has run it
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -117,4 +118,23 @@ def load_inception(path: str | Path | None = None, allow_pickle: bool = False,
     net.eval()
     for q in net.parameters():
         q.requires_grad_(False)
-    return InceptionFeatures(net, name=known or f"{p.name} (sha1 {digest[:12]})")
+    features = InceptionFeatures(net, name=known or f"{p.name} (sha1 {digest[:12]})")
+    features.dim = _probe(features, f"{flag} {p}")
+    return features
+
+
+def _probe(features: InceptionFeatures, what: str) -> int:
+    """Run the network once on a blank image: a file that loads but is no image feature extractor
+    (another model, a damaged graph) is one line now, not a failure after a whole generation run.
+    Returns the pool feature size (what real statistics must match)."""
+    try:
+        out = features(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        msg = str(e).strip().splitlines()
+        raise UserError(f"{what}: does not run as an FID Inception on a uint8 RGB image "
+                        f"({type(e).__name__}: {msg[-1][:160] if msg else ''})") from None
+    pool, logits = out["pool"], out["logits"]
+    if pool.ndim != 2 or pool.shape[0] != 1 or pool.shape[1] < 2 or (logits is not None and logits.shape[0] != 1):
+        raise UserError(f"{what}: gives features of shape {tuple(pool.shape)} for one image; an FID Inception "
+                        f"gives one feature vector per image")
+    return int(pool.shape[1])

@@ -15,6 +15,7 @@ from ..backbones import BACKBONES
 from ..defaults import METHODS
 from ..errors import UserError
 from ..fileio import write_atomic
+from ..outputs import check_output, output_lock
 from ..runs import RUN_JSON, find_run_dirs
 from .protocol import METRIC_LABELS, METRICS, PROTOCOL, SCORES_JSON, csv_text, md_num, run_summary
 from .metrics import nanmean
@@ -56,8 +57,8 @@ def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if any(part.startswith(".") for part in sp.relative_to(runs_dir).parts):
             continue
         try:
-            doc = json.loads(sp.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            doc = json.loads(sp.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             skipped.append((sp, f"unreadable ({type(e).__name__})"))
             continue
         why = _why_not_scores(doc)
@@ -67,8 +68,8 @@ def collect_scores(runs_dir: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         # the innermost run holding it: a step dir's own scores describe the step, not its run
         rj = next((d / RUN_JSON for d in sp.parents if d in run_dirs), None)
         try:
-            run = json.loads(rj.read_text()) if rj else None
-        except (OSError, json.JSONDecodeError) as e:
+            run = json.loads(rj.read_text(encoding="utf-8")) if rj else None
+        except (OSError, ValueError) as e:
             skipped.append((sp, f"its {rj} is unreadable ({type(e).__name__})"))
             continue
         info = run_summary(run) if isinstance(run, dict) else {
@@ -140,15 +141,17 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[dict[str,
     order = {k: i for i, k in enumerate(_group_order(rows))}
     rows.sort(key=lambda r: (order[(r["base"], r["method"])], r["subject"], r["scores"]))
     means, real = summarize(rows)
-    out_dir = Path(out_dir) if out_dir else runs_dir
+    # --out is checked as every output is; the default, RUNS_DIR itself, is an input the user named
+    flag = "--out" if out_dir else "RUNS_DIR"
+    out_dir = check_output(Path(out_dir), kind="dir", flag=flag, allow_existing_dir=True) if out_dir else runs_dir
     md = _report_markdown(rows, means, real)
     if skipped:
         md += "\n## Skipped\n\n" + "".join(f"- `{p}`: {why}\n" for p, why in skipped)
-    return {
-        "csv": write_atomic(out_dir / REPORT_CSV, csv_text(rows + means + [real], REPORT_COLUMNS)),
-        "markdown": write_atomic(out_dir / REPORT_MD, md),
-        "png": write_atomic(out_dir / REPORT_PNG, _report_png(means, real)),
-    }, skipped
+    # rendered before the first write, written under the writer's lock (a second report is refused)
+    data = {"csv": csv_text(rows + means + [real], REPORT_COLUMNS), "markdown": md, "png": _report_png(means, real)}
+    names = {"csv": REPORT_CSV, "markdown": REPORT_MD, "png": REPORT_PNG}
+    with output_lock(out_dir, flag=flag):
+        return {k: write_atomic(out_dir / names[k], data[k]) for k in names}, skipped
 
 
 def _report_markdown(rows: list[dict], means: list[dict], real: dict) -> str:
