@@ -108,6 +108,14 @@ def list_images(folder: Path) -> list[Path]:
                   and not p.name.lower().endswith(".mask.png"))
 
 
+def check_links(folder: Path) -> None:
+    """A photo that is a symlink to nowhere would be silently left out (`list_images` sees no file):
+    refused, naming it. A symlink to a photo elsewhere is a photo."""
+    for p in sorted(Path(folder).iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_symlink() and not p.exists():
+            raise UserError(f"{p}: a broken symlink (its target {os.readlink(p)} does not exist)")
+
+
 def data_dir(flag: str | None) -> tuple[Path, bool]:
     """(dataset dir, whether it is the default place). Order: --data-dir, $PERSONALIZE_DATA, default."""
     if flag:
@@ -134,6 +142,7 @@ def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str
             raise UserError(f"--subject {subject} is a folder of your own photos: say what it is with --class-noun (e.g. dog)")
         if not list_images(p):
             raise UserError(f"--subject {subject}: no images in that folder (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        check_links(p)
         kind = "live" if class_noun in {"dog", "cat"} else "object"
         return Subject(p.name, class_noun, kind, p.resolve())
     if subject not in known:
@@ -155,6 +164,7 @@ def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str
         raise UserError(f"subject '{s.name}' has no folder in {root}; is that the DreamBooth dataset/ folder?")
     if not list_images(folder):
         raise UserError(f"{folder}: no images in the subject's folder")
+    check_links(folder)
     return Subject(s.name, class_noun or s.class_noun, s.kind, folder.resolve())
 
 

@@ -182,3 +182,20 @@ def test_a_big_photo_header_prints_no_warning_besides_the_line(tmp_path, cli):
     assert not [w for w in seen if "decompression" in str(w.message).lower()]
 
 
+@pytest.mark.parametrize("make, culprit, fragment", [
+    (lambda f: None, lambda f: f, "no images"),  # an empty folder
+    (lambda f: [(f / "a.txt").write_text("x"), (f / "b.heic").write_bytes(b"\0" * 10)], lambda f: f, "no images"),
+    (lambda f: (f / "00.jpg").write_bytes(b""), lambda f: f / "00.jpg", "unreadable"),
+    (lambda f: (f / "00.jpg").write_bytes((f / "01.jpg").read_bytes()[:300]), lambda f: f / "00.jpg", "unreadable"),
+    (lambda f: Image.new("RGB", (1, 1)).save(f / "00.png"), lambda f: f / "00.png", "smaller than --resolution"),
+    (lambda f: (f / "zz.jpg").symlink_to(f.parent / "nowhere.jpg"), lambda f: f / "zz.jpg", "broken symlink"),
+], ids=["empty", "only-non-images", "zero-byte", "truncated", "1x1", "dangling-symlink"])
+def test_hostile_photo_folders_are_one_line(tmp_path, cli, make, culprit, fragment):
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    if fragment not in ("no images",):
+        write_photos(folder, n=2, size=(64, 64))
+    make(folder)
+    assert fragment in refused(cli, tmp_path, folder, culprit(folder))
+
+
