@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
-from .subjects import list_images
+from .subjects import IMAGE_SUFFIXES, list_images, read_prompts_text
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
@@ -120,42 +120,76 @@ METADATA_JSONL = "metadata.jsonl"  # Hugging Face `imagefolder`: one {"file_name
 MASK_SUFFIX = ".mask.png"
 
 
+MAX_CAPTION_BYTES = 1 << 16  # a caption is a sentence (CLIP reads 77 tokens): a bigger .txt is another file
+MAX_METADATA_BYTES = 64 << 20  # a line per photo
+
+
 def read_captions(paths: list[Path]) -> list[str | None]:
     """Each photo's caption template: `photo.txt` beside `photo.jpg`, else its line of the folder's
     `metadata.jsonl` (`file_name` + `text`, the HF imagefolder layout), else None (the run's
-    instance prompt). `{token}` / `{class}` are filled by the caller."""
-    import json
-
+    instance prompt). `{token}` / `{class}` are filled by the caller. Both are UTF-8 (a BOM is
+    dropped); what would be silently unused is refused, naming it: a metadata line for no photo of
+    the folder, a `.txt` with the name of a file that is not a photo read here, or, once photos
+    have `.txt` captions, one with no photo's name."""
     by_name: dict[Path, dict[str, str]] = {}
     out = []
     for p in paths:
         side = p.with_suffix(CAPTION_SUFFIX)
-        if side.is_file():
-            out.append(_caption_text(_read_caption(side), side))
-            continue
         folder = p.parent
         if folder not in by_name:
-            by_name[folder] = {}
-            meta = folder / METADATA_JSONL
-            if meta.is_file():
-                for i, line in enumerate(meta.read_text().splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        by_name[folder][str(row["file_name"])] = str(row["text"])
-                    except (ValueError, KeyError, TypeError):
-                        raise UserError(f"{meta}:{i}: not a JSON object with file_name and text") from None
+            by_name[folder] = _read_metadata(folder)
+            _orphan_captions(folder)
+        if side.exists() or side.is_symlink():
+            out.append(_caption_text(read_prompts_text(side, "caption", MAX_CAPTION_BYTES, "a caption"), side))
+            continue
         text = by_name[folder].get(p.name)
         out.append(None if text is None else _caption_text(text, folder / METADATA_JSONL))
     return out
 
 
-def _read_caption(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable caption ({type(e).__name__})") from None
+def _read_metadata(folder: Path) -> dict[str, str]:
+    """file name -> caption of the folder's metadata.jsonl ({} without one)."""
+    import json
+
+    meta = folder / METADATA_JSONL
+    if not (meta.exists() or meta.is_symlink()):
+        return {}
+    names = {p.name for p in list_images(folder)}
+    rows: dict[str, str] = {}
+    first: dict[str, int] = {}
+    text = read_prompts_text(meta, "captions", MAX_METADATA_BYTES, "a metadata.jsonl")
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, caption = row["file_name"], row["text"]
+            if not (isinstance(name, str) and isinstance(caption, str)):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{meta}:{i}: not a JSON object with file_name and text (strings)") from None
+        if name not in names:
+            raise UserError(f"{meta}:{i}: {name} is not a photo in {folder} (its file_name is the photo's name there)")
+        if name in first:
+            raise UserError(f"{meta}:{i}: {name} captioned twice (first on line {first[name]})")
+        first[name], rows[name] = i, caption
+    return rows
+
+
+def _orphan_captions(folder: Path) -> None:
+    photos = list_images(folder)
+    stems = {p.stem for p in photos}
+    captioned = any(p.with_suffix(CAPTION_SUFFIX).exists() for p in photos)
+    for t in sorted(folder.glob("*" + CAPTION_SUFFIX)):
+        if t.stem in stems:
+            continue
+        other = sorted(f.name for f in folder.iterdir() if f.stem == t.stem and f != t and f.is_file())
+        if other:
+            raise UserError(f"{t}: the caption of {other[0]}, which is not a photo read here (a photo is one of "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        if captioned:
+            raise UserError(f"{t}: the caption of no photo here (a photo's caption is <photo stem>{CAPTION_SUFFIX} "
+                            f"beside it)")
 
 
 def _caption_text(text: str, where: Path) -> str:

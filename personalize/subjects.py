@@ -63,10 +63,11 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n and not n % 2**20 else f"{n} bytes"
 
 
-def read_prompts_text(path: str | Path, flag: str, max_bytes: int) -> str:
-    """The UTF-8 text of a user's prompts file, or a one-line UserError naming `flag` and the file:
-    no such file, not a regular file (a folder, /dev/zero, a FIFO), over `max_bytes` (a larger
-    "prompts file" is a wrong path: a log, a dataset), not UTF-8."""
+def read_prompts_text(path: str | Path, flag: str, max_bytes: int, what: str = "a prompts file") -> str:
+    """The UTF-8 text of a user's prompts file (a leading byte-order mark, as Notepad writes, is not
+    part of it), or a one-line UserError naming `flag` and the file: no such file, not a regular
+    file (a folder, /dev/zero, a FIFO), over `max_bytes` (a larger "prompts file" is a wrong path:
+    a log, a dataset), not UTF-8. `what` names the kind of file in the size refusal."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -76,16 +77,16 @@ def read_prompts_text(path: str | Path, flag: str, max_bytes: int) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"{flag} {path}: not a regular file")
     if st.st_size > max_bytes:
-        raise UserError(f"{flag} {path}: {st.st_size} bytes; a prompts file is at most {_size(max_bytes)}")
+        raise UserError(f"{flag} {path}: {st.st_size} bytes; {what} is at most {_size(max_bytes)}")
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)  # the file may have grown since the stat
     except OSError as e:
         raise UserError(f"{flag} {path}: unreadable ({type(e).__name__})") from None
     if len(data) > max_bytes:
-        raise UserError(f"{flag} {path}: more than {max_bytes} bytes; a prompts file is at most {_size(max_bytes)}")
+        raise UserError(f"{flag} {path}: more than {max_bytes} bytes; {what} is at most {_size(max_bytes)}")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{flag} {path}: unreadable (not UTF-8 text)") from None
 

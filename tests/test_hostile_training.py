@@ -199,3 +199,64 @@ def test_hostile_photo_folders_are_one_line(tmp_path, cli, make, culprit, fragme
     assert fragment in refused(cli, tmp_path, folder, culprit(folder))
 
 
+# ---------------------------------------------------------------------------- captions
+def test_a_caption_txt_not_utf8_is_one_line_naming_it(tmp_path, cli):
+    folder = photos(tmp_path)
+    (folder / "00.txt").write_bytes(b"a \xff\xfe sks dog \x80")
+    refused(cli, tmp_path, folder, folder / "00.txt")
+
+
+def test_a_metadata_jsonl_not_utf8_is_one_line_naming_it(tmp_path, cli):
+    folder = photos(tmp_path)
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "00.jpg", "text": "a \xff sks dog"}\n')
+    refused(cli, tmp_path, folder, folder / "metadata.jsonl")
+
+
+def test_a_metadata_line_for_a_missing_photo_is_one_line(tmp_path, cli):
+    folder = photos(tmp_path)
+    rows = [{"file_name": "00.jpg", "text": "a {token} {class}"}, {"file_name": "gone.jpg", "text": "x"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = refused(cli, tmp_path, folder, folder / "metadata.jsonl")
+    assert "gone.jpg" in line
+
+
+def test_a_caption_for_a_missing_photo_is_one_line_naming_it(tmp_path, cli):
+    """Captions beside the photos, one of them captioning no photo (renamed, deleted, a format not
+    read): that photo trains on the instance prompt instead, silently, unless refused."""
+    folder = photos(tmp_path)
+    (folder / "00.txt").write_text("a {token} {class} asleep")
+    (folder / "gone.txt").write_text("a {token} {class} running")
+    refused(cli, tmp_path, folder, folder / "gone.txt")
+
+
+def test_a_caption_of_a_photo_in_a_format_not_read_is_one_line(tmp_path, cli):
+    folder = photos(tmp_path)
+    (folder / "phone.heic").write_bytes(b"\0" * 16)
+    (folder / "phone.txt").write_text("a {token} {class} on a sofa")
+    line = refused(cli, tmp_path, folder, folder / "phone.txt")
+    assert "phone.heic" in line
+
+
+def test_caption_encodings_that_are_valid_read_as_written(tmp_path):
+    """A UTF-8 BOM (Notepad) is not part of the caption; non-ASCII text is kept; a stray notes.txt
+    in a folder without captions is not a caption."""
+    from personalize.data import read_captions
+
+    folder = photos(tmp_path)
+    a, b, c = sorted(folder.glob("*.jpg"))
+    (folder / "00.txt").write_bytes("\ufeffa {token} {class} at the café".encode())
+    (folder / "metadata.jsonl").write_bytes(("\ufeff" + json.dumps({"file_name": "01.jpg", "text": "naïve {class}"},
+                                                                     ensure_ascii=False) + "\n").encode())
+    assert read_captions([a, b, c]) == ["a {token} {class} at the café", "naïve {class}", None]
+    other = photos(tmp_path, "cat")
+    (other / "notes.txt").write_text("shot on my phone, 2024")
+    assert read_captions(sorted(other.glob("*.jpg"))) == [None, None, None]
+
+
+def test_a_caption_that_is_not_a_file_is_one_line(tmp_path):
+    from personalize.data import read_captions
+
+    folder = photos(tmp_path)
+    (folder / "00.txt").mkdir()
+    with pytest.raises(UserError, match="00.txt"):
+        read_captions(sorted(folder.glob("*.jpg")))
