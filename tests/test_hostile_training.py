@@ -260,3 +260,29 @@ def test_a_caption_that_is_not_a_file_is_one_line(tmp_path):
     (folder / "00.txt").mkdir()
     with pytest.raises(UserError, match="00.txt"):
         read_captions(sorted(folder.glob("*.jpg")))
+
+
+# ---------------------------------------------------------------------------- odd but valid: it trains
+@pytest.mark.slow
+def test_odd_but_valid_inputs_train(tmp_path, cli):
+    """One folder of everything odd that is still valid: a CMYK JPEG, a 16-bit PNG, a photo
+    symlinked from elsewhere, a 1x1 photo with --allow-upscale, a palette mask, an LA mask, a
+    caption with a BOM and non-ASCII text, a notes file beside them."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (64, 64)).astype(np.uint16)).save(folder / "deep.png")
+    elsewhere = write_photos(tmp_path / "elsewhere", n=1, size=(64, 64))
+    (folder / "linked.jpg").symlink_to(elsewhere / "00.jpg")
+    Image.new("RGB", (1, 1), "blue").save(folder / "dot.png")
+    _mask_in_mode(255, "P", (64, 64)).save(folder / "cmyk.mask.png")
+    _mask_in_mode(200, "LA", (64, 64)).save(folder / "deep.mask.png")
+    (folder / "linked.txt").write_bytes("\ufeffa {token} {class}, café".encode())
+    (folder / "README.md").write_text("my dog")
+    before = snapshot(folder)
+    r = cli("lora", "--subject", folder, "--class-noun", "dog", *QUICK, "--allow-upscale", "--output-dir",
+            tmp_path / "run")
+    assert r.code == 0, r.err
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert snapshot(folder) == before
