@@ -266,6 +266,13 @@ class TrainConfig:
                             f"got '{self.class_images_runtime}'")
         if self.class_images_runtime == "openvino" and self.class_images > 0 and self.prior_loss_weight > 0:
             require_extra("openvino", "--class-images-runtime openvino")  # before any model is loaded: a missing extra is one line up front
+        for name, flag, used in (("lora_unet_targets", "--lora-targets", True),
+                                 ("lora_text_encoder_targets", "--lora-text-encoder-targets", self.train_text_encoder)):
+            if self.method != "full" and used and not getattr(self, name):
+                raise UserError(f"{flag}: no module names; give at least one, or leave the flag out for the default")
+        if self.sample_prompts and not self.sample_every:
+            raise UserError(f"--sample-prompts {self.sample_prompts}: only drawn with --sample-every N (neither "
+                            f"--save-every nor --score-every uses it); add --sample-every or drop it")
         for name in ("sample_every", "save_every", "score_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")

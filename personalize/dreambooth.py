@@ -16,12 +16,13 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTER_DIR, LORA_WEIGHTS, add_adapter, check_attach, save_adapter
+from .adapters import ADAPTER_DIR, LORA_WEIGHTS, add_adapter, check_attach, method_of, save_adapter
 from .backbones import ResolvedBase, native_resolution
 from .buckets import Placement, load_bucketed, load_bucketed_masks
 from .checkpoints import CHECKPOINTS_DIR, list_checkpoints
@@ -121,11 +122,47 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     if held is not None and int(os.environ.get("RANK", "0")) == 0:
         held.enter_context(output_lock(run_dir, flag="--output-dir"))
     if cfg.method != "full":
-        check_attach(base.path, cfg)  # a target or block size this base cannot take: one line, nothing written
+        with warnings.catch_warnings():  # peft's note that it adjusts an OFT block size: check_attach refuses it
+            warnings.filterwarnings("ignore", message=r"Invalid `oft_block_size`")
+            check_attach(base.path, cfg)  # a target or block size this base cannot take: one line, nothing written
+        check_sizes(base.path, cfg)
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
                     fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
                     fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun), captions, masks, buckets)
+
+
+def check_sizes(base_path: Path, cfg: TrainConfig) -> None:
+    """What peft takes without a word but is not the run asked for, refused before any weight is
+    read: a --rank (--text-encoder-rank) above the full rank of every layer it targets (parameters,
+    not capacity: 10^8 is an out-of-memory kill mid-run), and a --lokr-factor that does not divide
+    a targeted width (peft quietly uses another factor). On empty (meta-device) models."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    method = method_of(cfg.method)
+    if method.name == "oft":  # sized by --oft-block-size, which check_attach holds
+        return
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))}
+        if cfg.train_text_encoder:
+            models["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(base_path / "text_encoder"))
+    for comp, model in models.items():
+        flag, rank = ("--rank", cfg.rank) if comp == "unet" else ("--text-encoder-rank", cfg.text_encoder_rank)
+        targets, full_rank = method.build(cfg, comp), 0
+        for name, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.ndim < 2 or not check_target_module_exists(targets, name):
+                continue
+            full_rank = max(full_rank, min(w.shape[0], w[0].numel()))
+            bad = [d for d in w.shape[:2] if method.name == "lokr" and cfg.lokr_factor > 0 and d % cfg.lokr_factor]
+            if bad:
+                raise UserError(f"--lokr-factor {cfg.lokr_factor} does not divide the width {bad[0]} of {comp}.{name} "
+                                f"(peft would quietly use another factor); pick a divisor of every target's width")
+        if full_rank and rank > full_rank:
+            raise UserError(f"{flag} {rank}: above the full rank of every {comp} layer it targets (at most "
+                            f"{full_rank} on this base); a rank above a layer's width adds parameters, not capacity")
 
 
 class LoadedBase:

@@ -63,10 +63,11 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n and not n % 2**20 else f"{n} bytes"
 
 
-def read_prompts_text(path: str | Path, flag: str, max_bytes: int) -> str:
-    """The UTF-8 text of a user's prompts file, or a one-line UserError naming `flag` and the file:
-    no such file, not a regular file (a folder, /dev/zero, a FIFO), over `max_bytes` (a larger
-    "prompts file" is a wrong path: a log, a dataset), not UTF-8."""
+def read_prompts_text(path: str | Path, flag: str, max_bytes: int, what: str = "a prompts file") -> str:
+    """The UTF-8 text of a user's prompts file (a leading byte-order mark, as Notepad writes, is not
+    part of it), or a one-line UserError naming `flag` and the file: no such file, not a regular
+    file (a folder, /dev/zero, a FIFO), over `max_bytes` (a larger "prompts file" is a wrong path:
+    a log, a dataset), not UTF-8. `what` names the kind of file in the size refusal."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -76,16 +77,16 @@ def read_prompts_text(path: str | Path, flag: str, max_bytes: int) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"{flag} {path}: not a regular file")
     if st.st_size > max_bytes:
-        raise UserError(f"{flag} {path}: {st.st_size} bytes; a prompts file is at most {_size(max_bytes)}")
+        raise UserError(f"{flag} {path}: {st.st_size} bytes; {what} is at most {_size(max_bytes)}")
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)  # the file may have grown since the stat
     except OSError as e:
         raise UserError(f"{flag} {path}: unreadable ({type(e).__name__})") from None
     if len(data) > max_bytes:
-        raise UserError(f"{flag} {path}: more than {max_bytes} bytes; a prompts file is at most {_size(max_bytes)}")
+        raise UserError(f"{flag} {path}: more than {max_bytes} bytes; {what} is at most {_size(max_bytes)}")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{flag} {path}: unreadable (not UTF-8 text)") from None
 
@@ -106,6 +107,14 @@ def list_images(folder: Path) -> list[Path]:
     """The photos of a folder; `photo.mask.png` files are the masks of photos, not photos."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.lower().endswith(".mask.png"))
+
+
+def check_links(folder: Path) -> None:
+    """A photo that is a symlink to nowhere would be silently left out (`list_images` sees no file):
+    refused, naming it. A symlink to a photo elsewhere is a photo."""
+    for p in sorted(Path(folder).iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_symlink() and not p.exists():
+            raise UserError(f"{p}: a broken symlink (its target {os.readlink(p)} does not exist)")
 
 
 def data_dir(flag: str | None) -> tuple[Path, bool]:
@@ -134,6 +143,7 @@ def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str
             raise UserError(f"--subject {subject} is a folder of your own photos: say what it is with --class-noun (e.g. dog)")
         if not list_images(p):
             raise UserError(f"--subject {subject}: no images in that folder (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        check_links(p)
         kind = "live" if class_noun in {"dog", "cat"} else "object"
         return Subject(p.name, class_noun, kind, p.resolve())
     if subject not in known:
@@ -155,6 +165,7 @@ def find_subject(subject: str, data_dir_flag: str | None = None, class_noun: str
         raise UserError(f"subject '{s.name}' has no folder in {root}; is that the DreamBooth dataset/ folder?")
     if not list_images(folder):
         raise UserError(f"{folder}: no images in the subject's folder")
+    check_links(folder)
     return Subject(s.name, class_noun or s.class_noun, s.kind, folder.resolve())
 
 

@@ -113,3 +113,11 @@ def test_a_bad_prompts_file_is_one_line_naming_flag_and_file(tmp_path, make, msg
     with pytest.raises(UserError) as e:
         read_prompts_file(path, "--sample-prompts", max_bytes=1000)
     assert str(e.value).startswith(f"--sample-prompts {path}: ") and msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    """Notepad saves UTF-8 with a BOM: it must not become a character of the first prompt (or of a
+    caption, or of a CSV's first header)."""
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa {token} {class} on a café table\nsecond\n".encode())
+    assert read_prompts_file(f, "--sample-prompts") == ["a {token} {class} on a café table", "second"]
