@@ -21,13 +21,18 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 # the training loop's choices (personalize/fit.py): diffusers' get_scheduler names, and optimizers
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "loraplus")
 
 # the adapter methods, in the order of adapters.ADAPTER_METHODS (a test holds the two together),
 # and full finetuning; every list of methods (CLI, batch, report, exports) reads these
-ADAPTER_METHOD_NAMES = ("lora", "dora", "loha", "lokr", "oft")
+ADAPTER_METHOD_NAMES = ("lora", "dora", "loha", "lokr", "oft", "boft", "hra")
 METHODS = (*ADAPTER_METHOD_NAMES, "full")
-METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "full": "full"}
+METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "hra": "HRA",
+                 "full": "full"}
+# the methods with a rank per module (peft's rank_pattern / alpha_pattern), and the LoRA-file ones
+# (--rslora, --optimizer loraplus: both are about LoRA's B A)
+RANKED_METHODS = ("lora", "dora", "loha", "lokr")
+LORA_FILE_METHODS = ("lora", "dora")
 
 # where prior-preservation class images are drawn (class_images.py)
 CLASS_IMAGE_RUNTIMES = ("torch", "openvino")
