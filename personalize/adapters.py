@@ -230,6 +230,11 @@ def check_attach(base_path: Path, cfg) -> None:
         for comp, model in models.items():
             for name, module in model.named_modules():
                 got = getattr(module, "oft_block_size", {}).get("default")
+                kernel = tuple(getattr(module.get_base_layer(), "kernel_size", (1, 1))) if got is not None else (1, 1)
+                if kernel != (1, 1):  # peft 0.21 rotates unfolded patches and folds them back (summed)
+                    raise UserError(f"oft on {comp}.{name}: peft's OFT on a {kernel[0]}x{kernel[1]} conv does not "
+                                    f"match its own merged weights, so generate and every export would differ; target "
+                                    f"Linear or 1x1 layers, or use boft/hra (their convs are exact)")
                 if got is not None and got != cfg.oft_block_size:
                     width = getattr(module, "in_features", None) or "its"
                     raise UserError(f"--oft-block-size {cfg.oft_block_size} does not divide the input width {width} "

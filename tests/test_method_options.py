@@ -171,6 +171,7 @@ def test_bad_method_options_are_one_line_and_write_nothing(photos, tmp_path, cli
     assert "boft_block_num (5)" in _one_line(run("boft", "--boft-block-num", "5"))  # peft's reason, one line
     if not torch.cuda.is_available():
         assert "fbd_cuda" in _one_line(run("boft", "--boft-butterfly-factor", "2"))
+    assert "use boft/hra" in _one_line(run("oft", "--oft-block-size", "8", "--lora-targets", "to_q,conv1"))
     assert "--rslora" in _one_line(run("loha", "--rslora"))  # not a LoHa flag
     assert not (tmp_path / "r").exists()
 
