@@ -39,7 +39,8 @@ CLASS_IMAGE_RUNTIMES = ("torch", "openvino")
 
 # export formats: the adapter files, the merged pipeline, one ldm checkpoint, and the deploy runtimes
 DEPLOY_FORMATS = ("onnx", "openvino", "coreml")
-EXPORT_FORMATS = ("kohya", "merged", "single-file", *DEPLOY_FORMATS)
+# lora: any run as a plain LoRA (truncated SVD of each weight's change), or a LoRA run resized
+EXPORT_FORMATS = ("kohya", "merged", "single-file", "lora", *DEPLOY_FORMATS)
 RUNTIMES = ("onnx", "openvino")  # the deploy formats `personalize generate` runs (Core ML predicts on macOS only)
 # `generate --inference-precision`: OpenVINO's CPU compute precision. fp32 (default) gives the torch
 # pipeline's images; bf16 (native AVX512-BF16/AMX CPUs only) was 0.32x the best torch CPU time at
