@@ -1,5 +1,6 @@
 """Adapter methods side by side: trainable parameters, adapter file size, s/step and peak memory of
-LoRA, DoRA, LoHa, LoKr and OFT, each trained by `personalize.dreambooth.train_subject` (the same
+every adapter method (personalize.defaults.ADAPTER_METHOD_NAMES: LoRA, DoRA, LoHa, LoKr, OFT, BOFT,
+HRA), each trained by `personalize.dreambooth.train_subject` (the same
 path as `personalize <method>`) with its defaults, on a random-weight pipeline of a real shape.
 
     python benchmarks/methods.py                       # CPU: bk-sdm-small shape, 256 px, 3 timed steps
@@ -25,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-METHODS = ["lora", "dora", "loha", "lokr", "oft"]
+from personalize.defaults import ADAPTER_METHOD_NAMES  # noqa: E402 - after the path above
+
+METHODS = list(ADAPTER_METHOD_NAMES)
 
 
 def adapter_stats(run_dir: Path) -> tuple[int, int]:

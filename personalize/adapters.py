@@ -7,21 +7,30 @@
 - LoKr (Yeh et al. 2024, LyCORIS): W + (alpha/r) kron(W1, B2 A2), a Kronecker product.
 - OFT (Qiu et al. 2023, orthogonal finetuning): the layer's input rotated by a block-diagonal
   orthogonal R (Cayley transform of a skew-symmetric matrix), W R.
+- BOFT (Liu et al. 2024): OFT's R as a product of butterfly-permuted block-diagonal factors, and a
+  learned scale per output.
+- HRA (Yuan et al. 2024): R a product of r Householder reflections (I - 2 u u^T / |u|^2).
+
+rsLoRA (Kalajdzievski 2023: scale alpha/sqrt(r)) and per-module ranks/alphas (peft's rank_pattern /
+alpha_pattern) are options of the LoRA-family configs.
 
 LoRA and DoRA are saved in the diffusers format that plain `pipe.load_lora_weights(run_dir)`
-reads (rank/alpha and `use_dora` in the safetensors metadata, DoRA's magnitudes as
-`lora_magnitude_vector`); LoHa, LoKr and OFT as a peft adapter folder per component
+reads (rank/alpha, patterns, `use_dora`/`use_rslora` in the safetensors metadata, DoRA's magnitudes as
+`lora_magnitude_vector`); LoHa, LoKr, OFT, BOFT and HRA as a peft adapter folder per component
 (`adapter/unet/`, `adapter/text_encoder/`: `adapter_config.json` + `adapter_model.safetensors`) that
 `PeftModel.from_pretrained` loads. `save_adapter` is the one writer of a run's adapter."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .defaults import RANKED_METHODS
 from .errors import UserError
 from .fileio import move_into, scratch_dir
 
@@ -42,21 +51,30 @@ def _part(cfg, part: str) -> tuple[int, float, list[str]]:
     return cfg.text_encoder_rank, cfg.text_encoder_alpha, list(cfg.lora_text_encoder_targets)
 
 
-def lora_config(rank: int, alpha: float, targets: list[str], use_dora: bool = False):
+def _patterns(cfg) -> dict:
+    """peft's per-module rank_pattern / alpha_pattern (the same for the U-Net and the text encoder:
+    a pattern names modules of one of them)."""
+    return {"rank_pattern": dict(getattr(cfg, "rank_pattern", None) or {}),
+            "alpha_pattern": dict(getattr(cfg, "alpha_pattern", None) or {})}
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], use_dora: bool = False, use_rslora: bool = False,
+                rank_pattern: dict | None = None, alpha_pattern: dict | None = None):
     from peft import LoraConfig
 
     # gaussian init of A (B = 0): the adapter starts as the identity, as in the diffusers scripts
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets),
-                      lora_dropout=0.0, use_dora=use_dora)
+                      lora_dropout=0.0, use_dora=use_dora, use_rslora=use_rslora, rank_pattern=dict(rank_pattern or {}),
+                      alpha_pattern=dict(alpha_pattern or {}))
 
 
 def _lora(cfg, part):
-    return lora_config(*_part(cfg, part))
+    return lora_config(*_part(cfg, part), use_rslora=bool(getattr(cfg, "rslora", False)), **_patterns(cfg))
 
 
 def _dora(cfg, part):
     # DoRA at LoRA's rank/alpha: the paper swaps it in for LoRA at the same settings
-    return lora_config(*_part(cfg, part), use_dora=True)
+    return lora_config(*_part(cfg, part), use_dora=True, use_rslora=bool(getattr(cfg, "rslora", False)), **_patterns(cfg))
 
 
 def _loha(cfg, part):
@@ -64,14 +82,15 @@ def _loha(cfg, part):
 
     r, alpha, targets = _part(cfg, part)
     # init_weights=True: B2 = 0, so the adapter starts as the identity (peft's and LyCORIS' default)
-    return LoHaConfig(r=r, alpha=alpha, target_modules=targets, init_weights=True)
+    return LoHaConfig(r=r, alpha=alpha, target_modules=targets, init_weights=True, **_patterns(cfg))
 
 
 def _lokr(cfg, part):
     from peft import LoKrConfig
 
     r, alpha, targets = _part(cfg, part)
-    return LoKrConfig(r=r, alpha=alpha, target_modules=targets, decompose_factor=cfg.lokr_factor, init_weights=True)
+    return LoKrConfig(r=r, alpha=alpha, target_modules=targets, decompose_factor=cfg.lokr_factor, init_weights=True,
+                      **_patterns(cfg))
 
 
 def _oft(cfg, part):
@@ -80,6 +99,23 @@ def _oft(cfg, part):
     _, _, targets = _part(cfg, part)
     # r = 0 with a block size: peft derives the block count per layer (its recommended way)
     return OFTConfig(r=0, oft_block_size=cfg.oft_block_size, target_modules=targets, init_weights=True)
+
+
+def _boft(cfg, part):
+    from peft import BOFTConfig
+
+    _, _, targets = _part(cfg, part)
+    # a block count (block size 0): peft derives each layer's block size from it, as its DreamBooth example
+    return BOFTConfig(boft_block_num=cfg.boft_block_num, boft_block_size=0,
+                      boft_n_butterfly_factor=cfg.boft_butterfly_factor, target_modules=targets, init_weights=True)
+
+
+def _hra(cfg, part):
+    from peft import HRAConfig
+
+    _, _, targets = _part(cfg, part)
+    # init_weights=True: pairs of equal reflections, so the adapter starts as the identity (an even rank)
+    return HRAConfig(r=cfg.hra_rank, target_modules=targets, init_weights=True)
 
 
 @dataclass(frozen=True)
@@ -103,6 +139,9 @@ ADAPTER_METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lokr", "LoKr (LyCORIS, Yeh et al. 2024)", "LOKR", "peft", True, _lokr),
     # rotations compose by multiplication: a weighted sum of two OFTs is not an OFT
     Method("oft", "OFT (Qiu et al. 2023)", "OFT", "peft", False, _oft),
+    # BOFT's butterfly rotations and HRA's Householder reflections compose by multiplication too
+    Method("boft", "BOFT (Liu et al. 2024)", "BOFT", "peft", False, _boft),
+    Method("hra", "HRA (Yuan et al. 2024)", "HRA", "peft", False, _hra),
 )}
 
 
@@ -162,18 +201,40 @@ def check_attach(base_path: Path, cfg) -> None:
     method = method_of(getattr(cfg, "method", "lora"))
     base_path = Path(base_path)
     with torch.device("meta"):  # shapes only: no memory, no init time
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))
-        attach_adapter(unet, method.build(cfg, "unet"))
-        models = {"unet": unet}
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_path / "unet"))}
         if cfg.train_text_encoder:
-            models["text_encoder"] = te = CLIPTextModel(CLIPTextConfig.from_pretrained(base_path / "text_encoder"))
-            attach_adapter(te, method.build(cfg, "text_encoder"))
+            models["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(base_path / "text_encoder"))
+    # BOFT fills its permutation matrices entry by entry, which the meta device cannot: its adapter
+    # tensors are made on the CPU (the base's weights stay shapes only)
+    with contextlib.nullcontext() if method.name == "boft" else torch.device("meta"):
+        for comp, model in models.items():
+            attach_adapter(model, method.build(cfg, comp))
+    names = [n for model in models.values() for n, mod in model.named_modules() if hasattr(mod, "get_base_layer")]
+    for flag in ("rank_pattern", "alpha_pattern"):  # peft only warns about a pattern that matches nothing
+        for key in (getattr(cfg, flag, None) or {}) if method.name in RANKED_METHODS else ():
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
+                raise UserError(f"--{flag.replace('_', '-')} {key}: matches none of the targeted modules (such as "
+                                f"{names[0] if names else 'none'}); a pattern is a regex matched against a name's end")
+    if method.name == "boft":
+        # without its CUDA extension peft quietly trains one butterfly factor whatever was asked (a warning)
+        for comp, model in models.items():
+            for name, module in model.named_modules():
+                got = getattr(module, "boft_R", {}).get("default")
+                if got is not None and int(got.shape[0]) != cfg.boft_butterfly_factor:
+                    raise UserError(f"--boft-butterfly-factor {cfg.boft_butterfly_factor}: peft builds more than one "
+                                    f"butterfly factor only with its CUDA extension (fbd_cuda: CUDA and ninja), which "
+                                    f"is not available here; use --boft-butterfly-factor 1")
     if method.name == "oft":
         # peft quietly swaps a block size that does not divide a layer's width for one that does
         # (a warning): the run would not be the one asked for
         for comp, model in models.items():
             for name, module in model.named_modules():
                 got = getattr(module, "oft_block_size", {}).get("default")
+                kernel = tuple(getattr(module.get_base_layer(), "kernel_size", (1, 1))) if got is not None else (1, 1)
+                if kernel != (1, 1):  # peft 0.21 rotates unfolded patches and folds them back (summed)
+                    raise UserError(f"oft on {comp}.{name}: peft's OFT on a {kernel[0]}x{kernel[1]} conv does not "
+                                    f"match its own merged weights, so generate and every export would differ; target "
+                                    f"Linear or 1x1 layers, or use boft/hra (their convs are exact)")
                 if got is not None and got != cfg.oft_block_size:
                     width = getattr(module, "in_features", None) or "its"
                     raise UserError(f"--oft-block-size {cfg.oft_block_size} does not divide the input width {width} "
@@ -265,7 +326,7 @@ _MAGNITUDE_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.lora_magnitude_vector
 class LoraLayer:
     down: "torch.Tensor"  # (rank, in_features[, 1, 1])
     up: "torch.Tensor"  # (out_features, rank[, 1, 1])
-    alpha: float  # the output is scaled by alpha / rank
+    alpha: float  # the output is scaled by alpha / rank (rsLoRA's alpha/sqrt(rank) folded in)
     magnitude: "torch.Tensor | None" = None  # DoRA: the learned norm of each output row (out_features,)
 
     @property
@@ -321,6 +382,8 @@ def read_lora(path: Path) -> dict[tuple[str, str], LoraLayer]:
                             f"up {tuple(p['up'].shape)}: the ranks differ); the file is damaged")
         alpha = config.get(f"{comp}.lora_alpha", rank)
         alpha = _pattern_value(module, config.get(f"{comp}.alpha_pattern"), alpha)
+        if config.get(f"{comp}.use_rslora"):
+            alpha *= math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r): the same as alpha*sqrt(r) over r
         mag = p.get("magnitude")
         if mag is not None and mag.numel() != int(p["up"].shape[0]):
             raise UserError(f"{path}: layer {comp}.{module} has {mag.numel()} DoRA magnitudes for "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 def number(kind=float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
@@ -49,4 +50,29 @@ def float_list(lo: float | None = None, hi: float | None = None):
         return [one(x.strip()) for x in items]
 
     parse.__name__ = "list"
+    return parse
+
+
+def key_values(kind=int):
+    """'down_blocks.0.*=4,up_blocks.3.*=8' -> {'down_blocks.0.*': 4, 'up_blocks.3.*': 8}: peft's
+    rank_pattern / alpha_pattern (a key is a regex matched against the end of a module's name),
+    values positive."""
+    one = number(kind, 0, lo_open=True)
+
+    def parse(text: str) -> dict:
+        out = {}
+        for item in (x.strip() for x in text.split(",")):
+            if not item:
+                continue
+            key, eq, value = item.rpartition("=")
+            if not eq or not key.strip():
+                raise argparse.ArgumentTypeError(f"'{item}' is not PATTERN=VALUE (e.g. down_blocks.0.*=4)")
+            try:
+                re.compile(key.strip())
+            except re.error as e:
+                raise argparse.ArgumentTypeError(f"'{key.strip()}' is not a regular expression ({e})") from None
+            out[key.strip()] = one(value.strip())
+        return out
+
+    parse.__name__ = "patterns"
     return parse

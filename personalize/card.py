@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .defaults import METHOD_LABELS
+
 
 def model_card(p) -> str:
     cfg, base, subj = p.cfg, p.base, p.subject
@@ -20,13 +22,13 @@ def model_card(p) -> str:
                 + (f"; text encoder rank {cfg.text_encoder_rank}, alpha {cfg.text_encoder_alpha}" if cfg.train_text_encoder else "")
                 + ")")
         what = what.replace("LoRA adapter", "DoRA adapter") if cfg.method == "dora" else what
-    elif cfg.method != "full":  # LoHa / LoKr / OFT: peft adapter folders
+    elif cfg.method != "full":  # LoHa / LoKr / OFT / BOFT / HRA: peft adapter folders
         run = str(p.run_dir.resolve())
         usage = (f'from peft import PeftModel\npipe = StableDiffusionPipeline.from_pretrained({base_ref!r})\n'
                  f'pipe.unet = PeftModel.from_pretrained(pipe.unet, {run + "/adapter/unet"!r})'
                  + (f'\npipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, {run + "/adapter/text_encoder"!r})'
                     if cfg.train_text_encoder else ""))
-        what = f"{cfg.method.upper() if cfg.method == 'oft' else cfg.method.capitalize().replace('ha', 'Ha').replace('kr', 'Kr')} adapter (peft)"
+        what = f"{METHOD_LABELS.get(cfg.method, cfg.method)} adapter (peft)"
     else:
         usage = f'pipe = StableDiffusionPipeline.from_pretrained({str(p.run_dir.resolve())!r})'
         what = "full diffusers pipeline (U-Net" + (" and text encoder" if cfg.train_text_encoder else "") + " finetuned)"

@@ -139,6 +139,11 @@ def quiet_libraries(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
     # several adapters in one pipeline is what `generate --adapter A --adapter B` is for
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+    # peft's BOFT tries to build a CUDA kernel on every layer; without it one butterfly factor is trained,
+    # which is what --boft-butterfly-factor 1 asks (any other value is refused with its own line)
+    warnings.filterwarnings("ignore", message=".*(Failed to load the CUDA extension|Setting boft_n_butterfly_factor).*")
+    # a --rank-pattern names modules of the U-Net or of the text encoder; one matching neither is refused
+    warnings.filterwarnings("ignore", message=".*(rank|alpha)_pattern keys did not match any targeted module.*")
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LR_SCHEDULERS, METHODS, MIXED_PRECISIONS,
-                       OPTIMIZERS)
+from .argtypes import key_values
+from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LORA_FILE_METHODS, LR_SCHEDULERS, METHODS,
+                       MIXED_PRECISIONS, OPTIMIZERS)
 from .errors import UserError
 from .extras import require_extra
 
@@ -69,10 +70,12 @@ class TrainConfig:
     # BK-SDM: constant LR; the names of diffusers' get_scheduler, which the DreamBooth scripts call
     lr_scheduler: str = field(default="constant", metadata={
         "choices": LR_SCHEDULERS, "help": "learning-rate schedule (diffusers' get_scheduler)"})
-    # BK-SDM: AdamW; adamw8bit (bitsandbytes, CUDA); prodigy (Mishchenko & Defazio 2023, lr 1.0 as its README)
+    # BK-SDM: AdamW; adamw8bit (bitsandbytes, CUDA); prodigy (Mishchenko & Defazio 2023, lr 1.0 as its README);
+    # loraplus: AdamW with LoRA's B matrices at --loraplus-lr-ratio x the LR (Hayou et al. 2024)
     optimizer: str = field(default="adamw", metadata={
         "choices": OPTIMIZERS, "help": "the optimizer (adamw8bit: bitsandbytes, CUDA only; prodigy: pip install "
-                                       "'personalize[prodigy]', its lr defaults to 1.0)"})
+                                       "'personalize[prodigy]', its lr defaults to 1.0; loraplus: LoRA+, lora/dora "
+                                       "only)"})
 
     # BK-SDM: prior preservation weight 1.0
     prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior-preservation loss"})
@@ -121,6 +124,30 @@ class TrainConfig:
     # OFT: 32-wide orthogonal blocks, peft's default (OFTConfig.oft_block_size); must divide each target's input width
     oft_block_size: int = field(default=32, metadata={
         "help": "OFT: size of the orthogonal blocks; must divide every target's input width"})
+    # BOFT: 8 blocks per layer and 1 butterfly factor, as peft's BOFT DreamBooth example
+    # (examples/boft_dreambooth/train_dreambooth.sh); more factors need peft's CUDA kernel (fbd_cuda)
+    boft_block_num: int = field(default=8, metadata={
+        "help": "BOFT: orthogonal blocks per layer; must divide every target's input width"})
+    boft_butterfly_factor: int = field(default=1, metadata={
+        "help": "BOFT: butterfly factors (1 is OFT's block structure; more need peft's CUDA extension)"})
+    # HRA: 8 Householder reflections, peft's HRA DreamBooth example (examples/hra_dreambooth) and HRAConfig's default
+    hra_rank: int = field(default=8, metadata={
+        "help": "HRA: Householder reflections per layer (even: pairs start as the identity)"})
+    # rsLoRA (Kalajdzievski 2023) scales by alpha/sqrt(rank) rather than alpha/rank: off, as in the recipe
+    rslora: bool = field(default=False, metadata={
+        "help": "LoRA/DoRA: rank-stabilized scaling alpha/sqrt(rank) (rsLoRA, Kalajdzievski 2023; peft's use_rslora)"})
+    # none: every module at --rank/--lora-alpha, as in the recipe
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={
+        "type": key_values(int), "metavar": "REGEX=RANK,...",
+        "help": "LoRA/DoRA/LoHa/LoKr: per-module ranks, regex=rank matched against the end of U-Net and "
+                "text-encoder module names, e.g. 'down_blocks.0.*=4,up_blocks.3.*=4' (peft's rank_pattern; "
+                "default: none)"})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={
+        "type": key_values(float), "metavar": "REGEX=ALPHA,...",
+        "help": "LoRA/DoRA/LoHa/LoKr: per-module alphas, as --rank-pattern (peft's alpha_pattern; default: none)"})
+    # LoRA+ (Hayou et al. 2024): B matrices at 2^4 = 16 x the LR, the paper's recommended ratio
+    loraplus_lr_ratio: float = field(default=16.0, metadata={
+        "help": "--optimizer loraplus: the LR of LoRA's B matrices is this times --lr"})
 
     # None = auto: on for GPUs under 40 GiB (BK-SDM turns it on to fit a 24 GB card), off on CPU,
     # where RAM is rarely the limit and recomputation costs step time (benchmarks/RESULTS.md)
@@ -297,6 +324,7 @@ class TrainConfig:
             raise UserError(f"--oft-block-size must be positive, got {self.oft_block_size}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise UserError(f"--lokr-factor must be -1 (automatic) or positive, got {self.lokr_factor}")
+        self._validate_method_options()
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.ema_decay <= 1:
@@ -309,6 +337,24 @@ class TrainConfig:
             raise UserError(f"--keep-tokens must be >= 0 and goes with --shuffle-caption, got {self.keep_tokens}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+
+    def _validate_method_options(self) -> None:
+        for name in ("boft_block_num", "boft_butterfly_factor", "hra_rank"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.method == "hra" and self.hra_rank % 2:
+            raise UserError(f"--hra-rank must be even (HRA starts as the identity from pairs of equal reflections), "
+                            f"got {self.hra_rank}")
+        if not self.loraplus_lr_ratio > 0:
+            raise UserError(f"--loraplus-lr-ratio must be positive (16 is the paper's), got {self.loraplus_lr_ratio}")
+        if self.optimizer == "loraplus" and self.method not in LORA_FILE_METHODS:
+            raise UserError(f"--optimizer loraplus: LoRA+ sets the LR of LoRA's B matrices; it is for "
+                            f"{' and '.join(LORA_FILE_METHODS)}, not {self.method}")
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            for key, value in getattr(self, name).items():  # the flag's parser checks these; batch/app configs too
+                if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
+                    raise UserError(f"--{name.replace('_', '-')} {key}={value}: the value must be a positive "
+                                    f"{'integer' if kind is int else 'number'}")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -21,20 +21,26 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 # the training loop's choices (personalize/fit.py): diffusers' get_scheduler names, and optimizers
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "loraplus")
 
 # the adapter methods, in the order of adapters.ADAPTER_METHODS (a test holds the two together),
 # and full finetuning; every list of methods (CLI, batch, report, exports) reads these
-ADAPTER_METHOD_NAMES = ("lora", "dora", "loha", "lokr", "oft")
+ADAPTER_METHOD_NAMES = ("lora", "dora", "loha", "lokr", "oft", "boft", "hra")
 METHODS = (*ADAPTER_METHOD_NAMES, "full")
-METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "full": "full"}
+METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "hra": "HRA",
+                 "full": "full"}
+# the methods with a rank per module (peft's rank_pattern / alpha_pattern), and the LoRA-file ones
+# (--rslora, --optimizer loraplus: both are about LoRA's B A)
+RANKED_METHODS = ("lora", "dora", "loha", "lokr")
+LORA_FILE_METHODS = ("lora", "dora")
 
 # where prior-preservation class images are drawn (class_images.py)
 CLASS_IMAGE_RUNTIMES = ("torch", "openvino")
 
 # export formats: the adapter files, the merged pipeline, one ldm checkpoint, and the deploy runtimes
 DEPLOY_FORMATS = ("onnx", "openvino", "coreml")
-EXPORT_FORMATS = ("kohya", "merged", "single-file", *DEPLOY_FORMATS)
+# lora: any run as a plain LoRA (truncated SVD of each weight's change), or a LoRA run resized
+EXPORT_FORMATS = ("kohya", "merged", "single-file", "lora", *DEPLOY_FORMATS)
 RUNTIMES = ("onnx", "openvino")  # the deploy formats `personalize generate` runs (Core ML predicts on macOS only)
 # `generate --inference-precision`: OpenVINO's CPU compute precision. fp32 (default) gives the torch
 # pipeline's images; bf16 (native AVX512-BF16/AMX CPUs only) was 0.32x the best torch CPU time at

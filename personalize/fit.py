@@ -54,7 +54,8 @@ class FitConfig:
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 0  # recipe: constant LR, no warm-up
     lr_scheduler: str = "constant"  # recipe: constant LR; any name diffusers' get_scheduler takes
-    optimizer: str = "adamw"  # recipe: torch AdamW; adamw8bit (bitsandbytes, CUDA), prodigy (prodigyopt)
+    optimizer: str = "adamw"  # recipe: torch AdamW; adamw8bit (bitsandbytes, CUDA), prodigy (prodigyopt), loraplus
+    loraplus_lr_ratio: float = 16.0  # LoRA+ (Hayou et al. 2024): B at 2^4 x the LR, the paper's recommendation
     use_8bit_adam: bool = False  # the older spelling of optimizer="adamw8bit"
     checkpoint_every: int = 0  # 0: only the final checkpoint
     checkpoints_kept: int = 1  # during training; older ones are deleted once a newer one is safely written
@@ -95,9 +96,7 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
         torch.backends.cudnn.allow_tf32 = True
     precision = resolve_mixed_precision(mixed_precision, cpu)
     _reset_single_process_state(precision, cpu)
-    trackers = None
-    if log_dir is not None and _tensorboard_available():
-        trackers = "tensorboard"
+    trackers = "tensorboard" if log_dir is not None and _tensorboard_available() else None
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -147,8 +146,6 @@ def trainable_parameters(models: dict[str, nn.Module]) -> dict[str, nn.Parameter
     return {f"{m}.{n}": p for m, mod in models.items() for n, p in mod.named_parameters() if p.requires_grad}
 
 
-
-
 def optimizer_name(cfg) -> str:
     """`--use-8bit-adam` is kept as the older spelling of `--optimizer adamw8bit`."""
     return "adamw8bit" if getattr(cfg, "use_8bit_adam", False) and cfg.optimizer == "adamw" else cfg.optimizer
@@ -162,12 +159,17 @@ def scheduler_name(cfg) -> str:
     return cfg.lr_scheduler
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, log=print) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, log=print,
+                   models: dict[str, nn.Module] | None = None) -> torch.optim.Optimizer:
+    """THE optimizer of a run. `models` (the modules `params` belong to) is needed by loraplus only,
+    which groups the parameters by their names."""
     kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     name = optimizer_name(cfg)
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
+    if name == "loraplus":
+        return _loraplus(cfg, on_cuda, kw, models)
     if name == "prodigy":
         # Prodigy (Mishchenko & Defazio 2023) estimates the step size itself: lr is a multiplier (1.0)
         require_extra("prodigy", "--optimizer prodigy")
@@ -183,6 +185,19 @@ def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, lo
     # multi-tensor (foreach) kernels on CUDA only: on CPU they bought no speed and, for full
     # finetuning, held a model-sized temporary (+1.6 GB at bk-sdm-small; benchmarks/RESULTS.md)
     return torch.optim.AdamW(params, foreach=on_cuda, **kw)
+
+
+def _loraplus(cfg: FitConfig, on_cuda: bool, kw: dict, models) -> torch.optim.Optimizer:
+    """LoRA+ (Hayou et al. 2024) through peft's `create_loraplus_optimizer`: AdamW whose `lora_B`
+    matrices (and 1-D adapter vectors, DoRA's magnitudes) learn at `loraplus_lr_ratio` x the LR, the
+    recipe's weight decay kept on every group."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    holder = nn.ModuleDict(models or {})
+    if not any("lora_B" in n for n, p in holder.named_parameters() if p.requires_grad):
+        raise UserError("--optimizer loraplus: no LoRA B matrices to train (LoRA+ is for lora and dora runs)")
+    return create_loraplus_optimizer(holder, torch.optim.AdamW, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                     loraplus_weight_decay=kw.pop("weight_decay"), foreach=on_cuda, **kw)
 
 
 # ---------------------------------------------------------------------------- logging
@@ -300,7 +315,7 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
     if not params:
         raise ValueError("fit: no trainable parameters")
     on_cuda = accelerator.device.type == "cuda"
-    optimizer = make_optimizer(list(params.values()), cfg, on_cuda, log=log)
+    optimizer = make_optimizer(list(params.values()), cfg, on_cuda, log=log, models=models)
     for m in models.values():
         m.to(accelerator.device)
     # made before a checkpoint is loaded: it records the base LR (initial_lr) the schedule scales

@@ -30,7 +30,7 @@ from .runtimes import COMPONENTS, EXPORT_JSON, check_inference_precision, read_e
 from .subjects import fill_prompt
 
 __all__ = ["AdapterRef", "Source", "check_safetensors", "export_source", "input_paths", "load_components",
-           "load_fused", "load_pipeline", "load_unet", "pick_device", "pick_dtype", "resolve_base",
+           "load_fused", "load_pipeline", "load_unet", "pick_device", "pick_dtype", "resolve_base", "run_base",
            "resolve_source"]
 
 
@@ -155,7 +155,7 @@ class Source:
         return fill_prompt(template, run_token(run), run["subject"].get("class_noun") or "")
 
 
-def _run_base(run: dict) -> ResolvedBase:
+def run_base(run: dict) -> ResolvedBase:
     """The base a run was trained on: where run.json says it was, else resolved again by name (a
     run moved to another machine finds the base in that machine's HF cache)."""
     base = run.get("base") or {}
@@ -234,7 +234,7 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
     else:
         if base is None and not refs:
             raise UserError("nothing to generate with: pass a RUN_DIR, --adapter RUN_DIR or --base")
-        resolved = resolve_base(base) if base is not None else _run_base(refs[0].run)
+        resolved = resolve_base(base) if base is not None else run_base(refs[0].run)
         src = Source(resolved.path, resolved.name)
     src.adapters, src.lora_scale, src.scheduler = refs, float(lora_scale), scheduler
     src.given = Path(run_dir) if run_dir is not None else None

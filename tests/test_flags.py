@@ -41,7 +41,7 @@ def _help_of(f: dataclasses.Field) -> str:
 def test_every_train_config_field_has_a_flag_with_the_help_of_its_metadata():
     commands = _personalize()
     # the method-only flags are on their method's command; every other flag is on all of them
-    shown = {**_actions(commands["lokr"]), **_actions(commands["oft"]), **_actions(commands["lora"])}
+    shown = {k: v for m in defaults.ADAPTER_METHOD_NAMES for k, v in _actions(commands[m]).items()}
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f"TrainConfig.{f.name} has no help in its metadata"
         if f.name == "method":  # the command itself: personalize lora, ..., personalize full

@@ -1,4 +1,4 @@
-"""Every adapter method (LoRA, DoRA, LoHa, LoKr, OFT), table-driven on the tiny backbone: a few
+"""Every adapter method (LoRA, DoRA, LoHa, LoKr, OFT, BOFT, HRA), table-driven on the tiny backbone: a few
 steps change the output; the saved adapter reloads through an independent reader (diffusers for
 the LoRA-format methods, peft for the peft folders) and reproduces the in-memory output; merged ==
 unmerged; the kohya/LyCORIS export, applied by the `lycoris-lora` package, gives the merged
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import FAST
+from personalize.defaults import ADAPTER_METHOD_NAMES
 
-ADAPTERS = ["lora", "dora", "loha", "lokr", "oft"]
+ADAPTERS = list(ADAPTER_METHOD_NAMES)
 QUICK = [*FAST, "--class-images", "0", "--validation-images", "0", "--lr", "1e-2"]
 GEN = ["-n", "1", "--steps", "2", "--resolution", "32"]
 
@@ -23,7 +24,8 @@ GEN = ["-n", "1", "--steps", "2", "--resolution", "32"]
 def _cfg(method, **kw):
     base = dict(method=method, seed=0, rank=4, lora_alpha=8, text_encoder_rank=4, text_encoder_alpha=4,
                 lora_unet_targets=["to_q", "to_v"], lora_text_encoder_targets=["q_proj", "v_proj"],
-                train_text_encoder=True, lokr_factor=-1, oft_block_size=8)
+                train_text_encoder=True, lokr_factor=-1, oft_block_size=8, boft_block_num=8, boft_butterfly_factor=1,
+                hra_rank=8)
     return SimpleNamespace(**(base | kw))
 
 
@@ -140,17 +142,26 @@ def test_merged_export_of_conv_and_feed_forward_lora_changes_every_targeted_weig
     assert changed >= len(layers) - 2
 
 
+class _Runs(dict):
+    """One trained run per method, trained when first asked for (a `-k boft` run trains only BOFT)."""
+
+    def __init__(self, tmp_path_factory, photos):
+        super().__init__()
+        self.factory, self.photos = tmp_path_factory, photos
+
+    def __missing__(self, m):
+        from personalize.cli import main
+
+        out = self.factory.mktemp("methods") / m
+        assert main([m, "--subject", str(self.photos), "--class-noun", "dog", "--output-dir", str(out), *QUICK,
+                     *(["--oft-block-size", "8"] if m == "oft" else [])]) == 0
+        self[m] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory, photos):
-    from personalize.cli import main
-
-    runs = {}
-    for m in ADAPTERS:
-        out = tmp_path_factory.mktemp("methods") / m
-        assert main([m, "--subject", str(photos), "--class-noun", "dog", "--output-dir", str(out), *QUICK,
-                     *(["--oft-block-size", "8"] if m == "oft" else [])]) == 0
-        runs[m] = out
-    return runs
+    return _Runs(tmp_path_factory, photos)
 
 
 @pytest.mark.parametrize("method", ADAPTERS)
@@ -206,7 +217,7 @@ def test_kohya_lycoris_export_is_read_by_the_lycoris_package(method, method_runs
     with safe_open(str(out), framework="pt") as f:
         keys = set(f.keys())
     marker = {"lora": ".lora_down.weight", "dora": ".dora_scale", "loha": ".hada_w1_a", "lokr": ".lokr_w1",
-              "oft": ".diff"}[method]
+              "oft": ".diff", "boft": ".diff", "hra": ".diff"}[method]
     assert any(k.endswith(marker) for k in keys)
 
     comps = load_components(resolve_source(run).pipeline_dir, False)

@@ -44,7 +44,8 @@ def _generate(args) -> int:
 def _export(args) -> int:
     from ..export import export_kohya, export_merged, export_single_file
 
-    for flag, value, fmt in (("--names ldm", args.names != "diffusers", "kohya"), ("--half", args.half, "single-file")):
+    for flag, value, fmt in (("--names ldm", args.names != "diffusers", "kohya"), ("--half", args.half, "single-file"),
+                             ("--rank", args.rank is not None, "lora"), ("--energy", args.energy is not None, "lora")):
         if value and args.format != fmt:
             raise UserError(f"{flag}: only for --format {fmt}")
     if args.format in DEPLOY_FORMATS:
@@ -55,6 +56,12 @@ def _export(args) -> int:
                             weight_format=args.weight_format, quantize_nbits=args.quantize_nbits,
                             attention=args.attention, bundle_resources=args.bundle_resources,
                             vae_encoder=args.vae_encoder)
+    elif args.format == "lora":
+        from ..export.lora_extract import export_lora
+
+        r = export_lora(args.run_dir, args.out, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
+        print(r.summary())
+        out = r.path
     elif args.format == "kohya":
         out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite, names=args.names)
     elif args.format == "single-file":
@@ -106,7 +113,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("export", help="export a run: kohya/LyCORIS file, merged pipeline, single-file checkpoint, ONNX/OpenVINO/Core ML",
                        description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas (LyCORIS layouts for "
-                                   "LoHa/LoKr/OFT). merged: the adapter fused into a complete diffusers pipeline "
+                                   "LoHa/LoKr/OFT/BOFT/HRA). lora: any run (every method, full runs too) as a plain "
+                                   "LoRA run folder, a truncated SVD of each weight's change (a LoRA run: resized). merged: the adapter fused into a complete diffusers pipeline "
                                    "directory. single-file: one original-SD checkpoint. "
                                    f"{'/'.join(DEPLOY_FORMATS)}: deploy folders (the adapter fused first; also full "
                                    f"runs and distill pipelines); generate runs {'/'.join(RUNTIMES)} ones on CPU.")
@@ -117,13 +125,18 @@ def add_parser(sub) -> None:
                    help="single-file: one original-SD checkpoint (ComfyUI / A1111) of a full or LoRA run, "
                         "a distill output or any base")
     p.add_argument("-o", "--out", type=Path, required=True,
-                   help=f"file (kohya, single-file) or directory (merged, {', '.join(DEPLOY_FORMATS)})")
+                   help=f"file (kohya, single-file) or directory (merged, lora, {', '.join(DEPLOY_FORMATS)})")
     p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged/single-file: scale the adapter is fused at")
     p.add_argument("--half", action="store_true", help="single-file: fp16 tensors (half the size)")
     p.add_argument("--names", default="diffusers", choices=KOHYA_NAMES,
                    help="kohya: U-Net key names; ldm = lora_unet_input_blocks_N_... from the base's real layout "
                         "(A1111 on BK-SDM); never mixed in one file")
     p.add_argument("--base", default=None, help="merged/single-file: fuse the adapter into this base instead of the training base")
+    p.add_argument("--rank", type=number(int, 1), default=None,
+                   help="lora: keep this rank of each weight's change (capped by its own; default 16 unless --energy)")
+    p.add_argument("--energy", type=number(float, 0, 1, lo_open=True), default=None,
+                   help="lora: keep the smallest rank holding this share of each change's squared singular values "
+                        "(with --rank: the smaller)")
     # deploy formats (personalize.export.deploy): LoRA fused first; full runs and distill pipelines as they are
     p.add_argument("--weight-format", default="fp32", choices=OPENVINO_WEIGHT_FORMATS,
                    help="openvino: weights as fp32, fp16 or int8 (NNCF weight compression)")

@@ -9,7 +9,11 @@ package) load:
   decomposed, while peft always scales by alpha/r: then the scale is folded into `lokr_w1`.
 - OFT: peft's OFT rotates each layer's *input* in blocks (W R), LyCORIS' diag-OFT its *output*
   (R W); one is not the other, so an OFT exports as LyCORIS' `full` algorithm, the exact weight
-  difference `diff` = W R - W per layer (larger, but every reader applies it as W + diff).
+  difference `diff` = W R - W per layer (larger, but every reader applies it as W + diff). BOFT
+  and HRA (rotations of the input too, in layouts of peft's own) export the same way.
+
+Per-module ranks and alphas (rank_pattern / alpha_pattern) are carried: each layer's tensors have
+its own shapes and its `alpha` is its own.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..runs import base_name, read_run
 from ..sources import load_components, resolve_source
 from .ldm_layout import kohya_name, kohya_unet_namer
 
+FULL_DIFF = ("oft", "boft", "hra")  # rotations of the input: exported as their exact weight change
 LYCORIS_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                   "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 
@@ -37,10 +42,10 @@ def export_lycoris(run_dir: Path, run: dict, out: Path, names: str = "diffusers"
     unet_names = None
     if names == "ldm":
         unet_names = kohya_unet_namer(resolve_source(run_dir).pipeline_dir)
-    layers = oft_diffs(run_dir) if method == "oft" else lycoris_layers(run_dir, method)
+    layers = oft_diffs(run_dir, method) if method in FULL_DIFF else lycoris_layers(run_dir, method)
     tensors = {f"{kohya_name(comp, module, unet_names)}.{k}": v.contiguous()
                for (comp, module), params in layers.items() for k, v in params.items()}
-    algo = "full" if method == "oft" else method
+    algo = "full" if method in FULL_DIFF else method
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": algo}),
             "ss_output_name": out.stem, "personalize_method": str(method), "personalize_names": names,
             "personalize_subject": run["subject"]["name"], "personalize_base": base_name(run),
@@ -53,13 +58,11 @@ def export_lycoris(run_dir: Path, run: dict, out: Path, names: str = "diffusers"
 def lycoris_layers(run_dir: Path, method: str) -> dict[tuple[str, str], dict]:
     """{(component, module): {LyCORIS key: tensor}} of a LoHa/LoKr run's peft folders."""
     import torch
-
+    from peft.utils.other import get_pattern_key
 
     layers: dict[tuple[str, str], dict] = {}
     for comp in adapter_components(run_dir, method):
         config, sd = read_peft(Path(run_dir) / ADAPTER_DIR / comp, method)
-        if config.rank_pattern or config.alpha_pattern:
-            raise UserError(f"{run_dir}: per-layer rank/alpha patterns are not exported (this adapter has them)")
         for key, t in sd.items():
             module, _, param = key.rpartition(".")
             if param not in LYCORIS_PARAMS:
@@ -68,25 +71,26 @@ def lycoris_layers(run_dir: Path, method: str) -> dict[tuple[str, str], dict]:
         for (c, module), p in layers.items():
             if c != comp:
                 continue
-            scale = float(config.alpha) / float(config.r)
+            # the layer's own rank and alpha (peft's rank_pattern / alpha_pattern, matched as peft does)
+            r = float(config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r))
+            alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, module), config.alpha))
             if method == "lokr" and "lokr_w1" in p and "lokr_w2" in p:
-                p["lokr_w1"] = p["lokr_w1"] * scale  # the readers apply no alpha here (see the module doc)
+                p["lokr_w1"] = p["lokr_w1"] * (alpha / r)  # the readers apply no alpha here (see the module doc)
                 p["alpha"] = torch.tensor(1.0)  # read (lycoris requires the key) but not applied
             else:
-                p["alpha"] = torch.tensor(float(config.alpha))
+                p["alpha"] = torch.tensor(alpha)
     return layers
 
 
-def oft_diffs(run_dir: Path) -> dict[tuple[str, str], dict]:
-    """{(component, module): {"diff": W R - W}} of an OFT run, on its own base in fp32."""
+def oft_diffs(run_dir: Path, method: str = "oft") -> dict[tuple[str, str], dict]:
+    """{(component, module): {"diff": W R - W}} of an OFT, BOFT or HRA run, on its own base in fp32."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
-
 
     run = read_run(run_dir, finished=True)
     src = resolve_source(run_dir)
     comps = load_components(src.pipeline_dir, False)
-    load_peft_adapter(comps, run_dir, "oft", "default", base_name(run), src.base_name)
+    load_peft_adapter(comps, run_dir, method, "default", base_name(run), src.base_name)
     layers = {}
     with torch.no_grad():
         for comp in COMPONENTS:
