@@ -12,6 +12,14 @@ from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LR_SCHE
 from .errors import UserError
 from .extras import require_extra
 
+# fields that only one adapter method reads: a flag of that method's command (and of batch) only,
+# and in a run's config.toml only for that method
+METHOD_FLAGS = {"lokr_factor": "lokr", "oft_block_size": "oft"}
+
+
+def other_methods_fields(method: str) -> set[str]:
+    return {f for f, m in METHOD_FLAGS.items() if m != method}
+
 
 @dataclass
 class TrainConfig:

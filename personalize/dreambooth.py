@@ -26,7 +26,7 @@ from .backbones import ResolvedBase, native_resolution
 from .buckets import Placement, load_bucketed, load_bucketed_masks
 from .checkpoints import CHECKPOINTS_DIR, list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
-from .config import TrainConfig
+from .config import TrainConfig, other_methods_fields
 from .data import load_masks, load_training_images, make_grid, read_captions
 from .errors import UserError
 from .fileio import move_into, scratch_dir, write_text
@@ -39,6 +39,7 @@ from .outputs import check_output, output_lock, slug
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import is_finished, write_run
+from .settings import CONFIG_TOML, settings_of, write_settings
 from .sources import load_components, load_vae, resolve_base
 from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
 
@@ -47,6 +48,7 @@ RAW_DIR = "raw"  # --ema --save-raw-weights: the trained (not averaged) weights,
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
 OUTPUT_NAMES = {LORA_WEIGHTS, ADAPTER_DIR, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
                 "tokenizer", "scheduler", "feature_extractor", "safety_checker", RAW_DIR}
+SETTINGS_SKIP = {"resume", "overwrite"}  # how to treat an existing run dir, not the run's settings
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
 
 
@@ -65,7 +67,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
         raise UserError(f"{run_dir} holds an unfinished run (checkpoint at step {ckpts[-1][0]}); pass --resume "
                         f"to continue it or --overwrite to start over")
     # a run killed while writing its final outputs has some of them beside its checkpoints
-    ours = {"checkpoints", "logs"} | monitor.OUTPUT_NAMES | (OUTPUT_NAMES if ckpts else set())
+    ours = {"checkpoints", "logs", CONFIG_TOML} | monitor.OUTPUT_NAMES | (OUTPUT_NAMES if ckpts else set())
     foreign = [p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(".")]
     if foreign:
         raise UserError(f"{run_dir} exists and is not a personalize run (holds {foreign[0]}); pass --overwrite "
@@ -180,6 +182,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     change (latents, token ids, frozen text embeddings), attach what trains, fit, write outputs."""
     cfg = p.cfg
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, p.run_dir / "logs")
+    if accelerator.is_main_process:  # the resolved settings: `--config RUN_DIR/config.toml` repeats the run
+        settings = settings_of(cfg, skip=SETTINGS_SKIP | other_methods_fields(cfg.method))
+        write_settings(p.run_dir / CONFIG_TOML, settings, f"personalize {cfg.method}")
     note = bf16_cpu_note(accelerator.mixed_precision, accelerator.device)
     if note and accelerator.is_main_process:
         log(note)

@@ -20,7 +20,8 @@ from _import_graph import ROOT, cycles, heavy_at_import, import_graph, source_fi
 LAYERS: dict[int, tuple[str, ...]] = {
     # 1. core: no model code; what every layer above shares
     1: ("personalize.errors", "personalize.defaults", "personalize.fileio", "personalize.outputs",
-        "personalize.extras", "personalize.argtypes", "personalize.flags", "personalize.card", "personalize.clock",
+        "personalize.extras", "personalize.argtypes", "personalize.flags", "personalize.settings", "personalize.card",
+        "personalize.clock",
         "personalize"),
     # 2. models and data: one concern each, none of them knows about runs
     2: ("personalize.backbones", "personalize.architectures", "personalize.cost", "personalize.pipeline",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import TrainConfig
+from ..config import METHOD_FLAGS, TrainConfig, other_methods_fields  # noqa: F401 - METHOD_FLAGS: its old home
 from ..defaults import ADAPTER_METHOD_NAMES, METHOD_LABELS
 from ..flags import add_flags as add_config_flags
 from ..flags import from_args
+from ..settings import add_settings_flags
 
 
 def add_flags(p: argparse.ArgumentParser, method: str | None = None, skip: set[str] = frozenset()) -> None:
@@ -30,8 +31,6 @@ def run(args: argparse.Namespace, method: str) -> int:
     return 0
 
 
-# flags that only one adapter method reads: shown on that method's command (and on batch)
-METHOD_FLAGS = {"lokr_factor": "lokr", "oft_block_size": "oft"}
 ADAPTER_HELP = {"lora": "DreamBooth-LoRA: train a small adapter for one subject",
                 "dora": "DreamBooth with DoRA (weight-decomposed LoRA, Liu et al. 2024): LoRA plus a learned magnitude",
                 "loha": "DreamBooth with LoHa (low-rank Hadamard product, LyCORIS)",
@@ -43,5 +42,7 @@ def add_parser(sub) -> None:
     commands = {m: ADAPTER_HELP.get(m, f"DreamBooth with {METHOD_LABELS[m]}") for m in ADAPTER_METHOD_NAMES}
     commands["full"] = "full DreamBooth finetuning of one subject (U-Net + text encoder)"
     for method, text in commands.items():
-        skip = {f for f, m in METHOD_FLAGS.items() if m != method}
-        add_flags(sub.add_parser(method, help=text, description=text), method, skip=skip)
+        skip = other_methods_fields(method)
+        p = sub.add_parser(method, help=text, description=text)
+        add_flags(p, method, skip=skip)
+        add_settings_flags(p, presets=True)
