@@ -35,6 +35,7 @@ from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .half_storage import store_frozen_in_half
 from . import __version__, card, monitor
 from .objective import build_cache, dreambooth_loss
+from .prior import base_models
 from .outputs import check_output, output_lock, slug
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
@@ -197,6 +198,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     t0 = time.perf_counter()
     cache = build_cache(p, comps, class_paths, accelerator.device, reuse)
     t_cache = time.perf_counter() - t0
+    base = base_models(cfg, comps)  # --prior base-prediction: before the adapter (a full run's copy: the base)
     models = _trainables(cfg, comps, accelerator.device)
     # --ema: the average of exactly what trains, its states kept with the checkpoints
     ema = WeightsEMA(p.run_dir, p.run_dir / CHECKPOINTS_DIR / "ema", cfg.ema_decay,
@@ -221,8 +223,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
                  *(h if h.name == "save" else _with_average(h, ema) for h in hooks)]
     hooks = [*hooks, *extra_hooks]
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
-    result = fit(accelerator, models, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device), fit_cfg,
-                 p.run_dir, resume=cfg.resume, description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
+    loss_fn = dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base)
+    result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
+                 description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
     if accelerator.is_main_process:
         timings = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2)}
         _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log, ema)
@@ -272,8 +275,8 @@ def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tupl
 def _class_images(p: Prepared, comps: dict, accelerator, progress: bool) -> tuple[list[Path], dict]:
     """Prior preservation's class images from the shared cache, generated on first use."""
     cfg = p.cfg
-    prior = cfg.class_images > 0 and cfg.prior_loss_weight > 0
-    class_info: dict = {"enabled": prior}
+    prior = cfg.class_images > 0 and cfg.prior_loss_weight > 0 and cfg.prior == "class-images"
+    class_info: dict = {"enabled": prior, "prior": cfg.prior}
     if not prior:
         return [], class_info
     t0 = time.perf_counter()
