@@ -198,7 +198,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     t0 = time.perf_counter()
     cache = build_cache(p, comps, class_paths, accelerator.device, reuse)
     t_cache = time.perf_counter() - t0
-    base = base_models(cfg, comps)  # --prior base-prediction: before the adapter (a full run's copy: the base)
+    # --prior base-prediction: before the adapter is attached (a full run's copy: the base's weights)
+    base = base_models(cfg, comps, accelerator.autocast)
     models = _trainables(cfg, comps, accelerator.device)
     # --ema: the average of exactly what trains, its states kept with the checkpoints
     ema = WeightsEMA(p.run_dir, p.run_dir / CHECKPOINTS_DIR / "ema", cfg.ema_decay,

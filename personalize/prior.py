@@ -39,10 +39,11 @@ def adapters_disabled(models: dict):
             layer.enable_adapters(True)
 
 
-def base_models(cfg: TrainConfig, comps: dict):
+def base_models(cfg: TrainConfig, comps: dict, autocast=contextlib.nullcontext):
     """None for --prior class-images; else `base(ms)`, a context manager that yields the models of
     the frozen base's prediction. Called before the adapter is attached (and before a resume loads a
-    checkpoint): a full run's frozen copy is the base's own weights."""
+    checkpoint): a full run's frozen copy is the base's own weights. `autocast`: the accelerator's
+    (its prepared models run their forward under it; the copy, never prepared, runs under this)."""
     if cfg.prior != "base-prediction":
         return None
     if cfg.method != "full":
@@ -56,7 +57,8 @@ def base_models(cfg: TrainConfig, comps: dict):
 
     @contextlib.contextmanager
     def base(ms: dict):
-        yield ms | frozen
+        with autocast():
+            yield ms | frozen
 
     return base
 

@@ -67,3 +67,12 @@ def test_batch_takes_prior():
 
     args = build_parser().parse_args(["batch", "--prior", "base-prediction"])
     assert config_from_args(args, "lora", subject="batch").prior == "base-prediction"
+
+
+def test_full_with_a_frozen_copy_starts_at_zero(photos, tmp_path, cli):
+    out = tmp_path / "f"
+    r = cli("full", "--subject", photos, "--class-noun", "dog", "--output-dir", out, *FAST, *PRIOR,
+            "--allow-frozen-copy", "--steps", "2", "--log-every", "1", "--lr", "1e-3", "--validation-images", "0")
+    assert r.code == 0, r.err
+    prior = [float(row["loss_prior"]) for row in _losses(out)]
+    assert prior[0] == 0.0 and prior[1] > 0  # the copy is the base's weights, not the trained ones
