@@ -18,6 +18,7 @@ import sys
 from . import __version__
 from .environment import check
 from .errors import UserError
+from .settings import apply_settings
 
 # module (relative to the package) -> registers one or more subcommands
 COMMAND_MODULES = [
@@ -27,6 +28,7 @@ COMMAND_MODULES = [
     "personalize.commands.evaluate",
     "personalize.commands.generate",
     "personalize.commands.app",
+    "personalize.commands.presets",
     # -- further command modules register here --
 ]
 
@@ -36,6 +38,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # --config FILE / --preset NAME (personalize.settings): their values become this parser's defaults
+        apply_settings(self, sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
 
 
 def one_line_parser(prog: str, description: str) -> OneLineParser:

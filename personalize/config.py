@@ -9,9 +9,22 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .argtypes import key_values
 from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LORA_FILE_METHODS, LR_SCHEDULERS, METHODS,
-                       MIXED_PRECISIONS, OPTIMIZERS)
+                       MIXED_PRECISIONS, OPTIMIZERS, RANKED_METHODS)
 from .errors import UserError
 from .extras import require_extra
+
+# fields that only some adapter methods read: a flag of those methods' commands (and of batch) only,
+# and in a run's config.toml only for those methods
+METHOD_FLAGS = {"lokr_factor": ("lokr",), "oft_block_size": ("oft",), "boft_block_num": ("boft",),
+                "boft_butterfly_factor": ("boft",), "hra_rank": ("hra",), "rslora": LORA_FILE_METHODS,
+                "loraplus_lr_ratio": LORA_FILE_METHODS, "rank_pattern": RANKED_METHODS,
+                "alpha_pattern": RANKED_METHODS}
+# --prior: DreamBooth's class images (the BK-SDM recipe), or the frozen base's own prediction (prior.py)
+PRIORS = ("class-images", "base-prediction")
+
+
+def other_methods_fields(method: str) -> set[str]:
+    return {f for f, ms in METHOD_FLAGS.items() if method not in ms}
 
 
 @dataclass
@@ -232,6 +245,16 @@ class TrainConfig:
     shuffle_caption: bool = field(default=False, metadata={
         "help": "shuffle each caption's comma-separated parts every step; the first --keep-tokens and the "
                 "part naming the subject stay in place (kohya's --shuffle_caption)"})
+    # the BK-SDM recipe: DreamBooth's class images; base-prediction is OneTrainer's "prior prediction",
+    # ai-toolkit's "differential output preservation" (no class images drawn)
+    prior: str = field(default="class-images", metadata={
+        "choices": PRIORS,
+        "help": "what the prior loss compares with: class-images (DreamBooth's, drawn once by the base), or "
+                "base-prediction (the frozen base's prediction for the class prompt on the step's own noisy "
+                "latents; no class images; full runs need --allow-frozen-copy)"})
+    # a second U-Net + text encoder in memory is never taken silently
+    allow_frozen_copy: bool = field(default=False, metadata={
+        "help": "full --prior base-prediction: keep a frozen copy of the U-Net and text encoder (their memory again)"})
     # kohya's --keep_tokens (default 0)
     keep_tokens: int = field(default=0, metadata={
         "help": "with --shuffle-caption: leading comma-separated parts kept in place (default 0)"})
@@ -318,6 +341,8 @@ class TrainConfig:
             require_extra("prodigy", "--optimizer prodigy")  # before any model is loaded: a missing extra is one line up front
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise UserError(f"--use-8bit-adam and --optimizer {self.optimizer} contradict each other; pick one")
+        if self.prior not in PRIORS:
+            raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got '{self.prior}'")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.oft_block_size <= 0:

@@ -27,7 +27,7 @@ from .backbones import ResolvedBase, native_resolution
 from .buckets import Placement, load_bucketed, load_bucketed_masks
 from .checkpoints import CHECKPOINTS_DIR, list_checkpoints
 from .class_images import class_image_dir, ensure_class_images
-from .config import TrainConfig
+from .config import TrainConfig, other_methods_fields
 from .data import load_masks, load_training_images, make_grid, read_captions
 from .errors import UserError
 from .fileio import move_into, scratch_dir, write_text
@@ -36,10 +36,12 @@ from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .half_storage import store_frozen_in_half
 from . import __version__, card, monitor
 from .objective import build_cache, dreambooth_loss
+from .prior import base_models
 from .outputs import check_output, output_lock, slug
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import is_finished, write_run
+from .settings import CONFIG_TOML, settings_of, write_settings
 from .sources import load_components, load_vae, resolve_base
 from .subjects import DatasetMissing, Subject, fill_prompt, find_subject, list_images, load_prompts
 
@@ -48,6 +50,7 @@ RAW_DIR = "raw"  # --ema --save-raw-weights: the trained (not averaged) weights,
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
 OUTPUT_NAMES = {LORA_WEIGHTS, ADAPTER_DIR, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
                 "tokenizer", "scheduler", "feature_extractor", "safety_checker", RAW_DIR}
+SETTINGS_SKIP = {"resume", "overwrite"}  # how to treat an existing run dir, not the run's settings
 VALIDATION_SEED = 0  # fixed, so validation grids of different runs are comparable
 
 
@@ -66,7 +69,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
         raise UserError(f"{run_dir} holds an unfinished run (checkpoint at step {ckpts[-1][0]}); pass --resume "
                         f"to continue it or --overwrite to start over")
     # a run killed while writing its final outputs has some of them beside its checkpoints
-    ours = {"checkpoints", "logs"} | monitor.OUTPUT_NAMES | (OUTPUT_NAMES if ckpts else set())
+    ours = {"checkpoints", "logs", CONFIG_TOML} | monitor.OUTPUT_NAMES | (OUTPUT_NAMES if ckpts else set())
     foreign = [p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(".")]
     if foreign:
         raise UserError(f"{run_dir} exists and is not a personalize run (holds {foreign[0]}); pass --overwrite "
@@ -217,6 +220,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     change (latents, token ids, frozen text embeddings), attach what trains, fit, write outputs."""
     cfg = p.cfg
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, p.run_dir / "logs")
+    if accelerator.is_main_process:  # the resolved settings: `--config RUN_DIR/config.toml` repeats the run
+        settings = settings_of(cfg, skip=SETTINGS_SKIP | other_methods_fields(cfg.method))
+        write_settings(p.run_dir / CONFIG_TOML, settings, f"personalize {cfg.method}")
     note = bf16_cpu_note(accelerator.mixed_precision, accelerator.device)
     if note and accelerator.is_main_process:
         log(note)
@@ -229,6 +235,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     t0 = time.perf_counter()
     cache = build_cache(p, comps, class_paths, accelerator.device, reuse)
     t_cache = time.perf_counter() - t0
+    # --prior base-prediction: before the adapter is attached (a full run's copy: the base's weights)
+    base = base_models(cfg, comps, accelerator.autocast)
     models = _trainables(cfg, comps, accelerator.device)
     # --ema: the average of exactly what trains, its states kept with the checkpoints
     ema = WeightsEMA(p.run_dir, p.run_dir / CHECKPOINTS_DIR / "ema", cfg.ema_decay,
@@ -253,8 +261,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
                  *(h if h.name == "save" else _with_average(h, ema) for h in hooks)]
     hooks = [*hooks, *extra_hooks]
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
-    result = fit(accelerator, models, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device), fit_cfg,
-                 p.run_dir, resume=cfg.resume, description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
+    loss_fn = dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base)
+    result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
+                 description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
     if accelerator.is_main_process:
         timings = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2)}
         _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log, ema)
@@ -304,8 +313,8 @@ def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tupl
 def _class_images(p: Prepared, comps: dict, accelerator, progress: bool) -> tuple[list[Path], dict]:
     """Prior preservation's class images from the shared cache, generated on first use."""
     cfg = p.cfg
-    prior = cfg.class_images > 0 and cfg.prior_loss_weight > 0
-    class_info: dict = {"enabled": prior}
+    prior = cfg.class_images > 0 and cfg.prior_loss_weight > 0 and cfg.prior == "class-images"
+    class_info: dict = {"enabled": prior, "prior": cfg.prior}
     if not prior:
         return [], class_info
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from .captions import host_generator, vary
 from .config import TrainConfig
 from .data import latent_masks, load_training_images, with_flips
 from .diffusion import check_prediction_type, diffusion_loss, noise_latents
+from .prior import prior_prediction_loss
 from .text_cache import TextCache
 
 
@@ -103,7 +104,7 @@ def build_cache(p, comps: dict, class_paths: list[Path], device, reuse: bool) ->
     return Cache(groups, text, sf, cls_mean, cls_std)
 
 
-def dreambooth_loss(cfg: TrainConfig, c: Cache, noise_scheduler, device):
+def dreambooth_loss(cfg: TrainConfig, c: Cache, noise_scheduler, device, base=None):
     """DreamBooth's loss (Ruiz et al. 2023, eq. 2): the diffusion loss on a batch of the subject's
     photos plus `prior_loss_weight` x the same loss on as many class images (prior preservation),
     one forward pass for both halves when they have one size.
@@ -111,13 +112,17 @@ def dreambooth_loss(cfg: TrainConfig, c: Cache, noise_scheduler, device):
     Without buckets or caption options every draw comes from the step's generator on the device,
     as always. With several groups or varied captions the host-side choices (the batch's group and
     photos, each caption's variant) come from `captions.host_generator` (derived from the same
-    generator, no device sync); the rest from the step's generator."""
+    generator, no device sync); the rest from the step's generator.
+
+    `base` (--prior base-prediction, prior.py): the prior loss is the adapted model's prediction
+    for the class prompt on the step's own noisy latents against the frozen base's (no class images)."""
     b, train_te = cfg.train_batch_size, cfg.train_text_encoder
     prior = c.cls_mean is not None
+    base_prior = base is not None
     n_cls = c.cls_mean.shape[0] if prior else 0
     check_prediction_type(noise_scheduler)
-    class_te = [c.text.class_ids.expand(b, -1)] if prior else []
-    class_cached = [c.text.class_emb.expand(b, -1, -1)] if prior and not train_te else []
+    class_te = [c.text.class_ids.expand(b, -1)] if prior or base_prior else []
+    class_cached = [c.text.class_emb.expand(b, -1, -1)] if (prior or base_prior) and not train_te else []
     varied = cfg.caption_dropout > 0 or cfg.shuffle_caption
     on_host = varied or len(c.groups) > 1
     n_all = sum(grp.n for grp in c.groups)
@@ -153,6 +158,15 @@ def dreambooth_loss(cfg: TrainConfig, c: Cache, noise_scheduler, device):
         mean, std = grp.mean[ii], grp.std[ii]
         class_text = (class_te if train_te else class_cached)
         mask = None if grp.mask is None else grp.mask[ii]
+        if base_prior:  # no RNG drawn beyond the instance half's: a resume stays exact
+            x = _noised(mean, std, g)
+            loss_inst = diffusion_loss(_predict(ms, x, inst_text), x.target, x.timesteps, noise_scheduler,
+                                       cfg.snr_gamma, mask=mask)
+            adapted = _predict(ms, x, class_text[0])
+            with torch.no_grad(), base(ms) as frozen:
+                loss_prior = prior_prediction_loss(adapted, _predict(frozen, x, class_text[0]))
+            return {"loss": loss_inst + cfg.prior_loss_weight * loss_prior, "loss_instance": loss_inst,
+                    "loss_prior": loss_prior}
         if not prior:
             x = _noised(mean, std, g)
             loss_inst = diffusion_loss(_predict(ms, x, inst_text), x.target, x.timesteps, noise_scheduler,

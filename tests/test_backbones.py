@@ -86,5 +86,5 @@ def test_wheel_contains_data_files(tmp_path):
                     str(tmp_path), str(root)], check=True, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("personalize-*.whl"))).namelist()
     for f in ("personalize/_data/subjects/subjects.csv", "personalize/_data/prompts/live.txt",
-              "personalize/_data/prompts/object.txt", "distill/__init__.py"):
+              "personalize/_data/prompts/object.txt", "distill/__init__.py", "personalize/presets/bk-sdm.toml"):
         assert f in names

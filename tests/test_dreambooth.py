@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import FAST, SHARED_DATASET
 
-LORA_FILES = {"pytorch_lora_weights.safetensors", "run.json", "README.md", "validation.png", "logs"}
+LORA_FILES = {"pytorch_lora_weights.safetensors", "run.json", "config.toml", "README.md", "validation.png", "logs"}
 FULL_FILES = {"model_index.json", "unet", "text_encoder", "vae", "tokenizer", "scheduler",
-              "run.json", "README.md", "validation.png", "logs"}
+              "run.json", "config.toml", "README.md", "validation.png", "logs"}
 
 
 def _gen(pipe, seed=0):

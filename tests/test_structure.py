@@ -20,7 +20,8 @@ from _import_graph import ROOT, cycles, heavy_at_import, import_graph, source_fi
 LAYERS: dict[int, tuple[str, ...]] = {
     # 1. core: no model code; what every layer above shares
     1: ("personalize.errors", "personalize.defaults", "personalize.fileio", "personalize.outputs",
-        "personalize.extras", "personalize.argtypes", "personalize.flags", "personalize.card", "personalize.clock",
+        "personalize.extras", "personalize.argtypes", "personalize.flags", "personalize.settings", "personalize.card",
+        "personalize.clock",
         "personalize"),
     # 2. models and data: one concern each, none of them knows about runs
     2: ("personalize.backbones", "personalize.architectures", "personalize.cost", "personalize.pipeline",
@@ -34,7 +35,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "personalize.class_images_openvino", "personalize.evaluation"),
     # 5. training: the typed config, the one fit loop, in-run monitoring, the DreamBooth orchestrator
     5: ("personalize.config", "personalize.fit", "personalize.monitor", "personalize.objective",
-        "personalize.text_cache", "personalize.ema", "personalize.dreambooth"),
+        "personalize.text_cache", "personalize.ema", "personalize.prior", "personalize.dreambooth"),
     # 6. many runs: batch; the distillation recipes, on top of everything personalize offers below
     6: ("personalize.batch", "distill"),
     # 7. front-ends, no logic: the CLIs, their commands, the app

@@ -7,6 +7,7 @@ import argparse
 from ..argtypes import number
 from ..defaults import DEFAULT_CLIP, DEFAULT_DINO, METHODS
 from ..outputs import check_output
+from ..settings import add_settings_flags
 from .dreambooth import add_flags, config_from_args
 
 DESCRIPTION = """\
@@ -76,4 +77,5 @@ def add_parser(sub) -> None:
     add_flags(p.add_argument_group("training (every subject)"),
               # --dino/--clip: the evaluation group's flags, which also serve --score-every
               skip={"subject", "base", "class_noun", "output_dir", "resume", "overwrite", "dino", "clip"})
+    add_settings_flags(p, presets=True)
     p.set_defaults(func=run)

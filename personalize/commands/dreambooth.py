@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import TrainConfig
-from ..defaults import ADAPTER_METHOD_NAMES, LORA_FILE_METHODS, METHOD_LABELS, RANKED_METHODS
+from ..config import TrainConfig, other_methods_fields
+from ..defaults import ADAPTER_METHOD_NAMES, METHOD_LABELS
 from ..flags import add_flags as add_config_flags
 from ..flags import from_args
+from ..settings import add_settings_flags
 
 
 def add_flags(p: argparse.ArgumentParser, method: str | None = None, skip: set[str] = frozenset()) -> None:
@@ -30,11 +31,6 @@ def run(args: argparse.Namespace, method: str) -> int:
     return 0
 
 
-# flags that only some methods read: shown on those methods' commands (and on batch, where the others ignore them)
-METHOD_FLAGS = {"lokr_factor": ("lokr",), "oft_block_size": ("oft",), "boft_block_num": ("boft",),
-                "boft_butterfly_factor": ("boft",), "hra_rank": ("hra",), "rslora": LORA_FILE_METHODS,
-                "loraplus_lr_ratio": LORA_FILE_METHODS, "rank_pattern": RANKED_METHODS,
-                "alpha_pattern": RANKED_METHODS}
 ADAPTER_HELP = {"lora": "DreamBooth-LoRA: train a small adapter for one subject",
                 "dora": "DreamBooth with DoRA (weight-decomposed LoRA, Liu et al. 2024): LoRA plus a learned magnitude",
                 "loha": "DreamBooth with LoHa (low-rank Hadamard product, LyCORIS)",
@@ -48,5 +44,7 @@ def add_parser(sub) -> None:
     commands = {m: ADAPTER_HELP.get(m, f"DreamBooth with {METHOD_LABELS[m]}") for m in ADAPTER_METHOD_NAMES}
     commands["full"] = "full DreamBooth finetuning of one subject (U-Net + text encoder)"
     for method, text in commands.items():
-        skip = {f for f, ms in METHOD_FLAGS.items() if method not in ms}
-        add_flags(sub.add_parser(method, help=text, description=text), method, skip=skip)
+        skip = other_methods_fields(method)
+        p = sub.add_parser(method, help=text, description=text)
+        add_flags(p, method, skip=skip)
+        add_settings_flags(p, presets=True)
