@@ -73,12 +73,14 @@ def _toml_value(v) -> str:
         return json.dumps(v, ensure_ascii=False)  # a JSON string is a TOML basic string
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # a PATTERN=VALUE flag (--rank-pattern): its command-line text
+        return _toml_value(",".join(f"{k}={x}" for k, x in v.items()))
     raise TypeError(f"no TOML form for {type(v).__name__}")
 
 
 def to_toml(values: dict, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None and v != {}]
     return "\n".join(lines) + "\n"
 
 
@@ -173,7 +175,9 @@ def _checked(action, flag: str, key, value, source: str):
         return SettingsError(f"{source}: {key} = {shown}: {what}")
 
     if isinstance(value, dict):
-        raise wrong("a table; settings files are flat (key = value)")
+        if getattr(action.type, "__name__", "") != "patterns":
+            raise wrong("a table; settings files are flat (key = value)")
+        value = ",".join(f"{k}={x}" for k, x in value.items())  # an inline table of a PATTERN=VALUE flag
     if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
         if not isinstance(value, bool):
             raise wrong("expected true or false")
