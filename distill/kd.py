@@ -21,7 +21,7 @@ The teacher runs frozen (eval, no grad, possibly half precision); only the stude
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,6 @@ from torch import nn
 
 from personalize.architectures import full_config, num_stages, teacher_layers_per_block
 from personalize.diffusion import noise_latents
-from personalize.errors import UserError
 
 from .config import KDWeights
 

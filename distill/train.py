@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ from .config import DistillConfig
 from .kd import Distiller, feature_pairs
 from .prune import PROVENANCE_FILE, check_output, save_pipeline_atomic
 from .train_data.batches import Example, MapBatches, collate, make_batches
-from .train_data.sources import DataSpec
 
 STUDENT_DIR = "student"
 PRECOMPUTED_DIR = "precomputed"

@@ -35,7 +35,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "personalize.class_images_openvino", "personalize.evaluation"),
     # 5. training: the typed config, the one fit loop, in-run monitoring, the DreamBooth orchestrator
     5: ("personalize.config", "personalize.fit", "personalize.monitor", "personalize.objective",
-        "personalize.text_cache", "personalize.ema", "personalize.prior", "personalize.dreambooth"),
+        "personalize.text_cache", "personalize.ema", "personalize.prior", "personalize.prepare",
+        "personalize.dreambooth"),
     # 6. many runs: batch; the distillation recipes, on top of everything personalize offers below
     6: ("personalize.batch", "distill"),
     # 7. front-ends, no logic: the CLIs, their commands, the app
