@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .backbones import ResolvedBase, cache_root
 from .defaults import DEFAULT_SCHEDULER
+from .errors import UserError
 from .export.deploy import export_deploy
 from .extras import require_extra
 from .outputs import output_lock
@@ -46,9 +47,16 @@ def ensure_export(base: ResolvedBase, resolution: int) -> Path:
     # would put autocast ops in the traced graphs, which OpenVINO cannot convert
     # (its own lock name: export_deploy takes the output's lock itself)
     with output_lock(out.with_name(out.name + ".build"), wait=True), torch.autocast("cpu", enabled=False):
-        if read_export(out) is None:
+        if _read(out) is None:
             export_deploy(base.path, out, "openvino", resolution=resolution, overwrite=out.exists())
     return out
+
+
+def _read(out: Path) -> dict | None:
+    try:
+        return read_export(out)
+    except UserError:  # a damaged export.json: the cache is rebuilt
+        return None
 
 
 def openvino_class_pipeline(base: ResolvedBase, resolution: int):

@@ -19,6 +19,8 @@ from .fileio import write_json
 from .subjects import DEFAULT_TOKEN
 
 RUN_JSON = "run.json"
+# px; past this the traced/sampled activations of an SD U-Net need hundreds of GiB (a typo, not a size)
+MAX_RESOLUTION = 2048
 TRAINING_DIRS = ("checkpoints", "logs")  # what a run writes before run.json, and resumes from
 FINISHED, INTERRUPTED, FAILED, ABSENT = "finished", "interrupted", "failed", "absent"
 
@@ -101,6 +103,18 @@ def read_run(run_dir: Path, finished: bool = False) -> dict:
         raise UserError(f"{run_dir}: the run has not finished; continue it with `personalize "
                         f"{run.get('method', 'lora')} ... --resume` first")
     return run
+
+
+def resolution_error(value) -> str | None:
+    """Why `value` is not an image size this package draws or exports at, or None when it is one:
+    an integer number of pixels, a multiple of 8 (the VAE's factor) in 8..MAX_RESOLUTION."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"is {json.dumps(value)[:40]}, not a number of pixels"
+    if not 8 <= value <= MAX_RESOLUTION:
+        return f"{value} is out of range (8..{MAX_RESOLUTION} px)"
+    if value % 8:
+        return f"{value} is not a multiple of 8 (the VAE's factor)"
+    return None
 
 
 def _is_run(d: Path, unfinished: bool) -> bool:

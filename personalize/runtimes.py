@@ -18,18 +18,26 @@ import torch
 from .defaults import INFERENCE_PRECISIONS
 from .errors import UserError
 from .extras import require_extra
+from .pipeline import loading
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 EXPORT_JSON = "export.json"  # what every export folder records about itself (export/, deploy/common.py)
 
 
 def read_export(path: Path) -> dict | None:
-    """export.json of an export folder, or None when `path` is not one (no file, not JSON, no format)."""
-    try:
-        rec = json.loads((Path(path) / EXPORT_JSON).read_text())
-    except (OSError, ValueError):
+    """export.json of an export folder, or None when `path` has none; a one-line UserError naming the
+    file when it is there but is not a JSON object with a format (what the other fields must be:
+    sources.export_source)."""
+    f = Path(path) / EXPORT_JSON
+    if not f.is_file():
         return None
-    return rec if isinstance(rec, dict) and "format" in rec else None
+    try:
+        rec = json.loads(f.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError; the OS refusing is the boundary's
+        raise UserError(f"{f}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it again") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("format"), str):
+        raise UserError(f"{f}: no format field; not a personalize export.json")
+    return rec
 
 
 def check_inference_precision(runtime: str | None, precision: str | None, what: str) -> str | None:
@@ -50,22 +58,61 @@ def check_inference_precision(runtime: str | None, precision: str | None, what: 
     return precision
 
 
+MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("openvino_model.xml", "openvino_model.bin")}
+# the inputs each stub feeds (export/deploy/trace.py's ONNX_NAMES: what every exporter writes)
+INPUTS = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encoder_hidden_states"),
+          "vae_decoder": ("latent_sample",)}
+
+
+def _why(e: BaseException) -> str:
+    """A runtime's load error as one short line: OpenVINO's messages start with the source
+    locations they passed through, so the reason is the last line, not the first."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1][:200]}" if lines else type(e).__name__
+
+
 class _Session:
-    """One exported model: named numpy inputs -> list of numpy outputs."""
+    """One exported model: named numpy inputs -> list of numpy outputs. A model file that is
+    missing, damaged or another model's is a one-line UserError naming it."""
 
     def __init__(self, runtime: str, folder: Path, precision: str = "fp32"):
+        files = [folder / n for n in MODEL_FILES[runtime]]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{f}: missing; not a complete {runtime} export, export it again")
+        try:
+            names = self._open(runtime, files[0], precision)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - each runtime's own error types for a file that does not parse
+            # OpenVINO says which of its two files it choked on only for a bin of the wrong size
+            what = (files[-1] if "bin file" in str(e) else files[0] if len(files) == 1 or "pars" in str(e)
+                    else f"{files[0]} or its {files[1].name}")
+            raise UserError(f"{what}: damaged or not a {folder.name} model ({_why(e)}); export it again") from None
+        want = INPUTS.get(folder.name)
+        if want is not None and (len(names) != len(want) or not all(any(w in n for n in names) for w in want)):
+            shown = ", ".join(sorted(next((x for x in sorted(n) if not x.isdigit()), min(n)) for n in names if n))
+            raise UserError(f"{files[0]}: takes inputs ({shown}), not a {folder.name}'s ({', '.join(want)}); "
+                            f"export it again")
+
+    def _open(self, runtime: str, path: Path, precision: str) -> list[set[str]]:
+        """Opens the model; returns the names of each of its inputs."""
         if runtime == "onnx":
             import onnxruntime as ort
 
-            self._s = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+            self._s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             self.run = lambda feeds: self._s.run(None, feeds)
-        else:
-            import openvino as ov
+            return [{i.name} for i in self._s.get_inputs()]
+        import openvino as ov
 
-            # the CPU plugin computes in bf16 by default where the CPU has it; f32 matches torch
-            self._m = ov.Core().compile_model(str(folder / "openvino_model.xml"), "CPU",
-                                              {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS.get(precision, precision)})
-            self.run = lambda feeds: list(self._m(feeds).values())
+        with open(path, "rb") as f:  # anything else goes to OpenVINO's other frontends (TF's logs to stderr)
+            if b"<net" not in f.read(4096):
+                raise UserError(f"{path}: damaged or not an OpenVINO IR (no <net> element); export it again")
+        # the CPU plugin computes in bf16 by default where the CPU has it; f32 matches torch
+        self._m = ov.Core().compile_model(str(path), "CPU",
+                                          {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS.get(precision, precision)})
+        self.run = lambda feeds: list(self._m(feeds).values())
+        return [set(i.get_names()) for i in self._m.inputs]
 
 
 class _Stub(torch.nn.Module):
@@ -110,8 +157,28 @@ class VAEDecoderStub(_Stub):
         return (torch.from_numpy(np.ascontiguousarray(out)),)
 
 
+# what diffusers' pipeline reads of each model's config (a missing key is an AttributeError deep inside it)
+CONFIG_KEYS = {"unet": {"in_channels": (int, "an integer"), "sample_size": ((int, list), "an integer or a list")},
+               "vae_decoder": {"block_out_channels": (list, "a list"), "scaling_factor": ((int, float), "a number")}}
+
+
 def _config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
+    f = folder / "config.json"
+    if not f.is_file():
+        raise UserError(f"{f}: missing; not a complete export, export it again")
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise UserError(f"{f}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it again") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f}: not a model config (a JSON {type(cfg).__name__}, not an object); export it again")
+    for key, (kind, what) in CONFIG_KEYS.get(folder.name, {}).items():
+        if not isinstance(cfg.get(key), kind) or isinstance(cfg.get(key), bool):
+            shown = json.dumps(cfg[key])[:40] if key in cfg else "missing"
+            raise UserError(f"{f}: field {key} is {shown}, not {what}; export it again")
+    if folder.name == "unet":
+        cfg.setdefault("time_cond_proj_dim", None)  # older diffusers configs lack it
+    return cfg
 
 
 def runtime_components(export_dir: Path, runtime: str, precision: str = "fp32") -> dict:
@@ -123,9 +190,16 @@ def runtime_components(export_dir: Path, runtime: str, precision: str = "fp32") 
 
     export_dir = Path(export_dir)
     require_extra(runtime, f"{export_dir} (an {runtime} export)")
-    comps = {"tokenizer": CLIPTokenizer.from_pretrained(str(export_dir / "tokenizer")),
-             "noise_scheduler": DDPMScheduler.from_pretrained(str(export_dir / "scheduler"))}
+    with loading(export_dir / "tokenizer"):
+        comps = {"tokenizer": CLIPTokenizer.from_pretrained(str(export_dir / "tokenizer"))}
+    with loading(export_dir / "scheduler"):
+        comps["noise_scheduler"] = DDPMScheduler.from_pretrained(str(export_dir / "scheduler"))
+    configs = {name: _config(export_dir / name) for name in COMPONENTS}
+    n, want = comps["tokenizer"].model_max_length, configs["text_encoder"].get("max_position_embeddings")
+    if isinstance(want, int) and n != want:  # the text encoder was traced for `want` tokens exactly
+        raise UserError(f"{export_dir / 'tokenizer'}: pads prompts to {n} tokens, the text encoder takes {want} "
+                        f"(tokenizer_config.json missing or damaged); export it again")
     for name, cls in (("text_encoder", TextEncoderStub), ("unet", UNetStub), ("vae_decoder", VAEDecoderStub)):
         folder = export_dir / name
-        comps["vae" if name == "vae_decoder" else name] = cls(_config(folder), _Session(runtime, folder, precision))
+        comps["vae" if name == "vae_decoder" else name] = cls(configs[name], _Session(runtime, folder, precision))
     return comps

@@ -11,6 +11,7 @@ export's own runtime.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ import torch
 from .adapters import ADAPTER_DIR, ADAPTER_METHODS, LORA_WEIGHTS, has_adapter, method_of
 from .backbones import (BACKBONES, HUB_PATTERNS, ResolvedBase, hub_offline, is_pipeline_dir, local_snapshot,
                         materialize_tiny)
-from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
+from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, EXPORT_FORMATS, RUNTIMES, SCHEDULERS
 from .errors import UserError
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
-from .runs import RUN_JSON, base_name, read_run, run_token
+from .runs import RUN_JSON, base_name, read_run, resolution_error, run_token
 from .runtimes import COMPONENTS, EXPORT_JSON, check_inference_precision, read_export, runtime_components
 from .subjects import fill_prompt
 
@@ -174,11 +175,15 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
                   inference_precision: str | None = None) -> Source | None:
     """The Source of an ONNX/OpenVINO export folder, or None when `path` is not an export."""
     rec = read_export(path)
-    if rec is None or rec.get("format") not in DEPLOY_FORMATS:  # a merged export is a plain pipeline dir
+    if rec is None or rec["format"] not in DEPLOY_FORMATS:  # a merged export is a plain pipeline dir
+        if rec is not None and rec["format"] not in EXPORT_FORMATS:
+            raise UserError(f"{Path(path) / EXPORT_JSON}: unknown format '{rec['format'][:40]}' (this personalize "
+                            f"writes {', '.join(EXPORT_FORMATS)})")
         return None
-    if rec.get("runtime") not in RUNTIMES:
+    if rec["format"] not in RUNTIMES:
         raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "
                         f"ml-stable-diffusion pipelines, see its README.md); generate runs onnx/openvino exports")
+    check_export_record(Path(path) / EXPORT_JSON, rec)
     precision = check_inference_precision(rec["runtime"], inference_precision, str(path))
     if adapters or base is not None:
         raise UserError(f"{path}: an exported pipeline (adapters already fused); --adapter/--base do not apply")
@@ -187,6 +192,30 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
         raise UserError(f"{path}: incomplete {rec['format']} export (no {missing[0]}/); export it again")
     return Source(Path(path).resolve(), str(rec.get("base", "?")), export=rec, scheduler=scheduler, given=Path(path),
                   inference_precision=precision or ("fp32" if rec["runtime"] == "openvino" else None))
+
+
+def check_export_record(path: Path, rec: dict) -> None:
+    """The fields of an ONNX/OpenVINO export.json that generate uses, or a one-line UserError naming
+    the file and the field."""
+    def bad(field: str, why: str) -> UserError:
+        return UserError(f"{path}: field {field} {why}; export it again")
+
+    if rec.get("runtime") != rec["format"]:
+        raise bad("runtime", f"is {_shown(rec.get('runtime'))}, not {rec['format']} (the runtime a "
+                             f"{rec['format']} export runs on)")
+    why = "is missing" if "resolution" not in rec else resolution_error(rec["resolution"])
+    if why:
+        raise bad("resolution", why)
+    if not isinstance(rec.get("base"), str):
+        raise bad("base", f"is {_shown(rec.get('base'))}, not the name of the base it was made from")
+    run = rec.get("run")
+    if run is not None and not (isinstance(run, dict) and isinstance(run.get("subject"), dict)
+                                and isinstance(run["subject"].get("name"), str)):
+        raise bad("run", "is not the run.json of the run it was made from (no subject.name)")
+
+
+def _shown(value) -> str:
+    return "missing" if value is None else json.dumps(value)[:40]
 
 
 def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (), adapter_weights: list[float] | None = None,

@@ -1,0 +1,182 @@
+"""Issue 25 on `personalize generate` with an ONNX or OpenVINO export (and on torch where the case
+is the runtime's): a damaged part, an input of the wrong kind, an out-of-range number or a second
+writer of -o is one line `error: <what>: <why>` naming the culprit, exit 2, no traceback, the
+export untouched and nothing written.
+
+One export per runtime of the bare tiny base (module-scoped, seconds each); every case damages a
+copy of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from _export_helpers import files
+
+RUNTIME_EXTRAS = {"onnx": "onnxruntime", "openvino": "openvino"}
+MODEL = {"onnx": ("model.onnx",), "openvino": ("openvino_model.xml", "openvino_model.bin")}
+GEN = ["--prompt", "a photo", "--steps", "1", "--seed", "1"]
+
+
+def _runtimes():
+    return [pytest.param(r, marks=pytest.mark.skipif(not _have(m), reason=f"no {m}")) for r, m in RUNTIME_EXTRAS.items()]
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_base, tmp_path_factory):
+    """runtime -> an export of the bare tiny base on it."""
+    from personalize.cli import main
+
+    root = tmp_path_factory.mktemp("hostile-exports")
+    for runtime, module in RUNTIME_EXTRAS.items():
+        if _have(module):
+            assert main(["export", str(tiny_base), "--format", runtime, "-o", str(root / runtime)]) == 0
+    return root
+
+
+def one_line(r, *fragments):
+    lines = r.err.strip().splitlines()
+    assert r.code == 2, (r.code, r.err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.err, r.err
+    for f in fragments:
+        assert str(f) in lines[0], (f, lines[0])
+
+
+def damage(path, how):
+    """Damage a file the ways a disk, a copy or a hand do."""
+    if how == "rm":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(b"\x07" * max(4096, path.stat().st_size))
+    elif how == "json":
+        path.write_text("{ not json")
+    elif callable(how):  # edit a JSON object
+        rec = json.loads(path.read_text())
+        path.write_text(json.dumps(how(rec)))
+    else:
+        raise AssertionError(how)
+
+
+def _copy(exports, runtime, tmp_path):
+    src = tmp_path / "export"
+    shutil.copytree(exports / runtime, src)
+    return src
+
+
+def _generate_is_one_line(src, tmp_path, cli, *fragments):
+    before = {f: (src / f).read_bytes() for f in files(src)}
+    r = cli("generate", src, *GEN, "-o", tmp_path / "out")
+    one_line(r, *fragments)
+    assert {f: (src / f).read_bytes() for f in files(src)} == before  # the input untouched
+    assert not (tmp_path / "out").exists()
+    return r
+
+
+def _model_damages(runtime):
+    m, *rest = MODEL[runtime]
+    cases = [("unet", m, "truncate"), ("text_encoder", m, "empty"), ("vae_decoder", m, "garbage"),
+             ("vae_decoder", m, "rm")]
+    if rest:  # openvino: the weights beside the graph
+        cases += [("unet", rest[0], "truncate"), ("text_encoder", rest[0], "garbage"), ("vae_decoder", rest[0], "rm")]
+    return cases
+
+
+MODEL_CASES = [(r, *c) for r in RUNTIME_EXTRAS for c in _model_damages(r)]
+
+
+@pytest.mark.parametrize("runtime,folder,name,how", MODEL_CASES, ids=["-".join(c[:3]) + "-" + c[3] for c in MODEL_CASES])
+def test_a_damaged_model_file_is_one_line_naming_it(runtime, folder, name, how, exports, tmp_path, cli):
+    pytest.importorskip(RUNTIME_EXTRAS[runtime])
+    src = _copy(exports, runtime, tmp_path)
+    damage(src / folder / name, how)
+    # OpenVINO cannot always tell which of its two files is damaged: then both are named
+    _generate_is_one_line(src, tmp_path, cli, src / folder, name)
+
+
+@pytest.mark.parametrize("runtime", _runtimes())
+def test_another_models_file_in_a_folder_is_one_line_naming_it(runtime, exports, tmp_path, cli):
+    """A valid model, but the text encoder's, where the U-Net belongs (a copy gone wrong)."""
+    src = _copy(exports, runtime, tmp_path)
+    for name in MODEL[runtime]:
+        shutil.copy(src / "text_encoder" / name, src / "unet" / name)
+    _generate_is_one_line(src, tmp_path, cli, src / "unet" / MODEL[runtime][0], "not a unet")
+
+
+PART_CASES = [  # (file, damage, the culprit named, a fragment of the why)
+    ("unet/config.json", "rm", "unet/config.json", "missing"),
+    ("vae_decoder/config.json", "json", "vae_decoder/config.json", "damaged"),
+    ("text_encoder/config.json", lambda c: [c], "text_encoder/config.json", "not a model config"),
+    ("unet/config.json", lambda c: {k: v for k, v in c.items() if k != "in_channels"}, "unet/config.json", "in_channels"),
+    ("vae_decoder/config.json", lambda c: c | {"scaling_factor": "big"}, "vae_decoder/config.json", "scaling_factor"),
+    ("tokenizer/tokenizer.json", "garbage", "tokenizer", "damaged"),
+    ("tokenizer/tokenizer_config.json", "rm", "tokenizer", "tokens"),
+    ("tokenizer/tokenizer_config.json", lambda c: c | {"model_max_length": 5}, "tokenizer", "tokens"),
+    ("scheduler/scheduler_config.json", "json", "scheduler", ""),
+    ("scheduler/scheduler_config.json", "rm", "scheduler", ""),
+]
+
+
+@pytest.mark.parametrize("runtime", _runtimes())
+@pytest.mark.parametrize("rel,how,culprit,why", PART_CASES,
+                         ids=[f"{i}-{c[0]}-{c[1] if isinstance(c[1], str) else 'edited'}" for i, c in enumerate(PART_CASES)])
+def test_a_damaged_config_tokenizer_or_scheduler_is_one_line_naming_it(runtime, rel, how, culprit, why, exports,
+                                                                       tmp_path, cli):
+    src = _copy(exports, runtime, tmp_path)
+    damage(src / rel, how)
+    _generate_is_one_line(src, tmp_path, cli, src / culprit, why)
+
+
+RECORD_CASES = [  # (damage, a fragment of the why)
+    ("json", "damaged"),
+    (lambda r: [r], "no format"),
+    (lambda r: r | {"format": 7}, "no format"),
+    (lambda r: r | {"format": "tflite"}, "unknown format 'tflite'"),
+    (lambda r: {k: v for k, v in r.items() if k != "runtime"}, "field runtime"),
+    (lambda r: r | {"runtime": "tensorrt"}, "field runtime"),
+    (lambda r: {k: v for k, v in r.items() if k != "resolution"}, "field resolution"),
+    (lambda r: r | {"resolution": "64"}, "field resolution"),
+    (lambda r: r | {"resolution": None}, "field resolution"),
+    (lambda r: r | {"resolution": -64}, "field resolution"),
+    (lambda r: r | {"resolution": True}, "field resolution"),
+    (lambda r: r | {"resolution": 1 << 20}, "field resolution"),
+    (lambda r: r | {"resolution": 100}, "field resolution"),
+    (lambda r: {k: v for k, v in r.items() if k != "base"}, "field base"),
+    (lambda r: r | {"base": ["tiny"]}, "field base"),
+    (lambda r: r | {"run": 5}, "field run"),
+    (lambda r: r | {"run": {"subject": "dog"}}, "field run"),
+]
+
+
+@pytest.mark.parametrize("runtime", _runtimes())
+@pytest.mark.parametrize("how,why", RECORD_CASES, ids=[f"{i}-{c[1]}" for i, c in enumerate(RECORD_CASES)])
+def test_a_bad_export_json_is_one_line_naming_it_and_the_field(runtime, how, why, exports, tmp_path, cli):
+    src = _copy(exports, runtime, tmp_path)
+    damage(src / "export.json", how)
+    _generate_is_one_line(src, tmp_path, cli, src / "export.json", why)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", _runtimes())
+def test_the_real_entry_point_prints_one_line_for_a_damaged_model(runtime, exports, tmp_path):
+    """Not only Python's stderr: nothing the runtimes print from C++ (OpenVINO's other frontends
+    log to the process's stderr when handed a file that is not IR)."""
+    src = _copy(exports, runtime, tmp_path)
+    damage(src / "unet" / MODEL[runtime][0], "garbage")
+    r = subprocess.run([sys.executable, "-m", "personalize", "generate", str(src), *GEN, "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(src / "unet" / MODEL[runtime][0]) in r.stderr and not (tmp_path / "out").exists()
