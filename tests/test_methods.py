@@ -328,12 +328,12 @@ def test_batch_runs_the_method_grid(dataset, tmp_path, cli):
     """`batch --methods` takes every method; each run lands in <base>/<method>/<subject> in its own
     format, from one in-memory base reset between methods."""
     out = tmp_path / "b"
-    r = cli("batch", "--methods", "lora,loha,oft", "--subjects", "dog", "--data-dir", dataset, "--batch-dir", out,
+    r = cli("batch", "--methods", "lora,loha,oft,boft,hra", "--subjects", "dog", "--data-dir", dataset, "--batch-dir", out,
             "--base", "tiny", "--steps", "2", "--class-images", "0", "--validation-images", "0", "--resolution", "32",
             "--log-every", "1")
     assert r.code == 0, r.err
     assert (out / "tiny" / "lora" / "dog" / "pytorch_lora_weights.safetensors").is_file()
-    for m in ("loha", "oft"):
+    for m in ("loha", "oft", "boft", "hra"):
         assert (out / "tiny" / m / "dog" / "adapter" / "unet" / "adapter_model.safetensors").is_file()
         assert json.loads((out / "tiny" / m / "dog" / "run.json").read_text())["method"] == m
     assert "unknown method 'lorra'" in _one_line(cli("batch", "--methods", "lora,lorra", "--subjects", "dog",
