@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import _mask_image, open_image, to_tensor
+from .data import mask_image, orphan_masks, open_image, to_tensor
 from .errors import UserError
 
 BUCKET_STEP = 64  # kohya's --bucket_reso_steps default and NovelAI's step
@@ -99,7 +99,8 @@ def load_bucketed_masks(paths: list[Path], placements: list[Placement], alpha: b
                         ) -> list[torch.Tensor] | None:
     """Each photo's loss mask (1, h, w) cut exactly like its photo; all ones for a photo without
     one; None when no photo has a mask (as `data.load_masks`)."""
-    found = [_mask_image(p, alpha) for p in paths]
+    orphan_masks(paths)
+    found = [mask_image(p, alpha) for p in paths]
     if all(m is None for m in found):
         return None
     out = []
@@ -107,6 +108,11 @@ def load_bucketed_masks(paths: list[Path], placements: list[Placement], alpha: b
         w, h = at.bucket
         if m is None:
             out.append(torch.ones(1, h, w))
-        else:
-            out.append(torch.from_numpy(np.asarray(cut(m, at), dtype=np.float32) / 255.0)[None])
+            continue
+        m, name = m
+        arr = np.asarray(cut(m, at), dtype=np.float32) / 255.0
+        if not arr.any():  # as data.load_masks: a mask that trains on nothing is a mistake
+            raise UserError(f"{name}: the mask is black in the part of the photo trained on (its bucket crop), "
+                            f"so the photo would train on nothing; white is what is learned")
+        out.append(torch.from_numpy(arr)[None])
     return out

@@ -213,7 +213,7 @@ def _as_mask(img: Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(img), background=BLACK).convert("L")
 
 
-def _mask_image(photo: Path, alpha: bool) -> tuple[Image.Image, str] | None:
+def mask_image(photo: Path, alpha: bool) -> tuple[Image.Image, str] | None:
     """(the photo's mask as 8-bit L at the photo's (EXIF-upright) size, what it is called in a
     refusal): its mask file (`_as_mask`), else with `alpha` its alpha channel, else None."""
     mp = mask_path(photo)
@@ -236,7 +236,7 @@ def _mask_image(photo: Path, alpha: bool) -> tuple[Image.Image, str] | None:
     return None
 
 
-def _orphan_masks(paths: list[Path]) -> None:
+def orphan_masks(paths: list[Path]) -> None:
     """A `*.mask.png` in a photo folder that is no photo's mask (its photo renamed, deleted, or in a
     format not read; a case that differs) would be silently unused: refused, naming it."""
     for folder in dict.fromkeys(p.parent for p in paths):
@@ -252,8 +252,8 @@ def load_masks(paths: list[Path], resolution: int, alpha: bool = False) -> torch
     one get all ones; None when no photo has a mask (the loss is then exactly the unmasked one). A
     mask that is black everywhere the photo is trained on (it trains on nothing: certainly a
     mistake) is refused in one line naming it, as is a mask file that is no photo's."""
-    _orphan_masks(paths)
-    found = [_mask_image(p, alpha) for p in paths]
+    orphan_masks(paths)
+    found = [mask_image(p, alpha) for p in paths]
     if all(m is None for m in found):
         return None
     out = []
