@@ -541,3 +541,34 @@ def test_evaluate_inputs_go_through_the_cli_flags(bare_app, lora_run, ipp, steps
     before = _tree(bare_app.ws.root)
     assert culprit in gr_error(bare_app.evaluate, "r", "/nonexistent/dino", "/nonexistent/clip", ipp, steps)
     assert _tree(bare_app.ws.root) == before
+
+
+@needs_gradio
+def test_a_second_training_while_one_runs_is_one_line_and_writes_nothing(bare_app, tmp_path):
+    """Concurrent: Start again (same name or another) while a training runs: refused before the
+    photos are stored, so the running job's photos and job record stay as they are."""
+    from types import SimpleNamespace
+
+    photos = write_photos(tmp_path / "p", n=3, size=(64, 64))
+    bare_app.jobs.train = SimpleNamespace(alive=True, name="r", step=1, total=4)
+    try:
+        before = _tree(bare_app.ws.root)
+        for name in ("r", "other"):
+            assert "training 'r' is running" in gr_error(bare_app.train, *page_train(bare_app, photos, name=name))
+        assert _tree(bare_app.ws.root) == before
+    finally:
+        bare_app.jobs.train = None
+
+
+@needs_gradio
+def test_retraining_a_run_name_without_overwrite_keeps_its_photos(bare_app, tmp_path, lora_run):
+    """A finished run of that name, 'overwrite' not ticked: refused before its uploaded photos are
+    replaced (the worker refused it too, but only after the run's photos were swapped)."""
+    import shutil
+
+    shutil.copytree(lora_run, bare_app.ws.runs / "r")
+    kept = write_photos(bare_app.ws.uploads / "r", n=3, size=(64, 64), seed=5)
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    line = gr_error(bare_app.train, *page_train(bare_app, write_photos(tmp_path / "p", n=3, size=(64, 64))))
+    assert "'r'" in line and "overwrite" in line
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before

@@ -163,6 +163,11 @@ class App:
         photos are stored: a refused value writes nothing."""
         name = check_name(name)
         run_dir = self.ws.new_run_dir(name)
+        if not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+            # the worker's prepare refuses it too, but only after this run's photos would be replaced
+            state = run_status(run_dir).state
+            raise UserError(f"run '{name}' already exists in the workspace ({'not a run' if state == 'absent' else state}); "
+                            f"tick 'overwrite' to train it again, Resume it if interrupted, or pick another name")
         own = source == OWN
         if not own and not subject:
             raise UserError("pick a DreamBooth subject or switch to your own photos")
@@ -193,6 +198,7 @@ class App:
 
     @user_errors
     def train(self, *inputs):
+        self.jobs.check_free()  # before anything is stored: a running job's photos and record stay its own
         name, run_dir, cfg = self.make_config(*inputs)
         yield from self._start(name, run_dir, cfg)
 
