@@ -164,11 +164,16 @@ def test_a_mask_of_another_size_is_one_line_naming_it(tmp_path, cli):
     refused(cli, tmp_path, folder, folder / "00.mask.png")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "bomb"])
+@pytest.mark.parametrize("damage", ["garbage", "empty", "bomb", "folder", "dangling-symlink"])
 def test_a_damaged_mask_is_one_line_naming_it(tmp_path, cli, damage):
     folder = photos(tmp_path)
-    data = {"garbage": b"not a png", "empty": b"", "bomb": png_header(30000, 30000)}[damage]
-    (folder / "00.mask.png").write_bytes(data)
+    if damage == "folder":
+        (folder / "00.mask.png").mkdir()
+    elif damage == "dangling-symlink":
+        (folder / "00.mask.png").symlink_to(tmp_path / "nowhere.png")
+    else:
+        data = {"garbage": b"not a png", "empty": b"", "bomb": png_header(30000, 30000)}[damage]
+        (folder / "00.mask.png").write_bytes(data)
     refused(cli, tmp_path, folder, folder / "00.mask.png")
 
 
