@@ -217,6 +217,8 @@ def mask_image(photo: Path, alpha: bool) -> tuple[Image.Image, str] | None:
     """(the photo's mask as 8-bit L at the photo's (EXIF-upright) size, what it is called in a
     refusal): its mask file (`_as_mask`), else with `alpha` its alpha channel, else None."""
     mp = mask_path(photo)
+    if mp.exists() and not mp.is_file():
+        raise UserError(f"{mp}: not a file (a photo's mask is a PNG beside it)")
     if mp.is_file():
         m = _decoded(mp, "mask", _as_mask)
         with Image.open(photo) as ph:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import inspect
 import json
 import socket
 import time
@@ -399,3 +400,175 @@ def test_app_command_prints_the_no_auth_line_off_localhost(cli, tmp_path, monkey
     assert "no authentication" not in r.out
     r = cli("app", "--workspace", tmp_path / "ws", "--share")
     assert "gradio.live" in r.out
+
+
+# --------------------------------------------------------------------------- issue 25: the page's inputs, handler by handler
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def bare_app(tmp_path, monkeypatch):
+    """An App on a fresh workspace, not served (the handlers are called directly); a training it
+    would start fails the test instead of starting a worker."""
+    from personalize.app.handlers import App
+
+    app = App(tmp_path / "ws", train_defaults=FAST)
+
+    def no_start(*a, **kw):
+        raise AssertionError("the bad input reached the training job")
+
+    monkeypatch.setattr(app, "_start", no_start)
+    yield app
+    app.jobs.shutdown()
+
+
+def gr_error(fn, *args) -> str:
+    """The one line a handler shows for bad input (a gr.Error; a generator handler's first step)."""
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as e:
+        out = fn(*args)
+        if inspect.isgenerator(out):
+            next(out)
+    line = e.value.message  # str() of a gr.Error is its repr
+    assert "\n" not in line and "Traceback" not in line, line
+    return line
+
+
+def page_train(app, photos, **kw):
+    a = dict(name="r", base="tiny", source="my photos", subject="dog", photos=[str(p) for p in sorted(photos.iterdir())],
+             class_noun="dog", method="lora", steps=4, resolution=0, lr=1e-2, rank=4, prior=True, class_images=2,
+             sample_every=0, overwrite=False)
+    a.update(kw)
+    return list(a.values())
+
+
+TRAIN_BAD = [  # (page field=value, what the line names)
+    (dict(steps=0), "--steps"), (dict(steps=-3), "--steps"), (dict(steps=float("nan")), "--steps"),
+    (dict(steps=2.5), "--steps"), (dict(steps="many"), "--steps"), (dict(steps=None), "--steps"),
+    (dict(resolution=100), "--resolution"), (dict(resolution=-64), "--resolution"),
+    (dict(resolution=float("inf")), "--resolution"),
+    (dict(lr=-1e-4), "--lr"), (dict(lr=float("nan")), "--lr"),
+    (dict(rank=0), "--rank"), (dict(rank=-4), "--rank"), (dict(rank=float("nan")), "--rank"),
+    (dict(class_images=-1), "--class-images"), (dict(sample_every=-1), "--sample-every"),
+    (dict(method="lorax"), "lorax"), (dict(method="generate"), "generate"),
+    (dict(prior=True, class_images=float("nan")), "--class-images"),
+]
+
+
+@needs_gradio
+@pytest.mark.parametrize("field, culprit", TRAIN_BAD, ids=[",".join(f"{k}={v}" for k, v in f.items()) for f, _ in TRAIN_BAD])
+def test_train_inputs_go_through_the_cli_checks_and_write_nothing(bare_app, tmp_path, field, culprit):
+    """Each value of the Train tab is checked as the CLI's flag (its type, then TrainConfig.validate):
+    one line naming the flag, before the photos are stored or anything else is written."""
+    photos = write_photos(tmp_path / "p", n=3, size=(64, 64))
+    before = _tree(bare_app.ws.root)
+    line = gr_error(bare_app.train, *page_train(bare_app, photos, **field))
+    assert culprit in line, line
+    assert _tree(bare_app.ws.root) == before  # no uploads/r, no job record
+
+
+@needs_gradio
+def test_page_defaults_that_mean_the_recipe_still_do(bare_app, tmp_path):
+    """Odd but valid: resolution 0 and lr 0 are the page's "the base's" and "the recipe's"."""
+    photos = write_photos(tmp_path / "p", n=3, size=(64, 64))
+    _, _, cfg = bare_app.make_config(*page_train(bare_app, photos, resolution=0, lr=0))
+    assert cfg.resolution is None and cfg.lr is None and cfg.rank == 4 and cfg.class_images == 2
+
+
+@needs_gradio
+def test_a_decompression_bomb_upload_is_the_cli_line(bare_app, tmp_path, cli):
+    """A PNG claiming 30000x30000 pixels was a raw AppError: now the CLI's own line, naming the file."""
+    from test_hostile_training import png_header
+
+    bad = tmp_path / "up"
+    bad.mkdir()
+    (bad / "bomb.png").write_bytes(png_header(30000, 30000))
+    good = write_photos(tmp_path / "good", n=3, size=(64, 64))
+    thumbs, msg = bare_app.check_photos([str(p) for p in [*sorted(good.iterdir()), bad / "bomb.png"]], "tiny", 0)
+    assert len(thumbs) == 3 and msg.splitlines()[0] == "3 photo(s) accepted, 1 refused:"
+    assert msg.splitlines()[1] == f"- error: {cli_error_line(cli, tmp_path, bad / 'bomb.png')}"
+    line = gr_error(bare_app.train, *page_train(bare_app, bad))
+    assert line.startswith("bomb.png: ") and "pixels" in line
+    assert not (bare_app.ws.uploads / "r").exists()
+
+
+@needs_gradio
+@pytest.mark.parametrize("resolution", [float("nan"), "abc", 100])
+def test_the_photo_check_takes_the_resolution_as_the_cli_does(bare_app, tmp_path, resolution):
+    photos = write_photos(tmp_path / "p", n=1, size=(64, 64))
+    assert "--resolution" in gr_error(bare_app.check_photos, [str(p) for p in photos.iterdir()], "tiny", resolution)
+
+
+GENERATE_BAD = [  # (page field=value, the flag the line names): the CLI's ranges, not copies of them
+    (dict(guidance=1e30), "--guidance-scale"), (dict(guidance=-1), "--guidance-scale"),
+    (dict(guidance=float("nan")), "--guidance-scale"),
+    (dict(steps=0), "--steps"), (dict(steps=100_000), "--steps"), (dict(steps=1.5), "--steps"),
+    (dict(seed=-1), "--seed"), (dict(seed=2**64), "--seed"),
+    (dict(n=0), "--images-per-prompt"), (dict(n=10**6), "--images-per-prompt"),
+    (dict(resolution=100), "--resolution"), (dict(resolution=-8), "--resolution"),
+    (dict(weights="11"), "--adapter-weights"), (dict(weights="a,b"), "--adapter-weights"),
+    (dict(weights="nan"), "--adapter-weights"),
+]
+
+
+@needs_gradio
+@pytest.mark.parametrize("field, culprit", GENERATE_BAD,
+                         ids=[",".join(f"{k}={v}" for k, v in f.items()) for f, _ in GENERATE_BAD])
+def test_generate_inputs_go_through_the_cli_flags(bare_app, lora_run, field, culprit):
+    """The Generate tab's values are `personalize generate`'s flags, parsed by its parser: a
+    guidance of 1e30 drew flat black images; now it is the CLI's line, and nothing is drawn."""
+    import shutil
+
+    shutil.copytree(lora_run, bare_app.ws.runs / "r")
+    before = _tree(bare_app.ws.root)
+    a = dict(runs=["r"], weights="", prompt="a {token} {class}", negative="", seed=0, n=1, steps=2, guidance=7.5,
+             resolution=0)
+    a.update(field)
+    line = gr_error(bare_app.generate, *a.values())
+    assert culprit in line, line
+    assert _tree(bare_app.ws.root) == before
+
+
+@needs_gradio
+@pytest.mark.parametrize("ipp, steps, culprit", [(0, 0, "--images-per-prompt"), (float("nan"), 0, "--images-per-prompt"),
+                                                 (2, -5, "--steps"), (2, 1e9, "--steps")])
+def test_evaluate_inputs_go_through_the_cli_flags(bare_app, lora_run, ipp, steps, culprit):
+    import shutil
+
+    shutil.copytree(lora_run, bare_app.ws.runs / "r")
+    before = _tree(bare_app.ws.root)
+    assert culprit in gr_error(bare_app.evaluate, "r", "/nonexistent/dino", "/nonexistent/clip", ipp, steps)
+    assert _tree(bare_app.ws.root) == before
+
+
+@needs_gradio
+def test_a_second_training_while_one_runs_is_one_line_and_writes_nothing(bare_app, tmp_path):
+    """Concurrent: Start again (same name or another) while a training runs: refused before the
+    photos are stored, so the running job's photos and job record stay as they are."""
+    from types import SimpleNamespace
+
+    photos = write_photos(tmp_path / "p", n=3, size=(64, 64))
+    bare_app.jobs.train = SimpleNamespace(alive=True, name="r", step=1, total=4)
+    try:
+        before = _tree(bare_app.ws.root)
+        for name in ("r", "other"):
+            assert "training 'r' is running" in gr_error(bare_app.train, *page_train(bare_app, photos, name=name))
+        assert _tree(bare_app.ws.root) == before
+    finally:
+        bare_app.jobs.train = None
+
+
+@needs_gradio
+def test_retraining_a_run_name_without_overwrite_keeps_its_photos(bare_app, tmp_path, lora_run):
+    """A finished run of that name, 'overwrite' not ticked: refused before its uploaded photos are
+    replaced (the worker refused it too, but only after the run's photos were swapped)."""
+    import shutil
+
+    shutil.copytree(lora_run, bare_app.ws.runs / "r")
+    kept = write_photos(bare_app.ws.uploads / "r", n=3, size=(64, 64), seed=5)
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    line = gr_error(bare_app.train, *page_train(bare_app, write_photos(tmp_path / "p", n=3, size=(64, 64))))
+    assert "'r'" in line and "overwrite" in line
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before

@@ -129,6 +129,16 @@ def test_an_all_black_mask_is_one_line_naming_it(tmp_path, cli, which):
     assert "black" in line
 
 
+def test_a_fully_transparent_photo_as_its_own_mask_is_one_line(tmp_path):
+    """--alpha-mask on a PNG transparent everywhere: its mask trains on nothing; the line names the
+    photo and the flag."""
+    from personalize.data import load_masks
+
+    Image.new("RGBA", (16, 16), (200, 10, 10, 0)).save(tmp_path / "a.png")
+    with pytest.raises(UserError, match=r"a\.png: its alpha channel \(--alpha-mask\).*black everywhere"):
+        load_masks([tmp_path / "a.png"], 16, alpha=True)
+
+
 def test_a_mask_black_in_the_trained_crop_is_one_line(tmp_path, cli):
     """White only outside the centre crop the photo is trained on: it trains on nothing either."""
     folder = tmp_path / "wide"
@@ -154,11 +164,16 @@ def test_a_mask_of_another_size_is_one_line_naming_it(tmp_path, cli):
     refused(cli, tmp_path, folder, folder / "00.mask.png")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "bomb"])
+@pytest.mark.parametrize("damage", ["garbage", "empty", "bomb", "folder", "dangling-symlink"])
 def test_a_damaged_mask_is_one_line_naming_it(tmp_path, cli, damage):
     folder = photos(tmp_path)
-    data = {"garbage": b"not a png", "empty": b"", "bomb": png_header(30000, 30000)}[damage]
-    (folder / "00.mask.png").write_bytes(data)
+    if damage == "folder":
+        (folder / "00.mask.png").mkdir()
+    elif damage == "dangling-symlink":
+        (folder / "00.mask.png").symlink_to(tmp_path / "nowhere.png")
+    else:
+        data = {"garbage": b"not a png", "empty": b"", "bomb": png_header(30000, 30000)}[damage]
+        (folder / "00.mask.png").write_bytes(data)
     refused(cli, tmp_path, folder, folder / "00.mask.png")
 
 

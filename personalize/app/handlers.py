@@ -12,10 +12,10 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import zipfile
 from pathlib import Path
 
-from ..argtypes import float_list
 from ..backbones import BACKBONES, is_pipeline_dir, native_resolution
 from ..cli import build_parser, quiet_libraries, user_facing
 from ..clock import clock
@@ -70,15 +70,65 @@ def user_errors(fn):
 
 def _photos(files) -> list[Photo]:
     out = []
-    for f in files or []:
+    for f in [files] if isinstance(files, (str, Path)) else files or []:  # one file, not its characters
         path = Path(f)
         # gradio keeps the browser's file name as the temp file's own name
         out.append(Photo(path, path.name))
     return out
 
 
-def _num(v, cast=float):
-    return None if v in (None, "") or not float(v) else cast(v)
+def _blank(v):
+    """None for an empty page field (the flag's default), else the value as it is."""
+    return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+
+def _given(v):
+    """A page number that means "the default" when 0 or empty (resolution, lr, eval steps): None."""
+    if isinstance(v, str):
+        try:
+            v = float(v) if float(v) == 0 else v
+        except ValueError:
+            pass
+    return None if _blank(v) is None or v == 0 else v
+
+
+def _flag_text(v) -> str:
+    """A page value as the text a user would type after its flag (an integral float without its .0)."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return str(v).strip()
+
+
+def parse_as_cli(command: str, flags: dict[str, object], *positional: str) -> argparse.Namespace:
+    """The page's values parsed as `personalize COMMAND`'s flags by the CLI's own parser (its types,
+    ranges and choices: one owner, no copied range); a bad value is the CLI's one line (without
+    its `error: `) as a UserError, nothing printed. A value of None is left out (the flag's default)."""
+    parser = build_parser()
+
+    def refuse(status=0, message=None):
+        raise UserError((message or f"personalize {command}: bad arguments").strip().removeprefix("error: "))
+
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in (parser, *subcommands.choices.values()):
+        p.exit = refuse  # argparse reports through exit(2, message): the line, raised instead of printed
+    argv = [command, *positional, *(f"{flag}={_flag_text(v)}" for flag, v in flags.items() if v is not None)]
+    return parser.parse_args(argv)
+
+
+# the Train tab's numbers: TrainConfig field -> its flag, checked as the CLI checks it
+TRAIN_FIELDS = {"steps": "--steps", "resolution": "--resolution", "lr": "--lr", "rank": "--rank",
+                "class_images": "--class-images", "sample_every": "--sample-every"}
+
+
+def train_values(method, page: dict) -> dict:
+    """The Train tab's numbers (field -> value; None: the default) as `personalize METHOD` takes
+    them: the flag's type (parse_as_cli), then TrainConfig.validate's ranges. Returns the fields given."""
+    TrainConfig(method=str(method), subject="-").validate()  # a method first: its name is the command parsed
+    given = {k: v for k, v in page.items() if v is not None}
+    args = parse_as_cli(str(method), {TRAIN_FIELDS[k]: v for k, v in given.items()}, "--subject=-")
+    values = {k: getattr(args, k) for k in given}
+    TrainConfig(method=str(method), subject="-", **values).validate()
+    return values
 
 
 class App:
@@ -89,8 +139,9 @@ class App:
 
     # ------------------------------------------------------------------ Train
     def resolution_for(self, base: str, resolution) -> int:
-        if _num(resolution, int):
-            return int(resolution)
+        """The page's resolution (0: the base's native one), checked as `--resolution`."""
+        if _given(resolution) is not None:
+            return train_values("lora", {"resolution": resolution})["resolution"]
         if base in BACKBONES:
             return BACKBONES[base].resolution
         p = Path(base or "")
@@ -108,33 +159,28 @@ class App:
 
     def make_config(self, name, base, source, subject, files, class_noun, method, steps, resolution, lr, rank,
                     prior, class_images, sample_every, overwrite):
+        """The TrainConfig of the Train tab, every value checked (as the CLI's flags) before the
+        photos are stored: a refused value writes nothing."""
         name = check_name(name)
         run_dir = self.ws.new_run_dir(name)
+        if not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+            # the worker's prepare refuses it too, but only after this run's photos would be replaced
+            state = run_status(run_dir).state
+            raise UserError(f"run '{name}' already exists in the workspace ({'not a run' if state == 'absent' else state}); "
+                            f"tick 'overwrite' to train it again, Resume it if interrupted, or pick another name")
+        own = source == OWN
+        if not own and not subject:
+            raise UserError("pick a DreamBooth subject or switch to your own photos")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         values = {k: v for k, v in self.train_defaults.items() if k in fields}
-        if source == OWN:
-            good, bad = self.ws.check_photos(_photos(files), self.resolution_for(base, resolution))
-            if bad:
-                raise UserError(bad[0] + (f" (and {len(bad) - 1} more refused)" if len(bad) > 1 else ""))
-            if not (class_noun or "").strip():
-                raise UserError("your own photos: say what the subject is in 'class noun' (e.g. dog)")
-            subject = str(self.ws.store_photos(name, good))
-            # phone photos are rarely square: train each at its aspect ratio rather than cut to a square
+        values.update(train_values(method, dict(
+            steps="" if steps is None else steps, resolution=_given(resolution), lr=_given(lr), rank=_blank(rank),
+            class_images=_blank(class_images) if prior else 0, sample_every=_blank(sample_every))))
+        values.update(method=method, subject=str(subject), base=base, output_dir=str(run_dir),
+                      class_noun=(class_noun or "").strip() or None, overwrite=bool(overwrite))
+        if own:  # phone photos are rarely square: train each at its aspect ratio rather than cut to a square
             values.setdefault("buckets", True)
-        elif not subject:
-            raise UserError("pick a DreamBooth subject or switch to your own photos")
-        steps = int(steps)
-        values.update(method=method, subject=subject, base=base, class_noun=(class_noun or "").strip() or None,
-                      output_dir=str(run_dir), steps=steps, resolution=_num(resolution, int), lr=_num(lr),
-                      overwrite=bool(overwrite))
-        if _num(rank, int):
-            values["rank"] = int(rank)
-        if not prior:
-            values["class_images"] = 0
-        elif _num(class_images, int):
-            values["class_images"] = int(class_images)
-        if sample_every not in (None, ""):
-            values["sample_every"] = int(sample_every)
+        steps = values["steps"]
         if method != "full" and "checkpoint_every" not in self.train_defaults:
             # a page's runs get interrupted (app closed, machine restarted): an adapter's checkpoint is
             # small, so keep at most a tenth of the run to redo (the recipe's 200 for full finetuning)
@@ -143,10 +189,18 @@ class App:
         values["log_every"] = min(values.get("log_every", 10), max(1, steps // 50))
         cfg = TrainConfig(**values)
         cfg.validate()
+        if own:
+            good, bad = self.ws.check_photos(_photos(files), self.resolution_for(base, resolution))
+            if bad:
+                raise UserError(bad[0] + (f" (and {len(bad) - 1} more refused)" if len(bad) > 1 else ""))
+            if not cfg.class_noun:
+                raise UserError("your own photos: say what the subject is in 'class noun' (e.g. dog)")
+            cfg.subject = str(self.ws.store_photos(name, good))
         return name, run_dir, cfg
 
     @user_errors
     def train(self, *inputs):
+        self.jobs.check_free()  # before anything is stored: a running job's photos and record stay its own
         name, run_dir, cfg = self.make_config(*inputs)
         yield from self._start(name, run_dir, cfg)
 
@@ -249,13 +303,10 @@ class App:
         # as text: Gradio takes any dict with a "path" key (run.json's base) for a file to serve
         return (str(grid) if grid.is_file() else None), json.dumps(summary, indent=2, default=str)
 
-    def _cli(self, argv: list[str]):
-        """Run a `personalize` subcommand in-process through the CLI's own parser and handler."""
+    def _cli(self, command: str, flags: dict, *positional: str):
+        """Run `personalize COMMAND` in-process through the CLI's own parser (parse_as_cli) and handler."""
         _quiet()
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit:
-            raise UserError(f"personalize {' '.join(argv[:1])}: bad arguments {argv[1:]}") from None
+        args = parse_as_cli(command, flags, *positional)
         try:
             return args.func(args)
         except Exception as e:  # noqa: BLE001 - the CLI's boundary: a user's error is one line
@@ -272,7 +323,7 @@ class App:
         suffix = ".safetensors" if fmt in ("kohya", "single-file") else ""
         out = self.ws.exports / f"{rel.replace('/', '-')}-{fmt}{suffix}"
         with self.jobs.exclusive(f"export {rel}"):
-            self._cli(["export", str(run_dir), "--format", fmt, "-o", str(out)] + (["--overwrite"] if overwrite else []))
+            self._cli("export", {"--format": fmt, "--out": out}, str(run_dir), *(["--overwrite"] if overwrite else []))
         if out.is_file():
             return str(out), f"exported `{rel}` as {fmt}: `{out}`"
         return None, f"exported `{rel}` as {fmt}: folder `{out}` (in the workspace)"
@@ -280,11 +331,10 @@ class App:
     @user_errors
     def evaluate(self, rel, dino, clip, images_per_prompt, steps):
         run_dir = self.ws.run_dir(rel)
-        argv = ["eval", str(run_dir), "--images-per-prompt", str(int(images_per_prompt or 4))]
-        argv += ["--steps", str(int(steps))] if _num(steps, int) else []
-        argv += (["--dino", dino] if dino else []) + (["--clip", clip] if clip else [])
+        flags = {"--images-per-prompt": _blank(images_per_prompt), "--steps": _given(steps),
+                 "--dino": _blank(dino), "--clip": _blank(clip)}
         with self.jobs.exclusive(f"eval {rel}"):
-            self._cli(argv)
+            self._cli("eval", flags, str(run_dir))
         s = self._scores(run_dir)
         return (f"`{rel}`: DINO {s.get('dino', float('nan')):.3f} · CLIP-I {s.get('clip_i', float('nan')):.3f} · "
                 f"CLIP-T {s.get('clip_t', float('nan')):.3f}  (eval/scores.md in the run)")
@@ -299,12 +349,11 @@ class App:
         if not runs:
             raise UserError("pick one or more finished runs to generate with")
         dirs = [self.ws.run_dir(r) for r in runs]
-        w = None
-        if (weights or "").strip():
-            try:
-                w = float_list(-10, 10)(weights)
-            except argparse.ArgumentTypeError as e:
-                raise UserError(f"adapter weights: {e}") from None
+        # the page's values are `personalize generate`'s flags, parsed and ranged by its parser
+        args = parse_as_cli("generate", {"--adapter-weights": _blank(weights), "--seed": _blank(seed),
+                                         "--images-per-prompt": _blank(n), "--steps": _blank(steps),
+                                         "--guidance-scale": _blank(guidance), "--resolution": _given(resolution)})
+        w = args.adapter_weights
         # a full run is the pipeline the adapters go on, so it comes first (as RUN_DIR on the CLI)
         methods_ = [read_run(d, finished=True).get("method") for d in dirs]
         order = sorted(range(len(dirs)), key=lambda i: methods_[i] != "full")
@@ -317,10 +366,10 @@ class App:
             out = out.with_name(out.name + "-1")
         self.ws.contained(out, "output")
         with self.jobs.exclusive("generate"):
-            out, jobs, _ = generate_to_dir(src, [prompt or "a {token} {class}"], out, images_per_prompt=int(n),
-                                           seed=int(seed), steps=int(steps), guidance_scale=float(guidance),
-                                           negative_prompt=(negative or None), resolution=_num(resolution, int),
-                                           progress=False)
+            out, jobs, _ = generate_to_dir(src, [prompt or "a {token} {class}"], out,
+                                           images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+                                           guidance_scale=args.guidance_scale, negative_prompt=(negative or None),
+                                           resolution=args.resolution, progress=False)
         archive = out / "images.zip"
         with atomic_file(archive) as tmp, zipfile.ZipFile(tmp, "w") as z:
             for p in sorted(out.iterdir()):

@@ -135,7 +135,8 @@ class JobManager:
         self._busy: str | None = None
         self.train: TrainJob | None = None  # the latest training (finished or not)
 
-    def _check_free(self) -> None:
+    def check_free(self) -> None:
+        """A one-line UserError naming what runs, if anything does (checked again when a job starts)."""
         if self.train is not None and self.train.alive:
             raise UserError(f"training '{self.train.name}' is running (step {self.train.step}/{self.train.total}); "
                             f"wait for it or cancel it")
@@ -146,7 +147,7 @@ class JobManager:
     def exclusive(self, what: str) -> Iterator[None]:
         """Run an in-process job (generate, export, evaluate) while nothing else runs."""
         with self._lock:
-            self._check_free()
+            self.check_free()
             self._busy = what
         try:
             yield
@@ -156,7 +157,7 @@ class JobManager:
 
     def start_train(self, name: str, run_dir: Path, job_file: Path, total: int, cwd: Path) -> TrainJob:
         with self._lock:
-            self._check_free()
+            self.check_free()
             self.train = TrainJob(name, run_dir, job_file, total, cwd)
             return self.train
 
