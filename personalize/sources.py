@@ -21,8 +21,8 @@ import torch
 
 from .adapters import ADAPTER_DIR, ADAPTER_METHODS, LORA_WEIGHTS, has_adapter, method_of
 from .backbones import (BACKBONES, HUB_PATTERNS, ResolvedBase, hub_offline, is_pipeline_dir, local_snapshot,
-                        materialize_tiny)
-from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, EXPORT_FORMATS, RUNTIMES, SCHEDULERS
+                        materialize_tiny, native_resolution)
+from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
 from .errors import UserError
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
@@ -132,6 +132,19 @@ class Source:
             return "export"
         return self.adapters[0].method if self.adapters else "pipeline"
 
+    def default_resolution(self) -> int:
+        """The export's, else the run's training resolution, else the base's native one (checked)."""
+        if self.export is not None or (self.subject_run or {}).get("resolution"):
+            return int((self.export or self.subject_run)["resolution"])  # checked when read
+        try:
+            res = native_resolution(self.pipeline_dir)
+            why = resolution_error(res)
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            why = f"is unreadable ({type(e).__name__}: {str(e)[:100]})"
+        if why:
+            raise UserError(f"{self.pipeline_dir}: its native resolution (unet/config.json, vae/config.json) {why}")
+        return res
+
     def describe(self) -> dict:
         d = {"base": self.base_name, "base_path": str(self.pipeline_dir), "scheduler": self.scheduler}
         if self.export is not None:
@@ -176,9 +189,6 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
     """The Source of an ONNX/OpenVINO export folder, or None when `path` is not an export."""
     rec = read_export(path)
     if rec is None or rec["format"] not in DEPLOY_FORMATS:  # a merged export is a plain pipeline dir
-        if rec is not None and rec["format"] not in EXPORT_FORMATS:
-            raise UserError(f"{Path(path) / EXPORT_JSON}: unknown format '{rec['format'][:40]}' (this personalize "
-                            f"writes {', '.join(EXPORT_FORMATS)})")
         return None
     if rec["format"] not in RUNTIMES:
         raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "
@@ -195,27 +205,20 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
 
 
 def check_export_record(path: Path, rec: dict) -> None:
-    """The fields of an ONNX/OpenVINO export.json that generate uses, or a one-line UserError naming
+    """The fields of an ONNX/OpenVINO export.json that generate uses: a one-line UserError naming
     the file and the field."""
-    def bad(field: str, why: str) -> UserError:
-        return UserError(f"{path}: field {field} {why}; export it again")
+    def shown(key: str) -> str:
+        return json.dumps(rec[key])[:40] if key in rec else "missing"
 
-    if rec.get("runtime") != rec["format"]:
-        raise bad("runtime", f"is {_shown(rec.get('runtime'))}, not {rec['format']} (the runtime a "
-                             f"{rec['format']} export runs on)")
-    why = "is missing" if "resolution" not in rec else resolution_error(rec["resolution"])
-    if why:
-        raise bad("resolution", why)
-    if not isinstance(rec.get("base"), str):
-        raise bad("base", f"is {_shown(rec.get('base'))}, not the name of the base it was made from")
     run = rec.get("run")
-    if run is not None and not (isinstance(run, dict) and isinstance(run.get("subject"), dict)
-                                and isinstance(run["subject"].get("name"), str)):
-        raise bad("run", "is not the run.json of the run it was made from (no subject.name)")
-
-
-def _shown(value) -> str:
-    return "missing" if value is None else json.dumps(value)[:40]
+    why = {"runtime": rec.get("runtime") != rec["format"] and f"is {shown('runtime')}, not {rec['format']}",
+           "resolution": "is missing" if "resolution" not in rec else resolution_error(rec["resolution"]),
+           "base": not isinstance(rec.get("base"), str) and f"is {shown('base')}, not the name of a base",
+           "run": run is not None and not (isinstance(run, dict) and isinstance(run.get("subject"), dict) and isinstance(
+               run["subject"].get("name"), str)) and "is not the run.json of a run (no subject.name)"}
+    for name, what in why.items():
+        if what:
+            raise UserError(f"{path}: field {name} {what}; export it again")
 
 
 def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (), adapter_weights: list[float] | None = None,
@@ -334,8 +337,7 @@ def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dt
 
     base_path = Path(base_path)
     check_safetensors(base_path, allow_pickle)
-    # None, not False: False would mean "pickles only" to diffusers/transformers
-    st = None if allow_pickle else True
+    st = _use_safetensors(allow_pickle)
     out = {}
     with loading(base_path / "tokenizer"):
         out["tokenizer"] = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")

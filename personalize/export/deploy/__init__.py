@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import UserError
-from ...backbones import native_resolution
 from ...defaults import COREML_ATTENTION, COREML_NBITS, DEPLOY_FORMATS, OPENVINO_WEIGHT_FORMATS
 from ...extras import require_extra
 from ...fileio import atomic_dir
 from ...outputs import check_output, output_lock
+from ...runs import resolution_error
 from ...sources import Source, load_fused, resolve_source
 from .common import write_common, write_record
 
@@ -67,10 +67,11 @@ def _settings(fmt: str, weight_format: str, quantize_nbits, attention: str, bund
 
 
 def _resolution(src: Source, resolution: int | None) -> int:
-    res = resolution or int((src.subject_run or {}).get("resolution") or native_resolution(src.pipeline_dir))
-    if res <= 0 or res % 8:
-        raise UserError(f"--resolution must be a positive multiple of 8, got {res}")
-    return res
+    """--resolution, else the source's own; one line when out of range (the traced activations of
+    a U-Net at 64k px would need terabytes), before any model is loaded."""
+    if resolution is not None and (why := resolution_error(resolution)):
+        raise UserError(f"--resolution {why}")
+    return resolution or src.default_resolution()
 
 
 def _convert(fmt: str, comps: dict, tmp: Path, res: int, settings: dict) -> str:
