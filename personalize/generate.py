@@ -148,6 +148,8 @@ def generate_protocol_images(run_dir: Path, out_dir: Path, *, images_per_prompt:
     `images_per_prompt`, reusing every image already generated with the same settings. Returns one
     record per image: path, prompt (with the identifier), prompt_index, seed."""
     src = resolve_source(Path(run_dir), scheduler=scheduler)
+    if src.subject_run is None:
+        raise UserError(f"{run_dir}: not a run; the protocol prompts are those of a run's subject")
     kind = src.subject_run["subject"].get("kind")
     if kind not in ("live", "object"):
         raise UserError(f"{run_dir}: subject kind '{kind}' has no DreamBooth prompt set (live or object)")

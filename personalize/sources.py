@@ -26,7 +26,7 @@ from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
 from .errors import UserError
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
-from .runs import RUN_JSON, base_name, read_run, resolution_error, run_token
+from .runs import RUN_JSON, TRAINING_DIRS, base_name, read_run, resolution_error, run_token
 from .runtimes import COMPONENTS, EXPORT_JSON, check_inference_precision, read_export, runtime_components
 from .subjects import fill_prompt
 
@@ -205,17 +205,14 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
 
 
 def check_export_record(path: Path, rec: dict) -> None:
-    """The fields of an ONNX/OpenVINO export.json that generate uses: a one-line UserError naming
-    the file and the field."""
-    def shown(key: str) -> str:
-        return json.dumps(rec[key])[:40] if key in rec else "missing"
-
-    run = rec.get("run")
-    why = {"runtime": rec.get("runtime") != rec["format"] and f"is {shown('runtime')}, not {rec['format']}",
+    """The fields of an ONNX/OpenVINO export.json that generate uses (one line naming file and field)."""
+    run, shown = rec.get("run"), {k: json.dumps(rec[k])[:40] if k in rec else "missing" for k in ("runtime", "base")}
+    subject = run.get("subject") if isinstance(run, dict) else None
+    why = {"runtime": rec.get("runtime") != rec["format"] and f"is {shown['runtime']}, not {rec['format']}",
            "resolution": "is missing" if "resolution" not in rec else resolution_error(rec["resolution"]),
-           "base": not isinstance(rec.get("base"), str) and f"is {shown('base')}, not the name of a base",
-           "run": run is not None and not (isinstance(run, dict) and isinstance(run.get("subject"), dict) and isinstance(
-               run["subject"].get("name"), str)) and "is not the run.json of a run (no subject.name)"}
+           "base": not isinstance(rec.get("base"), str) and f"is {shown['base']}, not the name of a base",
+           "run": run is not None and not (isinstance(subject, dict) and isinstance(subject.get("name"), str))
+           and "is not the run.json of a run (no subject.name)"}
     for name, what in why.items():
         if what:
             raise UserError(f"{path}: field {name} {what}; export it again")
@@ -223,11 +220,10 @@ def check_export_record(path: Path, rec: dict) -> None:
 
 def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (), adapter_weights: list[float] | None = None,
                    base: str | None = None, lora_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER,
-                   inference_precision: str | None = None, pipelines: bool = False) -> Source:
-    """RUN_DIR (a LoRA or full run, or an export) and/or `--adapter` runs and/or `--base` -> a Source.
-    A LoRA RUN_DIR is the first adapter; a full RUN_DIR is the pipeline the adapters go on. With
-    `pipelines`, RUN_DIR may also be a bare pipeline directory (a `distill` output, for the exports).
-    `inference_precision` applies to OpenVINO exports only."""
+                   inference_precision: str | None = None) -> Source:
+    """RUN_DIR (a LoRA or full run, an export, or a base: the same as `--base` then) and/or
+    `--adapter` runs and/or `--base` -> a Source. A LoRA RUN_DIR is the first adapter; a full
+    RUN_DIR is the pipeline the adapters go on. `inference_precision`: OpenVINO exports only."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
     if run_dir is not None:
@@ -236,8 +232,15 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
             return exported
     if inference_precision is not None:
         check_inference_precision(None, inference_precision, str(run_dir or base or "the source"))
-    if pipelines and run_dir is not None and not (Path(run_dir) / RUN_JSON).is_file():
-        return _pipeline_source(Path(run_dir), base, scheduler)
+    given = Path(run_dir) if run_dir is not None else None
+    if given is not None and not (given / RUN_JSON).is_file():
+        if _is_base(str(run_dir)):  # before/after: a bare base as RUN_DIR is `--base`
+            if base is not None:
+                raise UserError(f"{run_dir} is a base; --base {base} names another: pass one of them")
+            base, run_dir = str(run_dir), None
+        elif not any((given / d).exists() for d in TRAINING_DIRS):  # an unfinished run: read_run says why
+            raise UserError(f"{run_dir}: not a run (no {RUN_JSON}) nor a base (a diffusers pipeline directory, "
+                            f"a `distill` output, tiny, a registry name or a hub id in the HF cache)")
     adapter_dirs = [Path(a) for a in adapters]
     full = None
     if run_dir is not None:
@@ -269,19 +272,17 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
         resolved = resolve_base(base) if base is not None else _run_base(refs[0].run)
         src = Source(resolved.path, resolved.name)
     src.adapters, src.lora_scale, src.scheduler = refs, float(lora_scale), scheduler
-    src.given = Path(run_dir) if run_dir is not None else None
+    src.given = None if given is None else given if given.exists() else src.pipeline_dir
     return src
 
 
-def _pipeline_source(path: Path, base: str | None, scheduler: str) -> Source:
-    if not path.exists():
-        raise UserError(f"{path}: no such directory")
-    if not is_pipeline_dir(path):
-        raise UserError(f"{path}: not a run (no {RUN_JSON}) nor a diffusers pipeline directory "
-                        f"(model_index.json + unet/); pass a `personalize lora/full` or `distill` output")
-    if base is not None:
-        raise UserError(f"{path} is a complete pipeline; --base applies to LoRA runs")
-    return Source(path.resolve(), path.name, scheduler=scheduler, given=path)
+def _is_base(name: str) -> bool:
+    """RUN_DIR is a pipeline dir, `distill` output, tiny, registry name or cached hub id (never downloaded)."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return p.is_dir() and (is_pipeline_dir(p) or is_pipeline_dir(p / "student"))
+    return (name == "tiny" or name.startswith("tiny:") or name in BACKBONES
+            or name.count("/") == 1 and not name.startswith((".", "~")) and local_snapshot(name) is not None)
 
 
 def input_paths(src: Source) -> list[Path]:
@@ -423,8 +424,7 @@ def load_fused(src: Source, allow_pickle: bool = False) -> dict:
 
 
 def _use_safetensors(allow_pickle: bool) -> bool | None:
-    # None, not False: False makes diffusers/transformers look for pickles *only*, and a pipeline
-    # mixing both formats would then fail on its safetensors components
+    # None, not False: False means pickles *only* (a pipeline mixing both formats would fail)
     return None if allow_pickle else True
 
 

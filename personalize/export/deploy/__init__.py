@@ -34,7 +34,7 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
         settings["vae_encoder"] = True
     require_extra(fmt, f"--format {fmt}", ("nncf",) if settings.get("weight_format") == "int8" else ())
     run_dir, out = Path(run_dir), Path(out)
-    src = resolve_source(run_dir, base=base, lora_scale=lora_scale, pipelines=True)
+    src = resolve_source(run_dir, base=base, lora_scale=lora_scale)
     check_output(out, kind="dir", inputs=[run_dir, src.pipeline_dir], overwrite=overwrite)
     res = _resolution(src, resolution)
     if fmt == "coreml" and bundle_resources:
