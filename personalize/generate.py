@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbones import native_resolution
 from .data import make_grid
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS
 from .errors import UserError
 from .fileio import write_json
 from .outputs import check_output, output_lock
 from .pipeline import generate, save_png
+from .runs import resolution_error
 from .sources import Source, input_paths, load_pipeline, pick_device, pick_dtype, resolve_source
 from .subjects import load_prompts, read_prompts_file
 
@@ -57,9 +57,9 @@ def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: i
     for name, v in (("--steps", steps), ("-n/--images-per-prompt", images_per_prompt)):
         if v <= 0:
             raise UserError(f"{name} must be positive, got {v}")
-    resolution = resolution or default_resolution(src)
-    if resolution <= 0 or resolution % 8:
-        raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}")
+    if resolution is not None and (why := resolution_error(resolution)):
+        raise UserError(f"--resolution {why}")
+    resolution = resolution or src.default_resolution()
     common = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance_scale,
               "resolution": resolution, **src.describe()}
     jobs = []
@@ -70,15 +70,6 @@ def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: i
             jobs.append(ImageJob(Path(out_dir) / f"p{i:02d}-s{s}.png", prompt, i, s,
                                  {"prompt": prompt, "seed": s, **common}))
     return jobs
-
-
-def default_resolution(src: Source) -> int:
-    if src.export is not None:
-        return int(src.export["resolution"])
-    run = src.subject_run
-    if run and run.get("resolution"):
-        return int(run["resolution"])
-    return native_resolution(src.pipeline_dir)
 
 
 def _sidecar(path: Path) -> Path:
@@ -157,6 +148,8 @@ def generate_protocol_images(run_dir: Path, out_dir: Path, *, images_per_prompt:
     `images_per_prompt`, reusing every image already generated with the same settings. Returns one
     record per image: path, prompt (with the identifier), prompt_index, seed."""
     src = resolve_source(Path(run_dir), scheduler=scheduler)
+    if src.subject_run is None:
+        raise UserError(f"{run_dir}: not a run; the protocol prompts are those of a run's subject")
     kind = src.subject_run["subject"].get("kind")
     if kind not in ("live", "object"):
         raise UserError(f"{run_dir}: subject kind '{kind}' has no DreamBooth prompt set (live or object)")

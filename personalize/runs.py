@@ -99,6 +99,7 @@ def read_run(run_dir: Path, finished: bool = False) -> dict:
         raise UserError(f"{path}: no subject.name; not a personalize run.json")
     if run.get("method", "lora") not in METHODS:
         raise UserError(f"{path}: unknown method '{run.get('method')}' (this personalize knows {', '.join(METHODS)})")
+    _check_fields(path, run)
     if finished and not _finished(run):
         raise UserError(f"{run_dir}: the run has not finished; continue it with `personalize "
                         f"{run.get('method', 'lora')} ... --resume` first")
@@ -115,6 +116,22 @@ def resolution_error(value) -> str | None:
     if value % 8:
         return f"{value} is not a multiple of 8 (the VAE's factor)"
     return None
+
+
+def _check_fields(path: Path, run: dict) -> None:
+    """The fields of run.json that generate, export and eval read: a one-line UserError naming the
+    file and the field when one is there but of the wrong kind (older runs may lack some)."""
+    if "resolution" in run and (why := resolution_error(run["resolution"])):
+        raise UserError(f"{path}: field resolution {why}")
+    base, subject = run.get("base"), run["subject"]
+    fields = {"base": base if not isinstance(base, dict) else None, "token": run.get("token"),
+              "instance_prompt": run.get("instance_prompt"), "subject.class_noun": subject.get("class_noun"),
+              "subject.kind": subject.get("kind")}
+    if isinstance(base, dict):
+        fields |= {f"base.{k}": base.get(k) for k in ("name", "path", "hub_id")}
+    for field, value in fields.items():
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{path}: field {field} is {json.dumps(value)[:40]}, not a string")
 
 
 def _is_run(d: Path, unfinished: bool) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .defaults import INFERENCE_PRECISIONS
+from .defaults import EXPORT_FORMATS, INFERENCE_PRECISIONS
 from .errors import UserError
 from .extras import require_extra
 from .pipeline import loading
@@ -26,8 +26,8 @@ EXPORT_JSON = "export.json"  # what every export folder records about itself (ex
 
 def read_export(path: Path) -> dict | None:
     """export.json of an export folder, or None when `path` has none; a one-line UserError naming the
-    file when it is there but is not a JSON object with a format (what the other fields must be:
-    sources.export_source)."""
+    file when it is there but is not a JSON object with one of our formats (what the other fields
+    must be: sources.check_export_record)."""
     f = Path(path) / EXPORT_JSON
     if not f.is_file():
         return None
@@ -37,6 +37,8 @@ def read_export(path: Path) -> dict | None:
         raise UserError(f"{f}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it again") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("format"), str):
         raise UserError(f"{f}: no format field; not a personalize export.json")
+    if rec["format"] not in EXPORT_FORMATS:
+        raise UserError(f"{f}: unknown format '{rec['format'][:40]}' (this personalize writes {', '.join(EXPORT_FORMATS)})")
     return rec
 
 

@@ -21,12 +21,12 @@ import torch
 
 from .adapters import ADAPTER_DIR, ADAPTER_METHODS, LORA_WEIGHTS, has_adapter, method_of
 from .backbones import (BACKBONES, HUB_PATTERNS, ResolvedBase, hub_offline, is_pipeline_dir, local_snapshot,
-                        materialize_tiny)
-from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, EXPORT_FORMATS, RUNTIMES, SCHEDULERS
+                        materialize_tiny, native_resolution)
+from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
 from .errors import UserError
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
-from .runs import RUN_JSON, base_name, read_run, resolution_error, run_token
+from .runs import RUN_JSON, TRAINING_DIRS, base_name, read_run, resolution_error, run_token
 from .runtimes import COMPONENTS, EXPORT_JSON, check_inference_precision, read_export, runtime_components
 from .subjects import fill_prompt
 
@@ -132,6 +132,19 @@ class Source:
             return "export"
         return self.adapters[0].method if self.adapters else "pipeline"
 
+    def default_resolution(self) -> int:
+        """The export's, else the run's training resolution, else the base's native one (checked)."""
+        if self.export is not None or (self.subject_run or {}).get("resolution"):
+            return int((self.export or self.subject_run)["resolution"])  # checked when read
+        try:
+            res = native_resolution(self.pipeline_dir)
+            why = resolution_error(res)
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            why = f"is unreadable ({type(e).__name__}: {str(e)[:100]})"
+        if why:
+            raise UserError(f"{self.pipeline_dir}: its native resolution (unet/config.json, vae/config.json) {why}")
+        return res
+
     def describe(self) -> dict:
         d = {"base": self.base_name, "base_path": str(self.pipeline_dir), "scheduler": self.scheduler}
         if self.export is not None:
@@ -176,9 +189,6 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
     """The Source of an ONNX/OpenVINO export folder, or None when `path` is not an export."""
     rec = read_export(path)
     if rec is None or rec["format"] not in DEPLOY_FORMATS:  # a merged export is a plain pipeline dir
-        if rec is not None and rec["format"] not in EXPORT_FORMATS:
-            raise UserError(f"{Path(path) / EXPORT_JSON}: unknown format '{rec['format'][:40]}' (this personalize "
-                            f"writes {', '.join(EXPORT_FORMATS)})")
         return None
     if rec["format"] not in RUNTIMES:
         raise UserError(f"{path}: a {rec.get('format')} export; Core ML predicts on macOS only (load it in Apple's "
@@ -195,36 +205,25 @@ def export_source(path: Path, adapters: list | tuple = (), base: str | None = No
 
 
 def check_export_record(path: Path, rec: dict) -> None:
-    """The fields of an ONNX/OpenVINO export.json that generate uses, or a one-line UserError naming
-    the file and the field."""
-    def bad(field: str, why: str) -> UserError:
-        return UserError(f"{path}: field {field} {why}; export it again")
-
-    if rec.get("runtime") != rec["format"]:
-        raise bad("runtime", f"is {_shown(rec.get('runtime'))}, not {rec['format']} (the runtime a "
-                             f"{rec['format']} export runs on)")
-    why = "is missing" if "resolution" not in rec else resolution_error(rec["resolution"])
-    if why:
-        raise bad("resolution", why)
-    if not isinstance(rec.get("base"), str):
-        raise bad("base", f"is {_shown(rec.get('base'))}, not the name of the base it was made from")
-    run = rec.get("run")
-    if run is not None and not (isinstance(run, dict) and isinstance(run.get("subject"), dict)
-                                and isinstance(run["subject"].get("name"), str)):
-        raise bad("run", "is not the run.json of the run it was made from (no subject.name)")
-
-
-def _shown(value) -> str:
-    return "missing" if value is None else json.dumps(value)[:40]
+    """The fields of an ONNX/OpenVINO export.json that generate uses (one line naming file and field)."""
+    run, shown = rec.get("run"), {k: json.dumps(rec[k])[:40] if k in rec else "missing" for k in ("runtime", "base")}
+    subject = run.get("subject") if isinstance(run, dict) else None
+    why = {"runtime": rec.get("runtime") != rec["format"] and f"is {shown['runtime']}, not {rec['format']}",
+           "resolution": "is missing" if "resolution" not in rec else resolution_error(rec["resolution"]),
+           "base": not isinstance(rec.get("base"), str) and f"is {shown['base']}, not the name of a base",
+           "run": run is not None and not (isinstance(subject, dict) and isinstance(subject.get("name"), str))
+           and "is not the run.json of a run (no subject.name)"}
+    for name, what in why.items():
+        if what:
+            raise UserError(f"{path}: field {name} {what}; export it again")
 
 
 def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (), adapter_weights: list[float] | None = None,
                    base: str | None = None, lora_scale: float = 1.0, scheduler: str = DEFAULT_SCHEDULER,
-                   inference_precision: str | None = None, pipelines: bool = False) -> Source:
-    """RUN_DIR (a LoRA or full run, or an export) and/or `--adapter` runs and/or `--base` -> a Source.
-    A LoRA RUN_DIR is the first adapter; a full RUN_DIR is the pipeline the adapters go on. With
-    `pipelines`, RUN_DIR may also be a bare pipeline directory (a `distill` output, for the exports).
-    `inference_precision` applies to OpenVINO exports only."""
+                   inference_precision: str | None = None) -> Source:
+    """RUN_DIR (a LoRA or full run, an export, or a base: the same as `--base` then) and/or
+    `--adapter` runs and/or `--base` -> a Source. A LoRA RUN_DIR is the first adapter; a full
+    RUN_DIR is the pipeline the adapters go on. `inference_precision`: OpenVINO exports only."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{scheduler}'; choose from {', '.join(SCHEDULERS)}")
     if run_dir is not None:
@@ -233,8 +232,15 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
             return exported
     if inference_precision is not None:
         check_inference_precision(None, inference_precision, str(run_dir or base or "the source"))
-    if pipelines and run_dir is not None and not (Path(run_dir) / RUN_JSON).is_file():
-        return _pipeline_source(Path(run_dir), base, scheduler)
+    given = Path(run_dir) if run_dir is not None else None
+    if given is not None and not (given / RUN_JSON).is_file():
+        if _is_base(str(run_dir)):  # before/after: a bare base as RUN_DIR is `--base`
+            if base is not None:
+                raise UserError(f"{run_dir} is a base; --base {base} names another: pass one of them")
+            base, run_dir = str(run_dir), None
+        elif not any((given / d).exists() for d in TRAINING_DIRS):  # an unfinished run: read_run says why
+            raise UserError(f"{run_dir}: not a run (no {RUN_JSON}) nor a base (a diffusers pipeline directory, "
+                            f"a `distill` output, tiny, a registry name or a hub id in the HF cache)")
     adapter_dirs = [Path(a) for a in adapters]
     full = None
     if run_dir is not None:
@@ -266,19 +272,17 @@ def resolve_source(run_dir: Path | None = None, adapters: list[Path] | tuple = (
         resolved = resolve_base(base) if base is not None else run_base(refs[0].run)
         src = Source(resolved.path, resolved.name)
     src.adapters, src.lora_scale, src.scheduler = refs, float(lora_scale), scheduler
-    src.given = Path(run_dir) if run_dir is not None else None
+    src.given = None if given is None else given if given.exists() else src.pipeline_dir
     return src
 
 
-def _pipeline_source(path: Path, base: str | None, scheduler: str) -> Source:
-    if not path.exists():
-        raise UserError(f"{path}: no such directory")
-    if not is_pipeline_dir(path):
-        raise UserError(f"{path}: not a run (no {RUN_JSON}) nor a diffusers pipeline directory "
-                        f"(model_index.json + unet/); pass a `personalize lora/full` or `distill` output")
-    if base is not None:
-        raise UserError(f"{path} is a complete pipeline; --base applies to LoRA runs")
-    return Source(path.resolve(), path.name, scheduler=scheduler, given=path)
+def _is_base(name: str) -> bool:
+    """RUN_DIR is a pipeline dir, `distill` output, tiny, registry name or cached hub id (never downloaded)."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return p.is_dir() and (is_pipeline_dir(p) or is_pipeline_dir(p / "student"))
+    return (name == "tiny" or name.startswith("tiny:") or name in BACKBONES
+            or name.count("/") == 1 and not name.startswith((".", "~")) and local_snapshot(name) is not None)
 
 
 def input_paths(src: Source) -> list[Path]:
@@ -334,8 +338,7 @@ def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dt
 
     base_path = Path(base_path)
     check_safetensors(base_path, allow_pickle)
-    # None, not False: False would mean "pickles only" to diffusers/transformers
-    st = None if allow_pickle else True
+    st = _use_safetensors(allow_pickle)
     out = {}
     with loading(base_path / "tokenizer"):
         out["tokenizer"] = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
@@ -421,8 +424,7 @@ def load_fused(src: Source, allow_pickle: bool = False) -> dict:
 
 
 def _use_safetensors(allow_pickle: bool) -> bool | None:
-    # None, not False: False makes diffusers/transformers look for pickles *only*, and a pipeline
-    # mixing both formats would then fail on its safetensors components
+    # None, not False: False means pickles *only* (a pipeline mixing both formats would fail)
     return None if allow_pickle else True
 
 

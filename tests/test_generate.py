@@ -250,3 +250,53 @@ def test_prompt_sources(lora_run, lora_run_object, tmp_path):
     assert collect_prompts(src, ["first"], f) == ["first", "a {token} {class} at night", "a {class} in a box"]
     assert [obj.fill(t) for t in collect_prompts(obj, prompts_file=f)] == ["a zwx backpack at night",
                                                                              "a backpack in a box"]
+
+
+def _settings(folder: Path) -> dict:
+    return {p.name: json.loads(p.read_text())["settings"] for p in sorted(folder.glob("p*.json"))}
+
+
+@pytest.mark.parametrize("base", ["tiny", "{tiny_base}"])
+def test_a_base_as_run_dir_is_the_same_as_base(base, tiny_base, tmp_path, cli):
+    """Before/after personalization: `generate tiny` (or a pipeline dir) draws what `--base tiny`
+    draws, with the same seeds, settings and reuse."""
+    base = base.format(tiny_base=tiny_base)
+    a = cli("generate", base, "--prompt", "a photo of a dog", "-n", "2", *GEN, "-o", tmp_path / "run_dir")
+    assert a.code == 0, a.err
+    b = cli("generate", "--base", base, "--prompt", "a photo of a dog", "-n", "2", *GEN, "-o", tmp_path / "flag")
+    assert b.code == 0, b.err
+    got, want = pixels(tmp_path / "run_dir"), pixels(tmp_path / "flag")
+    assert got.keys() == want.keys() and len(got) == 2
+    assert all(np.array_equal(got[k], want[k]) for k in got)
+    assert _settings(tmp_path / "run_dir") == _settings(tmp_path / "flag")
+    again = cli("generate", base, "--prompt", "a photo of a dog", "-n", "2", *GEN, "-o", tmp_path / "flag")
+    assert again.code == 0 and "already there" in again.out  # the same images, reused
+
+
+def test_a_base_as_run_dir_takes_adapters_and_refuses_a_second_base(lora_run, tiny_base, tmp_path, cli):
+    a = cli("generate", "tiny", "--adapter", lora_run, "--prompt", "a sks dog", *GEN, "-o", tmp_path / "a")
+    b = cli("generate", "--base", "tiny", "--adapter", lora_run, "--prompt", "a sks dog", *GEN, "-o", tmp_path / "b")
+    assert a.code == b.code == 0, a.err + b.err
+    assert np.array_equal(one(tmp_path / "a"), one(tmp_path / "b"))
+    r = cli("generate", "tiny", "--base", tiny_base, "--prompt", "x", "-o", tmp_path / "c")
+    assert r.code == 2 and "--base" in r.err and "tiny" in r.err and "\n" not in r.err.strip()
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_merged_export_is_a_run_dir_too(lora_run, tmp_path, cli):
+    out = tmp_path / "merged"
+    assert cli("export", lora_run, "--format", "merged", "-o", out).code == 0
+    r = cli("generate", out, "--prompt", "a sks dog", *GEN, "-o", tmp_path / "g")
+    assert r.code == 0, r.err
+    assert cli("generate", "--base", out, "--prompt", "a sks dog", *GEN, "-o", tmp_path / "h").code == 0
+    assert np.array_equal(one(tmp_path / "g"), one(tmp_path / "h"))
+
+
+@pytest.mark.parametrize("arg,fragment", [("dgo", "no run.json"), ("nowhere/run", "no run.json"),
+                                          ("{afile}", "no run.json")])
+def test_what_is_neither_a_run_nor_a_base_is_one_line(arg, fragment, tmp_path, cli):
+    (tmp_path / "afile").write_text("not a run")
+    arg = arg.format(afile=tmp_path / "afile")
+    r = cli("generate", arg, "--prompt", "x", "-o", tmp_path / "out")
+    assert r.code == 2 and fragment in r.err and arg in r.err and "\n" not in r.err.strip(), r.err
+    assert not (tmp_path / "out").exists()

@@ -180,3 +180,51 @@ def test_the_real_entry_point_prints_one_line_for_a_damaged_model(runtime, expor
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert str(src / "unet" / MODEL[runtime][0]) in r.stderr and not (tmp_path / "out").exists()
+
+
+OUT_OF_RANGE = [  # (flags, the flag named)
+    (["--resolution", "4096"], "--resolution"),
+    (["--resolution", "1048576"], "--resolution"),
+    (["--resolution", "60"], "--resolution"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "100000"], "--steps"),
+    (["--guidance-scale", "-1"], "--guidance-scale"),
+    (["--guidance-scale", "1e9"], "--guidance-scale"),
+    (["-n", "0"], "--images-per-prompt"),
+    (["--seed", "-1"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("runtime", ["torch", *_runtimes()])
+@pytest.mark.parametrize("flags,named", OUT_OF_RANGE, ids=[" ".join(c[0]) for c in OUT_OF_RANGE])
+def test_out_of_range_numbers_are_one_line_on_every_runtime(runtime, flags, named, exports, tiny_base, tmp_path, cli,
+                                                           monkeypatch):
+    import personalize.generate as gen
+
+    monkeypatch.setattr(gen, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    src = ["--base", tiny_base] if runtime == "torch" else [exports / runtime]
+    r = cli("generate", *src, "--prompt", "a photo", *flags, "-o", tmp_path / "out")
+    one_line(r, named)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ['"abc"', "null", "-64", "0", "100", "[64]", "1e9", "true", "4096"])
+def test_a_run_json_resolution_that_is_not_a_size_is_one_line_naming_it(value, lora_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    rec = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(rec | {"resolution": json.loads(value)}))
+    for argv in (["generate", run, "--prompt", "x", "--steps", "1"], ["export", run, "--format", "onnx"]):
+        one_line(cli(*argv, "-o", tmp_path / "out"), run / "run.json", "resolution")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("base", "5"), ("base", '{"name": 5}'), ("token", "[1]"),
+                                         ("instance_prompt", "{}")])
+def test_other_run_json_fields_generate_reads_are_checked(field, value, lora_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    rec = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(rec | {field: json.loads(value)}))
+    one_line(cli("generate", run, "-o", tmp_path / "out"), run / "run.json", field)
+    assert not (tmp_path / "out").exists()

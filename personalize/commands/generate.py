@@ -9,8 +9,6 @@ from ..defaults import (ADAPTER_METHOD_NAMES, COREML_ATTENTION, COREML_NBITS, DE
                         DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, DEPLOY_FORMATS, DTYPES,
                         EXPORT_FORMATS, INFERENCE_PRECISIONS, KOHYA_NAMES, OPENVINO_WEIGHT_FORMATS, RUNTIMES,
                         SCHEDULERS)
-from ..errors import UserError
-from ..settings import add_settings_flags
 
 
 # guidance beyond ~30 only saturates; negative values are a sign error, not a setting
@@ -20,9 +18,9 @@ SEED = number(int, 0, 2**63 - 1)
 
 
 def nbits(text: str):
-    """--quantize-nbits: a palette size in bits, or none (fp16 weights)."""
+    """--quantize-nbits: a palette size in bits, or none (fp16 weights; export.formats.NO_PALETTE)."""
     if text.lower() == "none":
-        return None
+        return "none"
     return number(int, 1, 8)(text)
 
 
@@ -42,39 +40,23 @@ def _generate(args) -> int:
     return 0
 
 
+EXPORT_OPTIONS = ("names", "lora_scale", "base", "allow_pickle", "half", "rank", "energy", "resolution",
+                  "weight_format", "quantize_nbits", "attention", "vae_encoder", "bundle_resources")
+
+
 def _export(args) -> int:
-    from ..export import export_kohya, export_merged, export_single_file
+    from ..export.formats import export
 
-    for flag, value, fmt in (("--names ldm", args.names != "diffusers", "kohya"), ("--half", args.half, "single-file"),
-                             ("--rank", args.rank is not None, "lora"), ("--energy", args.energy is not None, "lora")):
-        if value and args.format != fmt:
-            raise UserError(f"{flag}: only for --format {fmt}")
-    if args.format in DEPLOY_FORMATS:
-        from ..export.deploy import export_deploy
-
-        out = export_deploy(args.run_dir, args.out, args.format, lora_scale=args.lora_scale, base=args.base,
-                            overwrite=args.overwrite, allow_pickle=args.allow_pickle, resolution=args.resolution,
-                            weight_format=args.weight_format, quantize_nbits=args.quantize_nbits,
-                            attention=args.attention, bundle_resources=args.bundle_resources,
-                            vae_encoder=args.vae_encoder)
-    elif args.format == "lora":
-        from ..export.lora_extract import export_lora
-
-        r = export_lora(args.run_dir, args.out, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
+    r = export(args.run_dir, args.out, args.format, overwrite=args.overwrite,
+               **{k: getattr(args, k) for k in EXPORT_OPTIONS})
+    if args.format == "lora":
         print(r.summary())
-        out = r.path
-    elif args.format == "kohya":
-        out = export_kohya(args.run_dir, args.out, overwrite=args.overwrite, names=args.names)
-    elif args.format == "single-file":
-        r = export_single_file(args.run_dir, args.out, half=args.half, base=args.base, lora_scale=args.lora_scale,
-                               overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+        r = r.path
+    if args.format == "single-file":
         for client, verdict in r.clients.items():
             print(f"{client}: {verdict}")
-        out = "\n".join(str(p) for p in (r.path, r.yaml, r.readme) if p)
-    else:
-        out = export_merged(args.run_dir, args.out, lora_scale=args.lora_scale, base=args.base,
-                            overwrite=args.overwrite, allow_pickle=args.allow_pickle)
-    print(out)
+        r = "\n".join(str(p) for p in (r.path, r.yaml, r.readme) if p)
+    print(r)
     return 0
 
 
@@ -110,13 +92,11 @@ def add_parser(sub) -> None:
                         "with native bf16: faster, images a few levels off)")
     p.add_argument("-o", "--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<time>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt weights (trusted sources only)")
-    add_settings_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("export", help="export a run: kohya/LyCORIS file, merged pipeline, single-file checkpoint, ONNX/OpenVINO/Core ML",
                        description="kohya: one safetensors file with lora_unet_*/lora_te_* keys and alphas (LyCORIS layouts for "
-                                   "LoHa/LoKr/OFT/BOFT/HRA). lora: any run (every method, full runs too) as a plain "
-                                   "LoRA run folder, a truncated SVD of each weight's change (a LoRA run: resized). merged: the adapter fused into a complete diffusers pipeline "
+                                   "LoHa/LoKr/OFT). merged: the adapter fused into a complete diffusers pipeline "
                                    "directory. single-file: one original-SD checkpoint. "
                                    f"{'/'.join(DEPLOY_FORMATS)}: deploy folders (the adapter fused first; also full "
                                    f"runs and distill pipelines); generate runs {'/'.join(RUNTIMES)} ones on CPU.")
@@ -127,32 +107,34 @@ def add_parser(sub) -> None:
                    help="single-file: one original-SD checkpoint (ComfyUI / A1111) of a full or LoRA run, "
                         "a distill output or any base")
     p.add_argument("-o", "--out", type=Path, required=True,
-                   help=f"file (kohya, single-file) or directory (merged, lora, {', '.join(DEPLOY_FORMATS)})")
-    p.add_argument("--lora-scale", type=SCALE, default=1.0, help="merged/single-file: scale the adapter is fused at")
-    p.add_argument("--half", action="store_true", help="single-file: fp16 tensors (half the size)")
-    p.add_argument("--names", default="diffusers", choices=KOHYA_NAMES,
-                   help="kohya: U-Net key names; ldm = lora_unet_input_blocks_N_... from the base's real layout "
-                        "(A1111 on BK-SDM); never mixed in one file")
-    p.add_argument("--base", default=None, help="merged/single-file: fuse the adapter into this base instead of the training base")
+                   help=f"file (kohya, single-file) or directory (merged, {', '.join(DEPLOY_FORMATS)})")
+    p.add_argument("--lora-scale", type=SCALE, default=None,
+                   help="merged/single-file/deploy formats: scale the adapter is fused at (default 1)")
+    p.add_argument("--half", action="store_true", default=None, help="single-file: fp16 tensors (half the size)")
+    p.add_argument("--names", default=None, choices=KOHYA_NAMES,
+                   help="kohya: U-Net key names (default diffusers); ldm = lora_unet_input_blocks_N_... from the "
+                        "base's real layout (A1111 on BK-SDM); never mixed in one file")
+    p.add_argument("--base", default=None,
+                   help="merged/single-file/deploy formats: fuse the adapter into this base instead of the training base")
+    # deploy formats (personalize.export.deploy): LoRA fused first; full runs and distill pipelines as they are
+    p.add_argument("--weight-format", default=None, choices=OPENVINO_WEIGHT_FORMATS,
+                   help="openvino: weights as fp32 (default), fp16 or int8 (NNCF weight compression)")
+    p.add_argument("--quantize-nbits", type=nbits, default=None, metavar="{" + ",".join(map(str, COREML_NBITS)) + ",none}",
+                   help="coreml: k-means palettization bits (default 6, as Apple's and BK-SDM's published "
+                        "Core ML weights); none keeps fp16")
+    p.add_argument("--attention", default=None, choices=COREML_ATTENTION,
+                   help="coreml: attention layout (default original; split_einsum targets the Neural Engine)")
+    p.add_argument("--resolution", type=resolution, default=None,
+                   help="deploy formats: the traced (coreml: the fixed) image size, up to 2048 (default the run's training "
+                        "resolution)")
+    p.add_argument("--vae-encoder", action="store_true", default=None, help="coreml: also VAEEncoder.mlpackage (image-to-image)")
+    p.add_argument("--bundle-resources", action="store_true", default=None,
+                   help="coreml: also compile .mlmodelc resources for the Swift pipeline (needs macOS + Xcode)")
     p.add_argument("--rank", type=number(int, 1), default=None,
                    help="lora: keep this rank of each weight's change (capped by its own; default 16 unless --energy)")
     p.add_argument("--energy", type=number(float, 0, 1, lo_open=True), default=None,
                    help="lora: keep the smallest rank holding this share of each change's squared singular values "
                         "(with --rank: the smaller)")
-    # deploy formats (personalize.export.deploy): LoRA fused first; full runs and distill pipelines as they are
-    p.add_argument("--weight-format", default="fp32", choices=OPENVINO_WEIGHT_FORMATS,
-                   help="openvino: weights as fp32, fp16 or int8 (NNCF weight compression)")
-    p.add_argument("--quantize-nbits", type=nbits, default=6, metavar="{" + ",".join(map(str, COREML_NBITS)) + ",none}",
-                   help="coreml: k-means palettization bits (default 6, as Apple's and BK-SDM's published "
-                        "Core ML weights); none keeps fp16")
-    p.add_argument("--attention", default="original", choices=COREML_ATTENTION,
-                   help="coreml: attention layout (split_einsum targets the Neural Engine)")
-    p.add_argument("--resolution", type=resolution, default=None,
-                   help="coreml: the fixed image size (default the run's training resolution)")
-    p.add_argument("--vae-encoder", action="store_true", help="coreml: also VAEEncoder.mlpackage (image-to-image)")
-    p.add_argument("--bundle-resources", action="store_true",
-                   help="coreml: also compile .mlmodelc resources for the Swift pipeline (needs macOS + Xcode)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt base weights")
-    add_settings_flags(p)
+    p.add_argument("--allow-pickle", action="store_true", default=None, help="allow .bin/.ckpt base weights")
     p.set_defaults(func=_export)

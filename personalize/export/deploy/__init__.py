@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import UserError
-from ...backbones import native_resolution
 from ...defaults import COREML_ATTENTION, COREML_NBITS, DEPLOY_FORMATS, OPENVINO_WEIGHT_FORMATS
 from ...extras import require_extra
 from ...fileio import atomic_dir
 from ...outputs import check_output, output_lock
+from ...runs import resolution_error
 from ...sources import Source, load_fused, resolve_source
 from .common import write_common, write_record
 
@@ -34,7 +34,7 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
         settings["vae_encoder"] = True
     require_extra(fmt, f"--format {fmt}", ("nncf",) if settings.get("weight_format") == "int8" else ())
     run_dir, out = Path(run_dir), Path(out)
-    src = resolve_source(run_dir, base=base, lora_scale=lora_scale, pipelines=True)
+    src = resolve_source(run_dir, base=base, lora_scale=lora_scale)
     check_output(out, kind="dir", inputs=[run_dir, src.pipeline_dir], overwrite=overwrite)
     res = _resolution(src, resolution)
     if fmt == "coreml" and bundle_resources:
@@ -67,10 +67,11 @@ def _settings(fmt: str, weight_format: str, quantize_nbits, attention: str, bund
 
 
 def _resolution(src: Source, resolution: int | None) -> int:
-    res = resolution or int((src.subject_run or {}).get("resolution") or native_resolution(src.pipeline_dir))
-    if res <= 0 or res % 8:
-        raise UserError(f"--resolution must be a positive multiple of 8, got {res}")
-    return res
+    """--resolution, else the source's own; one line when out of range (the traced activations of
+    a U-Net at 64k px would need terabytes), before any model is loaded."""
+    if resolution is not None and (why := resolution_error(resolution)):
+        raise UserError(f"--resolution {why}")
+    return resolution or src.default_resolution()
 
 
 def _convert(fmt: str, comps: dict, tmp: Path, res: int, settings: dict) -> str:
