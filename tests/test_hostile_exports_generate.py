@@ -228,3 +228,38 @@ def test_other_run_json_fields_generate_reads_are_checked(field, value, lora_run
     (run / "run.json").write_text(json.dumps(rec | {field: json.loads(value)}))
     one_line(cli("generate", run, "-o", tmp_path / "out"), run / "run.json", field)
     assert not (tmp_path / "out").exists()
+
+
+def _damage_bytes(f, how):
+    data = f.read_bytes()
+    if how == "short":  # shorter than the 8-byte header length
+        f.write_bytes(data[:4])
+    elif how == "header":  # the JSON header garbled, the size kept
+        n = int.from_bytes(data[:8], "little")
+        f.write_bytes(data[:8] + b"{" * n + data[8 + n:])
+    else:
+        damage(f, how)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("component,how", [("unet", "truncate"), ("unet", "short"), ("text_encoder", "truncate"),
+                                           ("text_encoder", "header"), ("vae", "garbage"), ("vae", "short")])
+def test_a_damaged_base_weights_file_is_one_line_naming_the_file(component, how, dtype, tiny_base, tmp_path, cli):
+    """torch: fp32 loads through diffusers/transformers, bf16 through pipeline.load_cast's own reader."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (f,) = (base / component).glob("*.safetensors")
+    _damage_bytes(f, how)
+    r = cli("generate", base, "--prompt", "a photo", "--steps", "1", "--dtype", dtype, "-o", tmp_path / "out")
+    one_line(r, f)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rel", ["unet/config.json", "tokenizer/tokenizer_config.json", "vae/config.json"])
+def test_a_damaged_base_config_is_one_line_naming_the_file(rel, tiny_base, tmp_path, cli):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    damage(base / rel, "json")
+    r = cli("generate", base, "--prompt", "a photo", "--steps", "1", "--resolution", "64", "-o", tmp_path / "out")
+    one_line(r, base / rel)
+    assert not (tmp_path / "out").exists()
