@@ -216,3 +216,15 @@ def test_the_real_entry_point_prints_one_line_for_a_coreml_export(tmp_path):
                         "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert str(tmp_path / "empty") in r.stderr and not (tmp_path / "out").exists()
+
+
+OUT_OF_RANGE = [(fmt, flag, value) for fmt in FORMATS for flag, value in (
+    ("--lora-scale", "100"), ("--lora-scale", "nan"), ("--resolution", "60"), ("--resolution", "0"),
+    ("--resolution", "-64"), ("--quantize-nbits", "5"), ("--quantize-nbits", "9")) if flag in TAKES[fmt]]
+
+
+@pytest.mark.parametrize("fmt,flag,value", OUT_OF_RANGE, ids=[f"{f}{g}={v}" for f, g, v in OUT_OF_RANGE])
+def test_an_out_of_range_number_is_one_line_naming_the_flag(fmt, flag, value, tmp_path, cli):
+    r = cli("export", tmp_path / "no-run", "--format", fmt, "-o", out_path(tmp_path, fmt), flag, value)
+    one_line(r, flag)
+    nothing_written(tmp_path)
