@@ -16,10 +16,10 @@ from .backbones import ResolvedBase, cache_root
 from .defaults import DEFAULT_SCHEDULER
 from .errors import UserError
 from .export.deploy import export_deploy
+from .export.deploy.common import sizes
 from .extras import require_extra
 from .outputs import output_lock
 from .precision import cpu_bf16_is_native
-from .runtimes import read_export
 from .sources import export_source, load_pipeline
 
 
@@ -37,9 +37,10 @@ def export_dir(base: ResolvedBase, resolution: int) -> Path:
     return cache_root() / "openvino" / f"{base.key}-{resolution}px"
 
 
-def ensure_export(base: ResolvedBase, resolution: int) -> Path:
-    """The cached OpenVINO export of `base`, made on first use (whole or absent: export_deploy
-    builds it in a temp folder and renames it into place)."""
+def ensure_export(base: ResolvedBase, resolution: int, rebuild: bool = False) -> Path:
+    """The cached OpenVINO export of `base`, made on first use and made again when it is not
+    intact or `rebuild` (whole or absent: export_deploy builds it in a temp folder and renames it
+    into place)."""
     import torch
 
     out = export_dir(base, resolution)
@@ -47,21 +48,33 @@ def ensure_export(base: ResolvedBase, resolution: int) -> Path:
     # would put autocast ops in the traced graphs, which OpenVINO cannot convert
     # (its own lock name: export_deploy takes the output's lock itself)
     with output_lock(out.with_name(out.name + ".build"), wait=True), torch.autocast("cpu", enabled=False):
-        if _read(out) is None:
+        if rebuild or not intact(out, resolution):
             export_deploy(base.path, out, "openvino", resolution=resolution, overwrite=out.exists())
     return out
 
 
-def _read(out: Path) -> dict | None:
+def intact(out: Path, resolution: int) -> bool:
+    """Whether a cached export can be trusted: its export.json reads as an fp32 OpenVINO export at
+    `resolution` (sources.export_source checks its fields) and every part is there at the size it
+    recorded (a truncated or missing model is rebuilt, not loaded)."""
     try:
-        return read_export(out)
-    except UserError:  # a damaged export.json: the cache is rebuilt
-        return None
+        src = export_source(out)
+    except UserError:
+        return False
+    rec = src.export if src is not None else None
+    return (rec is not None and rec["format"] == "openvino" and rec["resolution"] == resolution
+            and rec.get("weight_format") == "fp32" and rec.get("sizes") == sizes(out))
 
 
 def openvino_class_pipeline(base: ResolvedBase, resolution: int):
-    """A diffusers pipeline on the cached OpenVINO export of `base` (exported now if missing)."""
+    """A diffusers pipeline on the cached OpenVINO export of `base` (exported now if missing or
+    damaged; a model that passes the checks but does not load is exported again, once)."""
     require_extra("openvino", "--class-images-runtime openvino")
-    src = export_source(ensure_export(base, resolution), scheduler=DEFAULT_SCHEDULER,
-                        inference_precision=inference_precision())
-    return load_pipeline(src)
+    for again in (False, True):
+        src = export_source(ensure_export(base, resolution, rebuild=again), scheduler=DEFAULT_SCHEDULER,
+                            inference_precision=inference_precision())
+        try:
+            return load_pipeline(src)
+        except UserError:
+            if again:
+                raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -99,7 +100,8 @@ def iter_safetensors(path: Path):
 @contextlib.contextmanager
 def loading(folder: Path):
     """A component folder that does not load (truncated or garbage weights, a broken config) is
-    one line naming it, not a traceback from deep inside safetensors or diffusers."""
+    one line naming the file at fault (else the folder), not a traceback from deep inside
+    safetensors or diffusers."""
     try:
         yield
     except UserError:
@@ -107,13 +109,35 @@ def loading(folder: Path):
     except OSError as e:
         if e.errno is not None:  # the OS refusing (disk, permissions): the boundary words those
             raise
-        raise UserError(f"{folder}: does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise UserError(f"{damaged_file(folder)}: does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     except Exception as e:  # noqa: BLE001 - only what reading these files raises reaches here
         if type(e).__name__ not in ("SafetensorError", "JSONDecodeError", "ValueError", "HeaderTooLarge",
-                                    "EnvironmentError", "RuntimeError", "KeyError", "UnicodeDecodeError"):
+                                    "EnvironmentError", "RuntimeError", "KeyError", "UnicodeDecodeError") \
+                and not isinstance(e, struct.error):  # pipeline.iter_safetensors on a file under 8 bytes
             raise
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"{folder}: damaged or not a {folder.name} ({type(e).__name__}: {first})") from None
+        raise UserError(f"{damaged_file(folder)}: damaged or not a {folder.name} ({type(e).__name__}: {first})") from None
+
+
+def damaged_file(folder: Path) -> Path:
+    """The first file below `folder` that does not parse (a JSON file, or a safetensors file whose
+    header or size is wrong), else `folder` itself: which file a loader choked on, whatever it said."""
+    for f in sorted(Path(folder).rglob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (OSError, ValueError):
+            return f
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with open(f, "rb") as h:
+                (n,) = struct.unpack("<Q", h.read(8))
+                header = json.loads(h.read(n)) if n <= f.stat().st_size - 8 else None
+            header.pop("__metadata__", None)
+            if 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0) != f.stat().st_size:
+                return f
+        except (OSError, ValueError, AttributeError, TypeError, KeyError, IndexError, struct.error):
+            return f
+    return Path(folder)
 
 
 def make_scheduler(name: str, config):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .defaults import EXPORT_FORMATS, INFERENCE_PRECISIONS
-from .errors import UserError
+from .errors import UserError, one_line
 from .extras import require_extra
 from .pipeline import loading
 
@@ -34,7 +34,7 @@ def read_export(path: Path) -> dict | None:
     try:
         rec = json.loads(f.read_text())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError; the OS refusing is the boundary's
-        raise UserError(f"{f}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it again") from None
+        raise UserError(f"{f}: damaged ({one_line(e)}); export it again") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("format"), str):
         raise UserError(f"{f}: no format field; not a personalize export.json")
     if rec["format"] not in EXPORT_FORMATS:
@@ -67,10 +67,10 @@ INPUTS = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encode
 
 
 def _why(e: BaseException) -> str:
-    """A runtime's load error as one short line: OpenVINO's messages start with the source
-    locations they passed through, so the reason is the last line, not the first."""
+    """errors.one_line, but for OpenVINO, whose messages start with the source locations they
+    passed through: its reason is the last line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1][:200]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {lines[-1][:200]}" if lines and lines[0].startswith("Exception from ") else one_line(e)
 
 
 class _Session:
@@ -171,7 +171,7 @@ def _config(folder: Path) -> dict:
     try:
         cfg = json.loads(f.read_text())
     except ValueError as e:
-        raise UserError(f"{f}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it again") from None
+        raise UserError(f"{f}: damaged ({one_line(e)}); export it again") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{f}: not a model config (a JSON {type(cfg).__name__}, not an object); export it again")
     for key, (kind, what) in CONFIG_KEYS.get(folder.name, {}).items():

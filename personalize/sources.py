@@ -23,7 +23,7 @@ from .adapters import ADAPTER_DIR, ADAPTER_METHODS, LORA_WEIGHTS, has_adapter, m
 from .backbones import (BACKBONES, HUB_PATTERNS, ResolvedBase, hub_offline, is_pipeline_dir, local_snapshot,
                         materialize_tiny, native_resolution)
 from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
-from .errors import UserError
+from .errors import UserError, one_line
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
 from .runs import RUN_JSON, TRAINING_DIRS, base_name, read_run, resolution_error, run_token
@@ -140,7 +140,7 @@ class Source:
             res = native_resolution(self.pipeline_dir)
             why = resolution_error(res)
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-            why = f"is unreadable ({type(e).__name__}: {str(e)[:100]})"
+            why = f"is unreadable ({one_line(e)})"
         if why:
             raise UserError(f"{self.pipeline_dir}: its native resolution (unet/config.json, vae/config.json) {why}")
         return res

@@ -228,3 +228,99 @@ def test_other_run_json_fields_generate_reads_are_checked(field, value, lora_run
     (run / "run.json").write_text(json.dumps(rec | {field: json.loads(value)}))
     one_line(cli("generate", run, "-o", tmp_path / "out"), run / "run.json", field)
     assert not (tmp_path / "out").exists()
+
+
+def _damage_bytes(f, how):
+    data = f.read_bytes()
+    if how == "short":  # shorter than the 8-byte header length
+        f.write_bytes(data[:4])
+    elif how == "header":  # the JSON header garbled, the size kept
+        n = int.from_bytes(data[:8], "little")
+        f.write_bytes(data[:8] + b"{" * n + data[8 + n:])
+    else:
+        damage(f, how)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("component,how", [("unet", "truncate"), ("unet", "short"), ("text_encoder", "truncate"),
+                                           ("text_encoder", "header"), ("vae", "garbage"), ("vae", "short")])
+def test_a_damaged_base_weights_file_is_one_line_naming_the_file(component, how, dtype, tiny_base, tmp_path, cli):
+    """torch: fp32 loads through diffusers/transformers, bf16 through pipeline.load_cast's own reader."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (f,) = (base / component).glob("*.safetensors")
+    _damage_bytes(f, how)
+    r = cli("generate", base, "--prompt", "a photo", "--steps", "1", "--dtype", dtype, "-o", tmp_path / "out")
+    one_line(r, f)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rel", ["unet/config.json", "tokenizer/tokenizer_config.json", "vae/config.json"])
+def test_a_damaged_base_config_is_one_line_naming_the_file(rel, tiny_base, tmp_path, cli):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    damage(base / rel, "json")
+    r = cli("generate", base, "--prompt", "a photo", "--steps", "1", "--resolution", "64", "-o", tmp_path / "out")
+    one_line(r, base / rel)
+    assert not (tmp_path / "out").exists()
+
+
+def _source(runtime, exports, tiny_base):
+    return tiny_base if runtime == "torch" else exports / runtime
+
+
+WRONG_KIND = [  # (runtimes, extra args after the source, the culprit named)
+    (("onnx", "openvino"), ["--adapter", "{lora}"], "--adapter"),
+    (("onnx", "openvino"), ["--base", "tiny"], "--base"),
+    (("onnx", "openvino"), ["--dtype", "bf16"], "--dtype"),
+    (("onnx",), ["--inference-precision", "bf16"], "--inference-precision"),
+    (("torch",), ["--inference-precision", "fp32"], "--inference-precision"),
+    (("torch", "onnx", "openvino"), ["--prompt", "a {token} dog"], "{token}"),
+    (("torch", "onnx", "openvino"), ["--protocol"], "--protocol"),
+    (("torch", "onnx", "openvino"), ["--prompts", "{src}"], "--prompts"),  # a folder for a file
+]
+WRONG = [(rt, i) for i, (rts, _, _) in enumerate(WRONG_KIND) for rt in rts]
+
+
+@pytest.mark.parametrize("runtime,case", WRONG, ids=[f"{rt}-{' '.join(WRONG_KIND[i][1])}" for rt, i in WRONG])
+def test_a_wrong_kind_of_flag_for_the_source_is_one_line(runtime, case, exports, tiny_base, lora_run, tmp_path, cli):
+    if runtime in RUNTIME_EXTRAS:
+        pytest.importorskip(RUNTIME_EXTRAS[runtime])
+    src = _source(runtime, exports, tiny_base)
+    _, extra, culprit = WRONG_KIND[case]
+    extra = [str(lora_run) if a == "{lora}" else str(src) if a == "{src}" else a for a in extra]
+    prompt = [] if "--prompt" in extra or "--protocol" in extra or "--prompts" in extra else ["--prompt", "x"]
+    one_line(cli("generate", src, *prompt, *extra, "--steps", "1", "-o", tmp_path / "out"), culprit)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["a-coreml-export", "a-file", "an-export-as-adapter", "an-export-folder-as-prompts"])
+def test_a_wrong_kind_of_source_is_one_line_naming_it(kind, exports, tmp_path, cli):
+    pytest.importorskip("onnxruntime")
+    if kind == "a-coreml-export":
+        src = tmp_path / "coreml"
+        src.mkdir()
+        (src / "export.json").write_text(json.dumps({"format": "coreml", "resolution": 64, "base": "tiny"}))
+        argv, culprit = [src], src
+    elif kind == "a-file":
+        src = tmp_path / "dog.safetensors"
+        src.write_bytes(b"\x07" * 64)
+        argv, culprit = [src], src
+    elif kind == "an-export-as-adapter":
+        argv, culprit = ["--base", "tiny", "--adapter", exports / "onnx"], exports / "onnx"
+    else:
+        argv, culprit = [exports / "onnx", "--prompts", exports / "onnx"], "--prompts"
+    r = cli("generate", *argv, *([] if "--prompts" in argv else ["--prompt", "x"]), "-o", tmp_path / "out")
+    one_line(r, culprit)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("runtime", ["torch", *_runtimes()])
+def test_a_second_writer_of_one_output_folder_is_refused(runtime, exports, tiny_base, tmp_path, cli):
+    from personalize.outputs import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        r = cli("generate", _source(runtime, exports, tiny_base), *GEN, "-o", out)
+    one_line(r, out, "is writing it")
+    assert not out.exists() or not any(out.iterdir())

@@ -64,7 +64,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="draw images with a personalized model (LoRA, full, several adapters)",
                        description="Generate images with a run's LoRA on its base, a full run's pipeline, or several "
                                    "LoRA adapters mixed. {token} and {class} in prompts fill in from the run.")
-    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a finished lora or full run")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR",
+                   help="a finished lora or full run, an ONNX/OpenVINO export, or a base (tiny, a registry name, a "
+                        "pipeline dir: the same as --base)")
     p.add_argument("--adapter", action="append", type=Path, metavar="RUN_DIR",
                    help="a LoRA run to load (repeat to mix several)")
     p.add_argument("--adapter-weights", type=float_list(-10, 10), default=None, metavar="W1,W2",
@@ -136,5 +138,5 @@ def add_parser(sub) -> None:
                    help="lora: keep the smallest rank holding this share of each change's squared singular values "
                         "(with --rank: the smaller)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--allow-pickle", action="store_true", default=None, help="allow .bin/.ckpt base weights")
+    p.add_argument("--allow-pickle", action="store_true", default=None, help="merged/single-file/deploy formats: allow .bin/.ckpt base weights")
     p.set_defaults(func=_export)

@@ -5,6 +5,7 @@ Everything is built in a temp folder and renamed into place: an export is whole 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ...errors import UserError
@@ -32,9 +33,14 @@ def export_deploy(run_dir: Path, out: Path, fmt: str, *, lora_scale: float = 1.0
         if fmt != "coreml":
             raise UserError("--vae-encoder applies to --format coreml (generate needs no encoder)")
         settings["vae_encoder"] = True
+    if fmt == "coreml":  # coremltools logs its version checks to stderr as it is imported
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
     require_extra(fmt, f"--format {fmt}", ("nncf",) if settings.get("weight_format") == "int8" else ())
     run_dir, out = Path(run_dir), Path(out)
     src = resolve_source(run_dir, base=base, lora_scale=lora_scale)
+    if src.export is not None:
+        raise UserError(f"{run_dir}: already an {src.export['format']} export (its models are no torch modules to "
+                        f"convert); export the run, base or pipeline it was made from ({src.export.get('from', '?')})")
     check_output(out, kind="dir", inputs=[run_dir, src.pipeline_dir], overwrite=overwrite)
     res = _resolution(src, resolution)
     if fmt == "coreml" and bundle_resources:
