@@ -9,6 +9,7 @@ from ..defaults import (ADAPTER_METHOD_NAMES, COREML_ATTENTION, COREML_NBITS, DE
                         DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, DEPLOY_FORMATS, DTYPES,
                         EXPORT_FORMATS, INFERENCE_PRECISIONS, KOHYA_NAMES, OPENVINO_WEIGHT_FORMATS, RUNTIMES,
                         SCHEDULERS)
+from ..settings import add_settings_flags
 
 
 # guidance beyond ~30 only saturates; negative values are a sign error, not a setting
@@ -94,6 +95,7 @@ def add_parser(sub) -> None:
                         "with native bf16: faster, images a few levels off)")
     p.add_argument("-o", "--out", type=Path, default=None, help="output folder (default RUN_DIR/samples/<time>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt weights (trusted sources only)")
+    add_settings_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("export", help="export a run: kohya/LyCORIS file, merged pipeline, single-file checkpoint, ONNX/OpenVINO/Core ML",
@@ -139,4 +141,5 @@ def add_parser(sub) -> None:
                         "(with --rank: the smaller)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--allow-pickle", action="store_true", default=None, help="merged/single-file/deploy formats: allow .bin/.ckpt base weights")
+    add_settings_flags(p)
     p.set_defaults(func=_export)
