@@ -190,6 +190,26 @@ def add_adapter(unet, text_encoder, cfg) -> None:
 add_lora = add_adapter  # the name it had when LoRA was the only method
 
 
+@contextlib.contextmanager
+def lora_inputs_uncast(models, autocast: bool):
+    """Inside an autocast region, stop peft's plain LoRA layers casting each input to their fp32
+    weights' dtype: autocast casts it straight back for the matmul, so the round trip (bf16 ->
+    fp32 -> bf16) is exact and buys nothing but two activation-sized copies per layer, forward and
+    backward (a third of a LoRA layer's step time on CPU: benchmarks/RESULTS.md). Outputs and
+    gradients are bit-identical. DoRA and the LyCORIS methods keep theirs (their own forward)."""
+    layers = [m for model in models for m in model.modules()
+              if hasattr(m, "lora_A") and hasattr(m, "_cast_input_dtype") and not getattr(m, "lora_variant", None)
+              ] if autocast else []
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.cast_input_dtype_enabled = b
+
+
 def check_attach(base_path: Path, cfg) -> None:
     """Attach cfg.method's adapter to empty (meta-device) copies of the base's U-Net and text
     encoder, so that a target or block size the base cannot take fails in one line before any

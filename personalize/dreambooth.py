@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import add_adapter, save_adapter
+from .adapters import add_adapter, lora_inputs_uncast, save_adapter
 from .backbones import ResolvedBase
 from .checkpoints import CHECKPOINTS_DIR
 from .class_images import class_image_dir, ensure_class_images
@@ -138,8 +138,10 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     hooks = [*hooks, *extra_hooks]
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     loss_fn = dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base)
-    result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
-                 description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
+    # every forward in fit (steps and hooks) runs under the accelerator's autocast
+    with lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")):
+        result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
+                     description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
     if accelerator.is_main_process:
         timings = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2)}
         _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log, ema)

@@ -63,3 +63,38 @@ def test_lora_config_rank_and_alpha_land_in_the_injected_layers(tiny_base):
     layer = next(m for n, m in comps["unet"].named_modules() if n.endswith("to_q"))
     assert layer.r["default"] == 3 and layer.scaling["default"] == pytest.approx(2.0)
     assert not getattr(comps["text_encoder"], "peft_config", None)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_uncast_lora_inputs_give_the_same_step_under_autocast(tiny_base, method):
+    """Dropping peft's fp32 round trip of a LoRA layer's input under bf16 autocast changes no output
+    and no gradient (DoRA keeps its own forward, untouched), and every layer is restored after."""
+    import torch
+
+    from personalize.adapters import add_adapter, lora_inputs_uncast
+    from personalize.sources import load_components
+
+    c = load_components(tiny_base, dtype=torch.bfloat16)
+    add_adapter(c["unet"], c["text_encoder"], _cfg(method=method, lora_unet_targets=["to_q", "to_v", "proj_in"]))
+    for p in c["unet"].parameters():
+        if p.requires_grad:  # the trained weights are fp32 masters, as in a run
+            p.data = torch.randn_like(p, dtype=torch.float32) * 0.1
+    unet, layers = c["unet"], [m for m in c["unet"].modules() if hasattr(m, "lora_A")]
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size)
+    emb = torch.randn(2, 8, unet.config.cross_attention_dim)
+
+    def step():
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(x, torch.tensor([10, 500]), emb).sample
+        out.float().square().mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in unet.parameters() if p.requires_grad]
+
+    plain = step()
+    with lora_inputs_uncast([unet], autocast=True):
+        skipped = [m for m in layers if getattr(m, "cast_input_dtype_enabled", True)]
+        uncast = step()
+    assert len(skipped) == (len(layers) if method == "dora" else 0)
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
+    assert len(plain) > 1 and all(torch.equal(a, b) for a, b in zip(plain, uncast))

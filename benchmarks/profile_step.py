@@ -1,0 +1,311 @@
+"""Where a training step's time goes: `torch.profiler` over `train_subject`, by part and by op,
+with the achieved GFLOP/s next to the machine's own bf16/fp32 matmul and conv peaks measured in
+the same run.
+
+    python benchmarks/profile_step.py                       # bk-sdm-small shape, 256 px, LoRA r16, auto precision
+    python benchmarks/profile_step.py --mixed-precision no --steps 4
+
+Three measurements, one process:
+1. peaks: a 2048^2 matmul and a 3x3 conv of 320 channels at 32x32 (the U-Net's first stage at
+   256 px), bf16 and fp32, GFLOP/s;
+2. the FLOPs of one training step (U-Net and text encoder forward + backward, LoRA attached, the
+   run's batch: 1 photo + 1 class image), counted by torch's FlopCounterMode (the counter behind
+   `personalize.architectures.module_macs`) on the run's real modules;
+3. `personalize.dreambooth.train_subject` itself, unchanged, profiled over `--steps` steps after
+   `--warmup`. Module hooks open a profiler range per part (text encoder, U-Net; inside the U-Net:
+   attention, LoRA layers, norms, activations); backward ops are charged to the part whose forward
+   op made them (the autograd sequence number ties the two); the optimizer is torch's own range.
+
+Prints the tables and writes JSON (default benchmarks/results/profile_step.json). The profiler adds
+its own overhead per op, so the s/step printed is from the profiled steps; compare parts as shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import ROOT, bench_pipeline, cpu_name, peak_memory_mb, synthetic_photos  # noqa: E402
+
+PARTS = ["text encoder", "unet: attention", "unet: lora", "unet: norms", "unet: activations", "unet: conv/linear/other",
+         "optimizer", "other (loss, noise, clip, casts outside the models)"]
+
+
+# ------------------------------------------------------------------ 1. the machine's peaks
+def peaks(repeat: int = 10) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).replace("torch.", "")
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        x, w = torch.randn(2, 320, 32, 32, dtype=dtype), torch.randn(320, 320, 3, 3, dtype=dtype)
+        for label, fn, flops in (("matmul 2048", lambda: a @ b, 2 * 2048**3),
+                                 ("conv3x3 320ch 32x32 b2", lambda: F.conv2d(x, w, padding=1), 2 * 2 * 320 * 320 * 9 * 32 * 32)):
+            fn()
+            fn()
+            t = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            out[f"{label} {name}"] = flops * repeat / (time.perf_counter() - t) / 1e9
+    return out
+
+
+# ------------------------------------------------------------------ 2. FLOPs of one step
+def step_flops(base: Path, resolution: int, rank: int, mixed_precision: str) -> dict:
+    """Forward + backward FLOPs of one DreamBooth LoRA step (batch 2: photo + class image)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from personalize.adapters import add_adapter
+    from personalize.config import TrainConfig
+    from personalize.sources import load_components
+
+    c = load_components(base)
+    add_adapter(c["unet"], c["text_encoder"], TrainConfig(method="lora", subject="x", rank=rank, text_encoder_rank=rank))
+    ids = c["tokenizer"](["a sks dog", "a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    lat = torch.randn(2, 4, resolution // 8, resolution // 8)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    counts = {}
+    for part in ("text encoder", "unet"):
+        with FlopCounterMode(display=False) as fc, amp:
+            emb = c["text_encoder"](ids)[0]
+            if part == "text encoder":
+                emb.float().sum().backward()
+            else:
+                emb = emb.detach()
+                pred = c["unet"](lat, torch.tensor([500, 500]), emb).sample
+                pred.float().pow(2).mean().backward()
+        total = fc.get_total_flops()
+        counts[part] = total - (counts.get("text encoder", 0) if part == "unet" else 0)
+    counts["total"] = counts["text encoder"] + counts["unet"]
+    return counts
+
+
+# ------------------------------------------------------------------ 3. the profile
+class PartRanges:
+    """Global module hooks: a profiler range around each part's forward, innermost part wins."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.stack: list = []
+        self.lora_ids: set[int] = set()
+        self.handles = []
+
+    def label(self, m) -> str | None:
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention_processor import Attention
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from transformers import CLIPTextModel
+
+        nn = self.torch.nn
+        if isinstance(m, BaseTunerLayer):
+            for d in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"):
+                for sub in getattr(m, d, {}).values() if hasattr(getattr(m, d, None), "values") else []:
+                    self.lora_ids.add(id(sub))
+            return None
+        if id(m) in self.lora_ids:
+            return "lora"
+        if isinstance(m, CLIPTextModel):
+            return "text encoder"
+        if isinstance(m, UNet2DConditionModel):
+            return "unet"
+        if isinstance(m, Attention):
+            return "unet: attention"
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            return "norms"
+        if isinstance(m, (nn.SiLU, nn.GELU)) or type(m).__name__ in ("GEGLU", "GELU"):
+            return "activations"
+        return None
+
+    def __enter__(self):
+        from torch.nn.modules import module as mm
+
+        def pre(m, args):
+            lab = self.label(m)
+            if lab is not None:
+                rf = self.torch.autograd.profiler.record_function("part::" + lab)
+                rf.__enter__()
+                self.stack.append((id(m), rf))
+
+        def post(m, args, out):
+            if self.stack and self.stack[-1][0] == id(m):
+                self.stack.pop()[1].__exit__(None, None, None)
+
+        self.handles = [mm.register_module_forward_pre_hook(pre), mm.register_module_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def classify(events) -> tuple[dict, dict, dict]:
+    """Self CPU time (s) by part, by phase (forward/backward/optimizer/other) and by (part, op) from
+    the event tree."""
+    by_seq: dict[int, str] = {}
+
+    def forward_part(e) -> str | None:
+        labels = []
+        p = e
+        while p is not None:
+            if p.name.startswith("part::"):
+                labels.append(p.name[6:])
+            p = p.cpu_parent
+        if not labels:
+            return None
+        inner, outer = labels[0], labels[-1]
+        if outer == "text encoder":
+            return "text encoder"
+        if inner in ("lora",):
+            return "unet: lora" if outer == "unet" else "text encoder"
+        if inner in ("norms", "activations"):
+            return "unet: " + inner
+        return {"unet": "unet: conv/linear/other"}.get(inner, inner)
+
+    parts, phases, part_ops = defaultdict(float), defaultdict(float), defaultdict(float)
+    info = []
+    for e in events:
+        chain, p = [], e
+        while p is not None:
+            chain.append(p)
+            p = p.cpu_parent
+        grad = next((x for x in chain if x.name.startswith("autograd::engine::evaluate_function")), None)
+        opt = any(x.name.startswith("Optimizer.") for x in chain)
+        part = None if grad or opt else forward_part(e)
+        if part and getattr(e, "sequence_nr", -1) >= 0:
+            by_seq.setdefault(e.sequence_nr, part)
+        info.append((e, grad, opt, part))
+    for e, grad, opt, part in info:
+        s = e.self_cpu_time_total / 1e6
+        if opt:
+            part, phase = "optimizer", "optimizer"
+        elif grad is not None:
+            part, phase = by_seq.get(getattr(grad, "sequence_nr", -1), PARTS[-1]), "backward"
+        elif part:
+            phase = "forward"
+        else:
+            part, phase = PARTS[-1], "other"
+        parts[part] += s
+        phases[phase] += s
+        part_ops[f"{part} | {phase} | {e.name}"] += s
+    return dict(parts), dict(phases), dict(part_ops)
+
+
+def profile_run(a, base: Path, work: Path) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from personalize.config import TrainConfig
+    from personalize.dreambooth import train_subject
+    from personalize.fit import Hook
+
+    photos = synthetic_photos(work / "photos", 4, a.resolution)
+    cfg = TrainConfig(method="lora", subject=str(photos), class_noun="dog", base=str(base), steps=a.warmup + a.steps,
+                      resolution=a.resolution, class_images=1, class_image_steps=2, class_image_batch_size=1,
+                      mixed_precision=a.mixed_precision, checkpoint_every=0, validation_images=0,
+                      log_every=a.warmup + a.steps, rank=a.rank, text_encoder_rank=a.rank, output_dir=str(work / "run"))
+    sched = schedule(wait=a.warmup - 1, warmup=1, active=a.steps, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU], schedule=sched, record_shapes=False) as prof, PartRanges():
+        run = train_subject(cfg, log=lambda s: None, progress=False, profile_steps=True,
+                            hooks=(Hook("profiler", 1, lambda step, models: prof.step()),))
+    stats = json.loads((run / "run.json").read_text())["stats"]
+    events = [e for e in prof.events() if not e.name.startswith("ProfilerStep")]
+    parts, phases, part_ops = classify(events)
+    ops = defaultdict(float)
+    for e in events:
+        ops[e.name] += e.self_cpu_time_total / 1e6
+    n = a.steps
+    return {"precision": stats["mixed_precision"], "step_seconds": stats["step_seconds"][a.warmup:],
+            "parts_s": {k: v / n for k, v in parts.items()}, "phases_s": {k: v / n for k, v in phases.items()},
+            "ops_s": {k: v / n for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:25]},
+            "part_ops_s": {k: v / n for k, v in sorted(part_ops.items(), key=lambda kv: -kv[1])[:60]},
+            "threads": torch.get_num_threads(), "peak_mb": peak_memory_mb()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="bk-sdm-small")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--mixed-precision", default="auto")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache/personalize/bench"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_step.json"))
+    a = p.parse_args()
+
+    import torch
+
+    from personalize.precision import resolve_mixed_precision
+
+    a.mixed_precision = resolve_mixed_precision(a.mixed_precision, cpu=True)
+    cache = Path(a.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    base = bench_pipeline(a.model, cache)
+    peak = peaks()
+    flops = step_flops(base, a.resolution, a.rank, a.mixed_precision)
+    with tempfile.TemporaryDirectory() as work:
+        prof = profile_run(a, base, Path(work))
+    step_s = sum(prof["step_seconds"]) / len(prof["step_seconds"])
+    doc = {"device": cpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "settings": {k: getattr(a, k) for k in ("model", "resolution", "rank", "steps", "warmup", "mixed_precision")},
+           "peaks_gflops": peak, "step_flops": flops, "profile": prof,
+           "achieved_gflops": flops["total"] / step_s / 1e9}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print_tables(doc)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_tables(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=160)
+    prof, peak = doc["profile"], doc["peaks_gflops"]
+    step_s = sum(prof["step_seconds"]) / len(prof["step_seconds"])
+    prec = "bfloat16" if prof["precision"] == "bf16" else "float32"
+    mm = peak[f"matmul 2048 {prec}"]
+    con.print(f"{doc['device']}; torch {doc['torch']}; {doc['settings']}")
+    con.print("peaks GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    con.print(f"one step: {doc['step_flops']['total'] / 1e12:.3f} TFLOP (U-Net {doc['step_flops']['unet'] / 1e12:.3f}, "
+              f"text encoder {doc['step_flops']['text encoder'] / 1e12:.3f}); profiled {step_s:.3f} s/step = "
+              f"{doc['achieved_gflops']:.0f} GFLOP/s = {doc['achieved_gflops'] / mm:.2f} of the {prec} matmul peak; "
+              f"floor at that peak {doc['step_flops']['total'] / mm / 1e9:.3f} s")
+    t = Table(title="by part (self CPU time per step)")
+    for c in ("part", "s/step", "share"):
+        t.add_column(c)
+    total = sum(prof["parts_s"].values())
+    for k in PARTS:
+        v = prof["parts_s"].get(k, 0.0)
+        t.add_row(k, f"{v:.3f}", f"{v / total:.0%}")
+    t.add_row("phases", ", ".join(f"{k} {v:.3f}" for k, v in prof["phases_s"].items()), "")
+    con.print(t)
+    t = Table(title="top ops (self CPU time per step)")
+    for c in ("op", "s/step", "share"):
+        t.add_column(c)
+    for k, v in list(prof["ops_s"].items())[:15]:
+        t.add_row(k[:70], f"{v:.3f}", f"{v / total:.0%}")
+    con.print(t)
+    t = Table(title="top (part, phase, op) (self CPU time per step)")
+    for c in ("part | phase | op", "s/step", "share"):
+        t.add_column(c)
+    for k, v in list(prof["part_ops_s"].items())[:25]:
+        t.add_row(k[:100], f"{v:.3f}", f"{v / total:.0%}")
+    con.print(t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
