@@ -572,3 +572,49 @@ def test_retraining_a_run_name_without_overwrite_keeps_its_photos(bare_app, tmp_
     line = gr_error(bare_app.train, *page_train(bare_app, write_photos(tmp_path / "p", n=3, size=(64, 64))))
     assert "'r'" in line and "overwrite" in line
     assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- issue 26: settings of the app's runs
+@needs_gradio
+def test_app_runs_take_the_train_preset_then_the_file_then_the_page(tmp_path, tiny_base):
+    """`personalize app --train-preset phone-photos --train-config F`: every run the app starts
+    carries what the page does not show (buckets, captions, the base-prediction prior, EMA), the file
+    over the preset, the page's own fields over both; and such a run trains."""
+    from personalize.app.handlers import App
+    from personalize.dreambooth import train_subject
+
+    f = tmp_path / "s.toml"
+    f.write_text('ema = true\nema-decay = 0.9\ncaption-dropout = 0.2\nsteps = 999\nbase = "bk-sdm-tiny"\n')
+    app = App(tmp_path / "ws", train_defaults=FAST, preset="phone-photos", config=f)
+    try:
+        photos = write_photos(tmp_path / "p", n=3, size=(64, 80))
+        _, run_dir, cfg = app.make_config(*page_train(app, photos, base=str(tiny_base)))
+        assert (cfg.prior, cfg.buckets, cfg.shuffle_caption) == ("base-prediction", True, True)  # the preset
+        assert (cfg.ema, cfg.ema_decay, cfg.caption_dropout) == (True, 0.9, 0.2)  # the file over the preset
+        assert (cfg.steps, cfg.rank, cfg.base) == (4, 4, str(tiny_base))  # the page over both
+        plain = App(tmp_path / "ws2", train_defaults=FAST)
+        _, _, cfg0 = plain.make_config(*page_train(plain, photos, base=str(tiny_base)))
+        assert (cfg0.prior, cfg0.ema, cfg0.caption_dropout) == ("class-images", False, 0.0)
+        plain.jobs.shutdown()
+        cfg.validation_images = 0
+        train_subject(cfg, log=lambda s: None, progress=False)
+        meta = json.loads((run_dir / "run.json").read_text())
+        assert meta["config"]["ema"] and meta["config"]["prior"] == "base-prediction"
+        assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
+    finally:
+        app.jobs.shutdown()
+
+
+@needs_gradio
+@pytest.mark.parametrize("flags, culprit", [(["--train-preset", "nope"], "nope"),
+                                            (["--train-config", "{bad}"], "emma"),
+                                            (["--train-config", "{missing}"], "missing.toml")])
+def test_app_refuses_bad_train_settings_in_one_line_before_serving(cli, tmp_path, monkeypatch, flags, culprit):
+    import gradio
+
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kw: pytest.fail("served with bad settings"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("emma = true\n")
+    r = cli("app", "--workspace", tmp_path / "ws", *[x.format(bad=bad, missing=tmp_path / "missing.toml") for x in flags])
+    assert r.code != 0 and culprit in r.err and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "ws").exists()

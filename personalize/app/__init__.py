@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .handlers import App
+from .handlers import App, check_settings
 from .page import build
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -40,10 +40,12 @@ def exposure_note(host: str, port: int, share: bool, auth) -> str | None:
             f"pass --auth user:pass to require a login")
 
 
-def create(workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None):
+def create(workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None,
+           preset: str | None = None, config: Path | None = None):
     """(App, gr.Blocks) for `workspace`, queued (one long job at a time), not launched. Gradio's
-    upload cache is put inside the workspace, so the app writes nowhere else."""
-    app = App(workspace, train_defaults, max_photo_mb)
+    upload cache is put inside the workspace, so the app writes nowhere else. `preset`/`config`:
+    the settings of every run the app starts (App.settings_fields)."""
+    app = App(workspace, train_defaults, max_photo_mb, preset, config)
     app.ws.gradio_cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(app.ws.gradio_cache)
     demo = build(app)

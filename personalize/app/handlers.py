@@ -131,11 +131,41 @@ def train_values(method, page: dict) -> dict:
     return values
 
 
+def settings_fields(method: str, preset: str | None, config: Path | None) -> dict:
+    """The TrainConfig fields a preset and a settings file set for a run of `method`, read exactly as
+    `personalize METHOD --preset P --config F` reads them (a bad key or value is the CLI's one line);
+    only what they change from the flags' defaults. `personalize app --train-preset/--train-config`:
+    every option the page does not show (--ema, --pivotal, --prior base-prediction, captions, ...)."""
+    if preset is None and config is None:
+        return {}
+    given = parse_as_cli(method, {"--preset": preset, "--config": config}, "--subject=-")
+    plain = parse_as_cli(method, {}, "--subject=-")
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"subject", "method"}
+    return {k: getattr(given, k) for k in sorted(names)
+            if hasattr(given, k) and getattr(given, k) != getattr(plain, k, None)}
+
+
+def check_settings(methods, preset: str | None, config: Path | None) -> None:
+    """At start-up: the preset and file read for at least one training command (a method-only key
+    reads for its own method only, checked again when a run of another method starts)."""
+    errors = []
+    for m in methods:
+        try:
+            settings_fields(m, preset, config)
+            return
+        except UserError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
 class App:
-    def __init__(self, workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None):
+    def __init__(self, workspace: Path, train_defaults: dict | None = None, max_photo_mb: float | None = None,
+                 preset: str | None = None, config: Path | None = None):
         self.ws = Workspace(workspace) if max_photo_mb is None else Workspace(workspace, max_photo_mb)
         self.jobs = JobManager()
         self.train_defaults = dict(train_defaults or {})  # TrainConfig fields the page does not show
+        self.preset, self.config = preset, config  # settings of every run started here (settings_fields)
 
     # ------------------------------------------------------------------ Train
     def resolution_for(self, base: str, resolution) -> int:
@@ -173,6 +203,7 @@ class App:
             raise UserError("pick a DreamBooth subject or switch to your own photos")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         values = {k: v for k, v in self.train_defaults.items() if k in fields}
+        values.update(settings_fields(str(method), self.preset, self.config))
         values.update(train_values(method, dict(
             steps="" if steps is None else steps, resolution=_given(resolution), lr=_given(lr), rank=_blank(rank),
             class_images=_blank(class_images) if prior else 0, sample_every=_blank(sample_every))))
