@@ -108,9 +108,39 @@ def peak_memory_mb() -> float:
 
 
 # ------------------------------------------------------------------ workers (one per subprocess)
+def patch_ours(lever: str | None) -> None:
+    """Our trainer with one lever flipped, in this worker process only (issue 28's A/B): the product
+    code stays as it is; whichever lever pays is then made the default there."""
+    import contextlib
+
+    import torch
+
+    from personalize import dreambooth, fit
+
+    if lever == "foreach_adamw":
+        make = fit.make_optimizer
+
+        def foreach(params, cfg, on_cuda, **kw):
+            return make(params, cfg, True, **kw) if fit.optimizer_name(cfg) == "adamw" else make(params, cfg, on_cuda, **kw)
+        fit.make_optimizer = foreach
+    elif lever == "channels_last":
+        trainables = dreambooth._trainables
+
+        def cl(cfg, comps, device):
+            comps["unet"].to(memory_format=torch.channels_last)
+            return trainables(cfg, comps, device)
+        dreambooth._trainables = cl
+    elif lever == "no_uncast":  # peft's own bf16 -> fp32 -> bf16 round trip of each LoRA input
+        dreambooth.lora_inputs_uncast = lambda models, autocast: contextlib.nullcontext()
+    elif lever == "threads_1":
+        torch.set_num_threads(1)
+
+
 def worker_ours(a) -> dict:
     from personalize.config import TrainConfig
     from personalize.dreambooth import train_subject
+
+    patch_ours(a.lever)
 
     work = Path(a.workdir)
     photos = synthetic_photos(work / "photos", 4, a.resolution)
@@ -217,7 +247,8 @@ def worker_reference(a, lever: str | None = None) -> dict:
 LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention", "foreach_adamw", "no_host_sync",
           "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
-OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32"]
+OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
+                "no_uncast", "threads_1"]
 
 
 def run_worker(args: list[str], env: dict) -> dict:

@@ -132,10 +132,10 @@ def test_a_zero_mask_gives_zero_instance_loss_in_a_run(tmp_path, cli, monkeypatc
 
     from conftest import FAST
 
-    import personalize.dreambooth as dreambooth
+    import personalize.prepare as prepare
 
     photos = _own_photos(tmp_path / "dog")
-    monkeypatch.setattr(dreambooth, "load_masks", lambda paths, res, alpha=False: torch.zeros(len(paths), 1, res, res))
+    monkeypatch.setattr(prepare, "load_masks", lambda paths, res, alpha=False: torch.zeros(len(paths), 1, res, res))
     r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--class-images", "0",
             "--validation-images", "0", "--output-dir", tmp_path / "r")
     assert r.code == 0, r.err

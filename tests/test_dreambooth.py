@@ -163,7 +163,7 @@ def test_real_subject_from_the_dreambooth_dataset(tmp_path, cli):
     assert r.code == 0, r.err
     meta = json.loads((tmp_path / "dog" / "run.json").read_text())
     assert meta["subject"]["class_noun"] == "dog" and meta["subject"]["kind"] == "live"
-    assert meta["class_images"] == {"enabled": False}
+    assert meta["class_images"] == {"enabled": False, "prior": "class-images"}
     assert (tmp_path / "dog" / "pytorch_lora_weights.safetensors").is_file()
 
 
