@@ -1,0 +1,212 @@
+"""--pivotal: new tokens trained as textual inversion beside the adapter (personalize/pivotal.py),
+their files read by diffusers, AUTOMATIC1111 and ComfyUI (personalize/embeddings.py), and every
+reader of a run taking them with no extra flag."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import FAST
+from personalize.embeddings import A1111_KEY, DIFFUSERS_FILE, DIFFUSERS_KEY
+
+TOKENS = ["<s0>", "<s1>"]
+
+
+def _pipe(src_dir, **kw):
+    from personalize.sources import load_pipeline, resolve_source
+
+    return load_pipeline(resolve_source(src_dir, **kw), torch.device("cpu"), torch.float32)
+
+
+def _text(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def _vectors(run_dir) -> torch.Tensor:
+    return load_file(run_dir / DIFFUSERS_FILE)[DIFFUSERS_KEY]
+
+
+def test_run_json_records_the_tokens_files_and_the_prompt_token(pivotal_run):
+    run = json.loads((pivotal_run / "run.json").read_text())
+    assert run["token"] == "<s0><s1>" and run["instance_prompt"] == "a <s0><s1> dog"
+    assert run["pivotal"] == {"tokens": TOKENS, "identifier": "sks",
+                              "files": {"diffusers": DIFFUSERS_FILE, "a1111": "embeddings/sks.safetensors"}}
+    assert {DIFFUSERS_FILE, "embeddings"} <= set(run["outputs"])
+    assert _vectors(pivotal_run).shape[0] == 2
+
+
+def test_a_reloaded_run_reproduces_the_in_memory_validation_image_exactly(pivotal_run):
+    """validation.png is drawn by the trained models in memory (the new rows a parameter of their
+    own); generate's loader puts the tokens in from the run dir: the same pixels."""
+    from personalize.pipeline import generate
+
+    info = json.loads(Image.open(pivotal_run / "validation.png").text["personalize"])
+    assert info["prompts"] == ["a <s0><s1> dog"]
+    pipe = _pipe(pivotal_run)
+    res = json.loads((pivotal_run / "run.json").read_text())["resolution"]
+    img = generate(pipe, info["prompts"], info["seeds"], steps=info["steps"], guidance_scale=info["guidance_scale"],
+                   resolution=res)[0]
+    assert np.array_equal(np.asarray(img), np.asarray(Image.open(pivotal_run / "validation.png").convert("RGB")))
+
+
+def test_the_new_tokens_change_the_generation_and_were_trained(pivotal_run, tiny_base):
+    from personalize.pipeline import generate
+    from personalize.pivotal import init_vectors
+
+    pipe = _pipe(pivotal_run)
+    kw = dict(steps=2, guidance_scale=7.5, resolution=64)
+    with_tokens = np.asarray(generate(pipe, ["a <s0><s1> dog"], [0], **kw)[0]).astype(int)
+    without = np.asarray(generate(pipe, ["a sks dog"], [0], **kw)[0]).astype(int)
+    assert np.abs(with_tokens - without).max() > 0
+    base = _pipe(tiny_base)
+    init = init_vectors(base.tokenizer, base.text_encoder, "dog", 2)
+    assert not torch.equal(_vectors(pivotal_run), init)  # TI moved them away from the class noun's embedding
+
+
+def test_diffusers_load_textual_inversion_reads_our_file(pivotal_run, tiny_base):
+    """diffusers' own loader, both ways: the advanced script's (tensor + token list) and the file as
+    one multi-vector token; the text encoder then encodes the prompt exactly as ours does."""
+    ours = _pipe(pivotal_run)
+    plain = _pipe(tiny_base)
+    plain.load_textual_inversion(_vectors(pivotal_run), token=TOKENS, tokenizer=plain.tokenizer,
+                                 text_encoder=plain.text_encoder)
+    ids = plain.tokenizer.convert_tokens_to_ids(TOKENS)
+    assert torch.equal(plain.text_encoder.get_input_embeddings().weight[ids], _vectors(pivotal_run))
+    assert ids == ours.tokenizer.convert_tokens_to_ids(TOKENS)
+    # the text-encoder side (no LoRA in `plain`): compare with our loader on the bare base + tokens
+    from personalize.embeddings import load_run_embeddings
+
+    comps = {"tokenizer": _pipe(tiny_base).tokenizer, "text_encoder": _pipe(tiny_base).text_encoder}
+    load_run_embeddings(comps, [(pivotal_run, json.loads((pivotal_run / "run.json").read_text()))])
+    ids_ = comps["tokenizer"]("a <s0><s1> dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(comps["text_encoder"](ids_)[0], _text(plain, "a <s0><s1> dog"))
+    multi = _pipe(tiny_base)
+    multi.load_textual_inversion(str(pivotal_run / DIFFUSERS_FILE), token="<s0>")
+    m_ids = multi.tokenizer.convert_tokens_to_ids(["<s0>", "<s0>_1"])
+    assert torch.equal(multi.text_encoder.get_input_embeddings().weight[m_ids], _vectors(pivotal_run))
+
+
+def _a1111_embedding(data: dict) -> torch.Tensor:
+    """AUTOMATIC1111's key lookup, reimplemented (the webui is not pip-installable):
+    modules/textual_inversion/textual_inversion.py, create_embedding_from_data (v1.7.0+): a
+    string_to_param dict, an SDXL clip_g/clip_l pair, else one tensor ("diffuser concepts")."""
+    if "string_to_param" in data:
+        param_dict = data["string_to_param"]
+        assert len(param_dict) == 1, "embedding file has multiple terms in it"
+        return next(iter(param_dict.items()))[1].float()
+    if "clip_g" in data and "clip_l" in data:
+        raise AssertionError("an SDXL embedding")
+    assert isinstance(next(iter(data.values())), torch.Tensor) and len(data) == 1, "multiple terms"
+    emb = next(iter(data.values()))
+    return (emb.unsqueeze(0) if emb.ndim == 1 else emb).float()
+
+
+def _comfy_embedding(data: dict, embed_key: str = "clip_l") -> torch.Tensor:
+    """ComfyUI's key lookup, reimplemented: comfy/sd1_clip.py, load_embed (SD1 tokenizer's
+    embedding_key 'clip_l'): string_to_param, else embed_key, else the first value."""
+    if "string_to_param" in data:
+        return next(iter(data["string_to_param"].values()))
+    if embed_key in data:
+        return data[embed_key]
+    return next(iter(data.values()))
+
+
+def test_a1111_and_comfyui_read_our_embedding_file(pivotal_run):
+    f = pivotal_run / "embeddings" / "sks.safetensors"  # A1111: the embedding "sks" (its file name)
+    data = load_file(f)
+    assert list(data) == [A1111_KEY]
+    assert torch.equal(_a1111_embedding(data), _vectors(pivotal_run))
+    assert torch.equal(_comfy_embedding(data), _vectors(pivotal_run))
+    assert torch.equal(_comfy_embedding(load_file(pivotal_run / DIFFUSERS_FILE)), _vectors(pivotal_run))
+
+
+def _a1111_bundle(sd: dict) -> dict:
+    """A1111's Lora extension, reimplemented: extensions-builtin/Lora/networks.py, load_network
+    (v1.7.0+): `bundle_emb.<name>.string_to_param.<k>` keys become the embedding <name>."""
+    bundle = {}
+    for key, weight in sd.items():
+        head, _, part = key.partition(".")
+        if head == "bundle_emb":
+            name, vec_name = part.split(".", 1)
+            d = bundle.setdefault(name, {})
+            if vec_name.split(".")[0] == "string_to_param":
+                d["string_to_param"] = {vec_name.split(".", 1)[1]: weight}
+            else:
+                d[vec_name] = weight
+    return bundle
+
+
+def test_kohya_export_bundles_the_embedding(pivotal_run, tmp_path):
+    from personalize.export.kohya import export_kohya
+
+    out = export_kohya(pivotal_run, tmp_path / "sks.safetensors")
+    sd = load_file(out)
+    assert "bundle_emb.sks.string_to_param.*" in sd
+    bundle = _a1111_bundle(sd)
+    assert list(bundle) == ["sks"] and torch.equal(_a1111_embedding(bundle["sks"]), _vectors(pivotal_run))
+    assert any(k.startswith("lora_unet_") for k in sd)
+
+
+def test_merged_export_carries_the_tokens_in_tokenizer_and_embedding_table(pivotal_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from personalize.export.merged import export_merged
+
+    out = export_merged(pivotal_run, tmp_path / "merged")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))  # diffusers alone reads it
+    ids = pipe.tokenizer.convert_tokens_to_ids(TOKENS)
+    assert ids == pipe.tokenizer("<s0><s1>", add_special_tokens=False).input_ids
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], _vectors(pivotal_run))
+    ours = _pipe(pivotal_run)
+    assert torch.allclose(_text(pipe, "a <s0><s1> dog"), _text(ours, "a <s0><s1> dog"), atol=1e-5)
+
+
+def test_only_the_new_rows_train_and_only_for_ti_steps(photos, tmp_path):
+    """A hook records, after every step, the rows and the rest of the table: the table never
+    changes; the rows change in steps 1..2 (--ti-steps 0.5 of 4) and not a bit after."""
+    from personalize.config import TrainConfig
+    from personalize.dreambooth import train_subject
+    from personalize.fit import Hook
+    from personalize.pivotal import NewTokenEmbedding
+
+    seen = []
+
+    def record(step, models):
+        emb = models["text_encoder"].get_input_embeddings()
+        assert isinstance(emb, NewTokenEmbedding)
+        seen.append((emb.rows.detach().clone(), emb.base.weight.detach().clone()))
+
+    cfg = TrainConfig(method="lora", subject=str(photos), class_noun="dog", base="tiny", steps=4, class_images=0,
+                      validation_images=0, lr=1e-2, pivotal=True, ti_lr=1e-2, train_text_encoder=False,
+                      mixed_precision="no", output_dir=str(tmp_path / "r"), checkpoint_every=0)
+    train_subject(cfg, progress=False, hooks=(Hook("record", 1, record),))
+    rows, tables = zip(*seen)
+    assert all(torch.equal(t, tables[0]) for t in tables)
+    assert not torch.equal(rows[0], rows[1])
+    assert torch.equal(rows[1], rows[2]) and torch.equal(rows[2], rows[3])
+    assert torch.equal(_vectors(tmp_path / "r"), rows[3])
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--method-is-full"], "full finetuning trains the whole text encoder"),
+    (["--num-new-tokens", "0"], "--num-new-tokens must be positive"),
+    (["--ti-steps", "0.1"], "--ti-steps must be a fraction"),
+    (["--ti-steps", "1.5"], "--ti-steps must be a fraction"),
+])
+def test_bad_pivotal_settings_are_one_line(extra, why, photos, tmp_path, cli):
+    method = "full" if extra == ["--method-is-full"] else "lora"
+    extra = [] if method == "full" else extra
+    r = cli(method, "--subject", photos, "--class-noun", "dog", *FAST, "--pivotal", *extra,
+            "--output-dir", tmp_path / "r")
+    assert r.code == 2 and why in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "r").exists()
