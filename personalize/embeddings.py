@@ -50,12 +50,28 @@ def save_embeddings(dest: Path, name: str, vectors: torch.Tensor) -> list[str]:
     """Both files of `vectors` (n, D) into `dest`, each written atomically; returns their names."""
     from safetensors.torch import save_file
 
-    vec = vectors.detach().float().cpu().contiguous()
-    a1111 = Path(A1111_DIR) / f"{name}.safetensors"
-    for rel, key in ((Path(DIFFUSERS_FILE), DIFFUSERS_KEY), (a1111, A1111_KEY)):
-        with atomic_file(Path(dest) / rel) as tmp:
-            save_file({key: vec}, str(tmp))
+    with atomic_file(Path(dest) / DIFFUSERS_FILE) as tmp:
+        save_file({DIFFUSERS_KEY: vectors.detach().float().cpu().contiguous()}, str(tmp))
+    a1111_embedding(Path(dest) / A1111_DIR / f"{name}.safetensors", vectors)
     return [DIFFUSERS_FILE, A1111_DIR]
+
+
+def a1111_embedding(path: Path, vectors: torch.Tensor) -> Path:
+    """One `{"emb_params": (n, D)}` file at `path` (its stem is the embedding's name), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file({A1111_KEY: vectors.detach().float().cpu().contiguous()}, str(tmp))
+    return Path(path)
+
+
+def of_source_runs(runs: list[tuple[Path, dict]]) -> tuple[str, torch.Tensor] | None:
+    """(identifier, vectors) of the first pivotal run among (run_dir, run.json) pairs, or None."""
+    for run_dir, run in runs:
+        found = read_embeddings(run_dir, run)
+        if found is not None:
+            return str(run["pivotal"].get("identifier") or "emb"), found[1]
+    return None
 
 
 def record(tokens: list[str], identifier: str, name: str) -> dict:

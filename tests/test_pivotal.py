@@ -210,3 +210,96 @@ def test_bad_pivotal_settings_are_one_line(extra, why, photos, tmp_path, cli):
             "--output-dir", tmp_path / "r")
     assert r.code == 2 and why in r.err and "Traceback" not in r.err
     assert not (tmp_path / "r").exists()
+
+
+def test_single_file_keeps_the_base_table_and_writes_the_embedding_beside(pivotal_run, tiny_base, tmp_path, cli):
+    """A1111's and ComfyUI's own tokenizers index the base's table (a longer one does not load
+    there): the checkpoint keeps it, the embedding file lies beside it, read by their lookup."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "dog.safetensors"
+    assert cli("export", pivotal_run, "--format", "single-file", "-o", out).code == 0
+    sd = load_file(out)
+    table = next(v for k, v in sd.items() if k.endswith("token_embedding.weight"))
+    assert table.shape[0] == 514  # the tiny base's vocabulary
+    emb = tmp_path / "dog-embeddings" / "sks.safetensors"
+    assert torch.equal(_a1111_embedding(load_file(emb)), _vectors(pivotal_run))
+    assert "dog-embeddings/sks.safetensors" in (tmp_path / "dog.README.md").read_text()
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_base), safety_checker=None)
+    pipe.load_textual_inversion(str(emb), token="sks-emb")  # diffusers takes the same file
+    ids = pipe.tokenizer.convert_tokens_to_ids(["sks-emb", "sks-emb_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], _vectors(pivotal_run))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_onnx_and_openvino_exports_carry_the_tokens(fmt, pivotal_run, tmp_path, cli):
+    """The exported tokenizer has the new tokens and the exported text encoder their rows: generate
+    on the export draws what the run draws ({token} filled with <s0><s1> from its run.json)."""
+    pytest.importorskip("onnxruntime" if fmt == "onnx" else "openvino")
+    from _export_helpers import pixels
+
+    gen = ["--prompt", "a {token} {class}", "--steps", "2", "-n", "1", "--seed", "3"]
+    assert cli("export", pivotal_run, "--format", fmt, "-o", tmp_path / "x").code == 0
+    r = cli("generate", tmp_path / "x", *gen, "-o", tmp_path / "gx")
+    assert r.code == 0, r.err
+    assert cli("generate", pivotal_run, *gen, "-o", tmp_path / "gt").code == 0
+    got, want = pixels(tmp_path / "gx"), pixels(tmp_path / "gt")
+    assert got.keys() == want.keys() and all(np.abs(got[k] - want[k]).max() <= 2 for k in got)
+    side = json.loads(next((tmp_path / "gx").glob("p00-*.json")).read_text())["settings"]
+    assert "<s0><s1>" in side["prompt"]
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "x" / "tokenizer")
+    assert tok.convert_tokens_to_ids(TOKENS) == [514, 515]
+
+
+def test_the_app_trains_pivotal_when_ticked_and_generates_with_the_tokens(pivotal_run, tmp_path, cli):
+    """The Train tab's checkbox sets --pivotal (full refuses it in the CLI's line); the Generate
+    tab draws a pivotal run with its tokens, as `personalize generate` does."""
+    import shutil
+
+    from conftest import write_photos
+    from personalize.app.handlers import DATASET, OWN, App
+    from personalize.errors import UserError
+
+    app = App(tmp_path / "ws")
+    photos = sorted(write_photos(tmp_path / "up", n=3).iterdir())
+    args = ("mine", "tiny", OWN, None, photos, "dog", "lora", 4, 64, None, None, False, None, None, False)
+    assert app.make_config(*args, True)[2].pivotal is True
+    assert app.make_config(*args)[2].pivotal is False
+    with pytest.raises(UserError, match="--pivotal: full finetuning"):
+        app.make_config("f", "tiny", DATASET, "dog", None, "", "full", 4, 64, None, None, False, None, None, False,
+                        True)
+    shutil.copytree(pivotal_run, app.ws.runs / "piv")
+    gallery, _, _ = app.generate(["piv"], "", "a {token} {class}", "", 0, 1, 2, 7.5, 0)
+    assert gallery[0][1] == "a <s0><s1> dog · seed 0"
+    assert cli("generate", pivotal_run, "--prompt", "a {token} {class}", "-n", 1, "--steps", 2, "--seed", 0,
+               "-o", tmp_path / "g").code == 0
+    assert np.array_equal(np.asarray(Image.open(gallery[0][0])), np.asarray(Image.open(tmp_path / "g" / "p00-s0.png")))
+
+
+def test_batch_passes_pivotal_and_its_reused_base_starts_each_subject_clean(dataset, tmp_path, cli):
+    """`batch --pivotal` trains every subject pivotal on the base it loads once; between subjects
+    the reset takes the new tokens out of the tokenizer and the table (the second subject's
+    tokens would otherwise be refused as already there), back to the pristine weights."""
+    from personalize.config import TrainConfig
+    from personalize.dreambooth import LoadedBase, train_subject
+    from personalize.sources import resolve_base
+
+    flags = ["--base", "tiny", "--steps", "2", "--class-images", "0", "--validation-images", "0",
+             "--resolution", "32", "--lr", "1e-2", "--ti-lr", "1e-2", "--mixed-precision", "no", "--pivotal"]
+    r = cli("batch", "--method", "lora", "--subjects", "dog,dog2", "--data-dir", dataset,
+            "--batch-dir", tmp_path / "b", *flags)
+    assert r.code == 0, r.err
+    for s in ("dog", "dog2"):
+        run = json.loads((tmp_path / "b" / "tiny" / "lora" / s / "run.json").read_text())
+        assert run["token"] == "<s0><s1>" and run["pivotal"]["tokens"] == TOKENS
+    loaded = LoadedBase(resolve_base("tiny"))
+    cfg = TrainConfig(method="lora", subject="dog", data_dir=str(dataset), base="tiny", steps=2, class_images=0,
+                      validation_images=0, resolution=32, pivotal=True, mixed_precision="no",
+                      output_dir=str(tmp_path / "one"))
+    train_subject(cfg, progress=False, loaded=loaded)
+    comps = loaded.reset()
+    assert len(comps["tokenizer"]) == 514 and comps["text_encoder"].get_input_embeddings().weight.shape[0] == 514
+    sd = comps["text_encoder"].state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in loaded.pristine["text_encoder"].items())
