@@ -188,8 +188,11 @@ def test_only_the_new_rows_train_and_only_for_ti_steps(photos, tmp_path):
 
     cfg = TrainConfig(method="lora", subject=str(photos), class_noun="dog", base="tiny", steps=4, class_images=0,
                       validation_images=0, lr=1e-2, pivotal=True, ti_lr=1e-2, train_text_encoder=False,
-                      mixed_precision="no", output_dir=str(tmp_path / "r"), checkpoint_every=0)
+                      mixed_precision="no", output_dir=str(tmp_path / "r"), checkpoint_every=0, sample_every=4,
+                      validation_steps=2)
     train_subject(cfg, progress=False, hooks=(Hook("record", 1, record),))
+    sampled = json.loads(Image.open(tmp_path / "r" / "samples" / "step-000004.png").text["personalize"])
+    assert sampled["prompts"][0] == "a <s0><s1> dog" and all("<s0><s1>" in p for p in sampled["prompts"])
     rows, tables = zip(*seen)
     assert all(torch.equal(t, tables[0]) for t in tables)
     assert not torch.equal(rows[0], rows[1])
@@ -303,3 +306,67 @@ def test_batch_passes_pivotal_and_its_reused_base_starts_each_subject_clean(data
     assert len(comps["tokenizer"]) == 514 and comps["text_encoder"].get_input_embeddings().weight.shape[0] == 514
     sd = comps["text_encoder"].state_dict()
     assert all(torch.equal(sd[k], v) for k, v in loaded.pristine["text_encoder"].items())
+
+
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr", "oft", "boft", "hra"])
+def test_every_adapter_method_trains_pivotal_and_reloads_it_exactly(method, photos, tmp_path, cli):
+    """Each method's run with --pivotal: the validation image drawn in memory is drawn again from
+    the run dir (its adapter and new tokens), and `--format lora` carries the embeddings along."""
+    from personalize.pipeline import generate
+
+    run = tmp_path / "r"
+    assert cli(method, "--subject", photos, "--class-noun", "dog", "--output-dir", run, *FAST, "--steps", "2",
+               "--class-images", "0", "--lr", "1e-2", "--ti-lr", "1e-2", "--pivotal", "--mixed-precision", "no",
+               *(["--oft-block-size", "8"] if method == "oft" else [])).code == 0
+    info = json.loads(Image.open(run / "validation.png").text["personalize"])
+    img = generate(_pipe(run), info["prompts"], info["seeds"], steps=info["steps"],
+                   guidance_scale=info["guidance_scale"], resolution=64)[0]
+    want = np.asarray(Image.open(run / "validation.png").convert("RGB")).astype(int)
+    assert np.abs(np.asarray(img).astype(int) - want).max() <= 1  # peft's merged-free forward, reloaded
+    assert cli("export", run, "--format", "lora", "-o", tmp_path / "as-lora").code == 0
+    assert torch.equal(_vectors(tmp_path / "as-lora"), _vectors(run))
+    assert cli("generate", tmp_path / "as-lora", "--prompt", "a {token} {class}", "-n", 1, "--steps", 2,
+               "-o", tmp_path / "g").code == 0
+    assert json.loads((tmp_path / "g" / "p00-s0.json").read_text())["settings"]["prompt"] == "a <s0><s1> dog"
+
+
+def test_eval_draws_the_protocol_prompts_with_the_new_tokens(pivotal_run, tmp_path):
+    """eval's images: the 25 protocol prompts with {token} = <s0><s1> (run.json's token), drawn with
+    the tokens loaded; CLIP-T scores them with the identifier (the new tokens) removed."""
+    from personalize.evaluation.metrics import strip_identifier
+    from personalize.generate import generate_protocol_images
+    from personalize.runs import run_token
+
+    records = generate_protocol_images(pivotal_run, tmp_path / "eval", images_per_prompt=1, steps=1,
+                                       progress=False)
+    assert len(records) == 25 and all("<s0><s1> dog" in r["prompt"] for r in records)
+    token = run_token(json.loads((pivotal_run / "run.json").read_text()))
+    assert strip_identifier(records[0]["prompt"], token).startswith("a dog")
+
+
+def test_resume_is_bit_exact_across_the_end_of_ti_steps(photos, tmp_path, cli, monkeypatch):
+    """Killed after the checkpoint of step 2 (the last step the new rows train, --ti-steps 0.5 of
+    4) and resumed: the rows' values and AdamW state come from the checkpoint, the LoRA and the
+    embeddings equal an uninterrupted run's bit for bit."""
+    import personalize.checkpoints as ckpt_mod
+
+    args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--class-images", "0", "--validation-images",
+            "0", "--lr", "1e-2", "--ti-lr", "1e-2", "--pivotal", "--checkpoint-every", "2", "--log-every", "1"]
+    assert cli(*args, "--output-dir", tmp_path / "a").code == 0
+    real = ckpt_mod.save_checkpoint
+
+    def save_then_die(run_dir, step, *a, **k):
+        real(run_dir, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
+    assert cli(*args, "--output-dir", tmp_path / "b").code == 130
+    ckpt = load_file(next((tmp_path / "b" / "checkpoints").glob("step-*")) / "trainable.safetensors")
+    assert [k for k in ckpt if "token_embedding" in k] == ["text_encoder.embeddings.token_embedding.rows"]
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real)
+    assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
+    for f in ("pytorch_lora_weights.safetensors", DIFFUSERS_FILE):
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert (tmp_path / "a" / "logs" / "loss.csv").read_text() == (tmp_path / "b" / "logs" / "loss.csv").read_text()
