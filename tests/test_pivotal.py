@@ -370,3 +370,20 @@ def test_resume_is_bit_exact_across_the_end_of_ti_steps(photos, tmp_path, cli, m
         a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     assert (tmp_path / "a" / "logs" / "loss.csv").read_text() == (tmp_path / "b" / "logs" / "loss.csv").read_text()
+
+
+@pytest.mark.slow
+def test_coreml_text_encoder_has_the_new_rows_and_says_how_to_reach_them(pivotal_run, tmp_path, cli):
+    """Core ML: the text encoder package's embedding table has the new rows (read back by
+    coremltools), added_tokens.json names their ids; Swift's tokenizer cannot yield them (README)."""
+    ct = pytest.importorskip("coremltools")
+
+    assert cli("export", pivotal_run, "--format", "coreml", "-o", tmp_path / "c").code == 0
+    assert json.loads((tmp_path / "c" / "added_tokens.json").read_text()) == {"<s0>": 514, "<s1>": 515}
+    assert "Added tokens" in (tmp_path / "c" / "README.md").read_text()
+    model = ct.models.MLModel(str(tmp_path / "c" / "TextEncoder.mlpackage"), skip_model_load=True)
+    meta = ct.optimize.coreml.get_weights_metadata(model, 2048)  # the table (a gather's) is never palettized
+    tables = [m.val for k, m in meta.items() if "token_embedding" in k]
+    assert len(tables) == 1 and tables[0].shape[0] == 516
+    np.testing.assert_allclose(tables[0][514:].astype(np.float32), _vectors(pivotal_run).numpy(), rtol=1e-2,
+                               atol=1e-3)  # fp16 in the package
