@@ -5,6 +5,7 @@ peft DreamBooth examples), each overridable by a CLI flag."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .argtypes import key_values
@@ -383,6 +384,10 @@ class TrainConfig:
         if self.pivotal and self.method == "full":
             raise UserError("--pivotal: full finetuning trains the whole text encoder already; pivotal tuning is "
                             "for the adapter methods")
+        if self.pivotal and (not re.fullmatch(r"[A-Za-z0-9_.-]+", self.token) or self.token.startswith(".")):
+            # it names the A1111/ComfyUI embedding file (embeddings/<token>.safetensors)
+            raise UserError(f"--token '{self.token}': with --pivotal it names the embedding file; use letters, "
+                            f"digits, '_', '.' or '-'")
         if self.num_new_tokens <= 0:
             raise UserError(f"--num-new-tokens must be positive, got {self.num_new_tokens}")
         if not self.ti_lr > 0:

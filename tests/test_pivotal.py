@@ -387,3 +387,20 @@ def test_coreml_text_encoder_has_the_new_rows_and_says_how_to_reach_them(pivotal
     assert len(tables) == 1 and tables[0].shape[0] == 516
     np.testing.assert_allclose(tables[0][514:].astype(np.float32), _vectors(pivotal_run).numpy(), rtol=1e-2,
                                atol=1e-3)  # fp16 in the package
+
+
+def test_a_damaged_embedding_file_is_one_line_naming_it(pivotal_run, tmp_path, cli):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pivotal_run, run)
+    (run / DIFFUSERS_FILE).write_bytes(b"\0" * 64)
+    r = cli("generate", run, "--prompt", "a {token} {class}", "-n", 1, "--steps", 1, "-o", tmp_path / "g")
+    assert r.code == 2 and str(run / DIFFUSERS_FILE) in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "g").exists() or not any((tmp_path / "g").glob("*.png"))
+
+
+def test_a_token_that_cannot_name_a_file_is_refused_with_pivotal(photos, tmp_path, cli):
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", *FAST, "--pivotal", "--token", "a/b",
+            "--output-dir", tmp_path / "r")
+    assert r.code == 2 and "--token 'a/b'" in r.err and not (tmp_path / "r").exists()
