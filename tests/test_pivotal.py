@@ -42,6 +42,17 @@ def test_run_json_records_the_tokens_files_and_the_prompt_token(pivotal_run):
                               "files": {"diffusers": DIFFUSERS_FILE, "a1111": "embeddings/sks.safetensors"}}
     assert {DIFFUSERS_FILE, "embeddings"} <= set(run["outputs"])
     assert _vectors(pivotal_run).shape[0] == 2
+    settings = (pivotal_run / "config.toml").read_text()  # `--config RUN/config.toml` repeats it
+    assert "pivotal = true" in settings and "ti-lr = 0.01" in settings
+
+
+def test_two_pivotal_runs_mixed_are_one_line(pivotal_run, tmp_path, cli):
+    import shutil
+
+    shutil.copytree(pivotal_run, tmp_path / "other")
+    r = cli("generate", pivotal_run, "--adapter", tmp_path / "other", "--prompt", "a {token} {class}", "-n", 1,
+            "--steps", 1, "-o", tmp_path / "g")
+    assert r.code == 2 and "<s0> is already in the tokenizer" in r.err and "Traceback" not in r.err
 
 
 def test_a_reloaded_run_reproduces_the_in_memory_validation_image_exactly(pivotal_run):
@@ -189,7 +200,7 @@ def test_only_the_new_rows_train_and_only_for_ti_steps(photos, tmp_path):
     cfg = TrainConfig(method="lora", subject=str(photos), class_noun="dog", base="tiny", steps=4, class_images=0,
                       validation_images=0, lr=1e-2, pivotal=True, ti_lr=1e-2, train_text_encoder=False,
                       mixed_precision="no", output_dir=str(tmp_path / "r"), checkpoint_every=0, sample_every=4,
-                      validation_steps=2)
+                      validation_steps=2, save_every=2)
     train_subject(cfg, progress=False, hooks=(Hook("record", 1, record),))
     sampled = json.loads(Image.open(tmp_path / "r" / "samples" / "step-000004.png").text["personalize"])
     assert sampled["prompts"][0] == "a <s0><s1> dog" and all("<s0><s1>" in p for p in sampled["prompts"])
@@ -198,6 +209,9 @@ def test_only_the_new_rows_train_and_only_for_ti_steps(photos, tmp_path):
     assert not torch.equal(rows[0], rows[1])
     assert torch.equal(rows[1], rows[2]) and torch.equal(rows[2], rows[3])
     assert torch.equal(_vectors(tmp_path / "r"), rows[3])
+    step2 = tmp_path / "r" / "steps" / "step-000002"  # --save-every: a pivotal run of its own
+    assert torch.equal(_vectors(step2), rows[1])
+    assert json.loads((step2 / "run.json").read_text())["pivotal"]["tokens"] == TOKENS
 
 
 @pytest.mark.parametrize("extra, why", [
@@ -310,8 +324,8 @@ def test_batch_passes_pivotal_and_its_reused_base_starts_each_subject_clean(data
 
 @pytest.mark.parametrize("method", ["dora", "loha", "lokr", "oft", "boft", "hra"])
 def test_every_adapter_method_trains_pivotal_and_reloads_it_exactly(method, photos, tmp_path, cli):
-    """Each method's run with --pivotal: the validation image drawn in memory is drawn again from
-    the run dir (its adapter and new tokens), and `--format lora` carries the embeddings along."""
+    """Each method's run with --pivotal: the validation image drawn in memory is drawn again, pixel
+    for pixel, from the run dir (its adapter and new tokens); `--format lora` carries the embeddings."""
     from personalize.pipeline import generate
 
     run = tmp_path / "r"
@@ -322,7 +336,7 @@ def test_every_adapter_method_trains_pivotal_and_reloads_it_exactly(method, phot
     img = generate(_pipe(run), info["prompts"], info["seeds"], steps=info["steps"],
                    guidance_scale=info["guidance_scale"], resolution=64)[0]
     want = np.asarray(Image.open(run / "validation.png").convert("RGB")).astype(int)
-    assert np.abs(np.asarray(img).astype(int) - want).max() <= 1  # peft's merged-free forward, reloaded
+    assert np.array_equal(np.asarray(img).astype(int), want)
     assert cli("export", run, "--format", "lora", "-o", tmp_path / "as-lora").code == 0
     assert torch.equal(_vectors(tmp_path / "as-lora"), _vectors(run))
     assert cli("generate", tmp_path / "as-lora", "--prompt", "a {token} {class}", "-n", 1, "--steps", 2,
