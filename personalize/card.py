@@ -32,6 +32,10 @@ def model_card(p) -> str:
     else:
         usage = f'pipe = StableDiffusionPipeline.from_pretrained({str(p.run_dir.resolve())!r})'
         what = "full diffusers pipeline (U-Net" + (" and text encoder" if cfg.train_text_encoder else "") + " finetuned)"
+    if cfg.pivotal:  # the new tokens' embeddings (embeddings.py), as the advanced DreamBooth script's card
+        tokens = ", ".join(f'"<s{i}>"' for i in range(cfg.num_new_tokens))
+        usage = ("from safetensors.torch import load_file\n" + usage + "\npipe.load_textual_inversion(load_file("
+                 f"{str(p.run_dir.resolve() / 'embeddings.safetensors')!r})['clip_l'], token=[{tokens}])")
     rows = [("base", f"{base.name} (`{base.path}`)"), ("subject", f"{subj.name} ({subj.class_noun}, {subj.kind})"),
             ("instance prompt", f"`{p.instance_prompt}`"), ("class prompt", f"`{p.class_prompt}`"),
             ("steps", cfg.steps), ("resolution", p.resolution), ("batch size", cfg.train_batch_size),
@@ -45,7 +49,7 @@ def model_card(p) -> str:
 
 A {what} personalized with DreamBooth (Ruiz et al. 2023) on the compressed
 [BK-SDM](https://github.com/Nota-NetsPresso/BK-SDM) family of Stable Diffusion backbones, trained with `personalize`.
-Write `{cfg.token} {subj.class_noun}` in a prompt to draw the subject, e.g. `{p.instance_prompt} on the beach`.
+Write `{cfg.prompt_token()} {subj.class_noun}` in a prompt to draw the subject, e.g. `{p.instance_prompt} on the beach`.
 
 ```python
 from diffusers import StableDiffusionPipeline

@@ -5,9 +5,11 @@ peft DreamBooth examples), each overridable by a CLI flag."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .argtypes import key_values
+from .embeddings import new_tokens, prompt_token
 from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LORA_FILE_METHODS, LR_SCHEDULERS, METHODS,
                        MIXED_PRECISIONS, OPTIMIZERS, RANKED_METHODS)
 from .errors import UserError
@@ -258,6 +260,20 @@ class TrainConfig:
     # kohya's --keep_tokens (default 0)
     keep_tokens: int = field(default=0, metadata={
         "help": "with --shuffle-caption: leading comma-separated parts kept in place (default 0)"})
+    # off in the BK-SDM recipe; on: pivotal tuning as diffusers' advanced DreamBooth LoRA script
+    # (--train_text_encoder_ti), new token embeddings trained beside the adapter (pivotal.py)
+    pivotal: bool = field(default=False, metadata={
+        "help": "pivotal tuning: new tokens <s0><s1>... replace the identifier token in every prompt and their "
+                "embeddings train beside the adapter (every adapter method; not full)"})
+    # the advanced script's --num_new_tokens_per_abstraction default: 2
+    num_new_tokens: int = field(default=2, metadata={
+        "help": "--pivotal: new tokens replacing the identifier, each initialized from the class noun's embedding"})
+    # the advanced script's --text_encoder_lr default (5e-6), the LR of its textual-inversion parameter group
+    ti_lr: float = field(default=5e-6, metadata={"help": "--pivotal: learning rate of the new token embeddings"})
+    # the advanced script's --train_text_encoder_ti_frac default: the first half of the run
+    ti_steps: float = field(default=0.5, metadata={
+        "help": "--pivotal: the fraction of the run's steps (from the first) during which the new embeddings "
+                "train; they are frozen after it (default 0.5: the first half)"})
     # only safetensors weights are loaded unless the user says so
     allow_pickle: bool = field(default=False, metadata={
         "help": "allow loading .bin/.ckpt pickle weights (only for sources you trust)"})
@@ -360,8 +376,34 @@ class TrainConfig:
             raise UserError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if self.keep_tokens < 0 or self.keep_tokens and not self.shuffle_caption:
             raise UserError(f"--keep-tokens must be >= 0 and goes with --shuffle-caption, got {self.keep_tokens}")
+        self._validate_pivotal()
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+
+    def _validate_pivotal(self) -> None:
+        if self.pivotal and self.method == "full":
+            raise UserError("--pivotal: full finetuning trains the whole text encoder already; pivotal tuning is "
+                            "for the adapter methods")
+        if self.pivotal and (not re.fullmatch(r"[A-Za-z0-9_.-]+", self.token) or self.token.startswith(".")):
+            # it names the A1111/ComfyUI embedding file (embeddings/<token>.safetensors)
+            raise UserError(f"--token '{self.token}': with --pivotal it names the embedding file; use letters, "
+                            f"digits, '_', '.' or '-'")
+        if self.num_new_tokens <= 0:
+            raise UserError(f"--num-new-tokens must be positive, got {self.num_new_tokens}")
+        if not self.ti_lr > 0:
+            raise UserError(f"--ti-lr must be positive, got {self.ti_lr}")
+        if not 0 < self.ti_steps <= 1 or self.pivotal and int(self.ti_steps * self.steps) < 1:
+            raise UserError(f"--ti-steps must be a fraction of the run in (0, 1] covering at least one of its "
+                            f"{self.steps} steps, got {self.ti_steps}")
+
+    def prompt_token(self) -> str:
+        """What stands for the subject in every prompt of the run: the identifier, or with --pivotal
+        the new tokens that replace it (embeddings.prompt_token)."""
+        return prompt_token(new_tokens(self.num_new_tokens)) if self.pivotal else self.token
+
+    def ti_last_step(self) -> int:
+        """The last step the new embeddings train (the advanced script's int(frac * epochs), in steps)."""
+        return int(self.ti_steps * self.steps)
 
     def _validate_method_options(self) -> None:
         for name in ("boft_block_num", "boft_butterfly_factor", "hra_rank"):

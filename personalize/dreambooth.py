@@ -29,7 +29,8 @@ from .fileio import move_into, scratch_dir, write_text
 from .ema import WeightsEMA
 from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .half_storage import store_frozen_in_half
-from . import __version__, card, monitor
+from . import __version__, card, monitor, pivotal
+from .embeddings import record as pivotal_record
 from .objective import build_cache, dreambooth_loss
 from .prepare import RAW_DIR, VALIDATION_PNG, Prepared, prepare
 from .prior import base_models
@@ -72,6 +73,9 @@ class LoadedBase:
                 m.disable_gradient_checkpointing()
             else:
                 getattr(m, "activation_checkpointing_disable", m.gradient_checkpointing_disable)()
+            if k == "text_encoder":  # --pivotal's new tokens out again
+                pivotal.restore_vocab(m, next(t.shape[0] for n, t in self.pristine[k].items()
+                                              if n.endswith("token_embedding.weight")))
             m.to(dtype=torch.float32)
             m.load_state_dict(self.pristine[k])
             m.requires_grad_(False)
@@ -104,6 +108,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
         log(note)
     t_start = time.perf_counter()
     comps, reuse = _load_base(p, accelerator, loaded, log)
+    ti = pivotal.add_new_tokens(cfg, comps, p.subject.class_noun)  # before any prompt is tokenized
     # --score-every: eval's evaluators, loaded once, before anything slow (a missing one is one line)
     evaluators = monitor.load_evaluators(cfg, accelerator.device) if accelerator.is_main_process else None
     t_load = time.perf_counter() - t_start
@@ -114,6 +119,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     # --prior base-prediction: before the adapter is attached (a full run's copy: the base's weights)
     base = base_models(cfg, comps, accelerator.autocast)
     models = _trainables(cfg, comps, accelerator.device)
+    lrs = pivotal.make_trainable(ti, comps["text_encoder"], models)
     # --ema: the average of exactly what trains, its states kept with the checkpoints
     ema = WeightsEMA(p.run_dir, p.run_dir / CHECKPOINTS_DIR / "ema", cfg.ema_decay,
                      lambda ms: trainable_parameters(ms).values()) if cfg.ema else None
@@ -137,11 +143,11 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
                  *(h if h.name == "save" else _with_average(h, ema) for h in hooks)]
     hooks = [*hooks, *extra_hooks]
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
-    loss_fn = dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base)
+    loss_fn = pivotal.stop_after(ti, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base))
     # every forward in fit (steps and hooks) runs under the accelerator's autocast
     with lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")):
         result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
-                     description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks)
+                     description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks, lrs=lrs)
     if accelerator.is_main_process:
         timings = {"load_seconds": round(t_load, 2), "cache_seconds": round(t_cache, 2)}
         _finish(p, comps, result, accelerator, class_info, timings, profile_steps, log, ema)
@@ -304,14 +310,15 @@ def save_weights(p: Prepared, comps: dict, dest: Path) -> list[str]:
     """The run's trained weights into `dest`: the LoRA file, or for `full` a complete pipeline.
     The final save and every `--save-every` step save go through here, so they load alike."""
     if p.cfg.method != "full":
-        return save_adapter(dest, p.cfg.method, comps["unet"], comps["text_encoder"])
+        return (save_adapter(dest, p.cfg.method, comps["unet"], comps["text_encoder"])
+                + pivotal.save(dest, comps["text_encoder"], p.cfg.token))
     with scratch_dir(Path(dest) / "pipeline") as tmp:
         save_pipeline(tmp, p.base.path, comps)
         return move_into(tmp, dest)
 
 
 def validation_prompts(p: Prepared) -> list[str]:
-    protocol = [fill_prompt(t, p.cfg.token, p.subject.class_noun) for t in load_prompts(p.subject.kind)]
+    protocol = [fill_prompt(t, p.cfg.prompt_token(), p.subject.class_noun) for t in load_prompts(p.subject.kind)]
     return ([p.instance_prompt] + protocol)[: p.cfg.validation_images]
 
 
@@ -347,7 +354,9 @@ def write_run_json(p: Prepared, outputs: list[str], stats: dict, class_info: dic
         "method": p.cfg.method,
         "subject": p.subject.to_json(),
         "base": p.base.to_json() | {"resolution": p.resolution},
-        "token": p.cfg.token,
+        "token": p.cfg.prompt_token(),  # what fills {token} in generate and eval
+        **({"pivotal": pivotal_record(pivotal.new_tokens(p.cfg.num_new_tokens), p.cfg.token, p.cfg.token)}
+           if p.cfg.pivotal else {}),
         "instance_prompt": p.instance_prompt,
         "class_prompt": p.class_prompt,
         "resolution": p.resolution,

@@ -97,13 +97,9 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     precision = resolve_mixed_precision(mixed_precision, cpu)
     _reset_single_process_state(precision, cpu)
     trackers = "tensorboard" if log_dir is not None and _tensorboard_available() else None
-    return Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        cpu=cpu,
-        log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)) if log_dir else None,
-    )
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=gradient_accumulation_steps, cpu=cpu,
+                       log_with=trackers, project_config=ProjectConfiguration(
+                           project_dir=str(log_dir), logging_dir=str(log_dir)) if log_dir else None)
 
 
 def process_state():
@@ -302,13 +298,14 @@ def _eta(step: int, total: int, sps: float, hooks: Sequence[Hook], seconds: dict
 
 # ---------------------------------------------------------------------------- the loop
 def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConfig, run_dir: Path,
-        resume: bool = False, description: str = "train", log=print, hooks: Sequence[Hook] = ()) -> FitResult:
+        resume: bool = False, description: str = "train", log=print, hooks: Sequence[Hook] = (),
+        lrs: dict[str, float] | None = None) -> FitResult:
     """Optimise the trainable parameters of `models` for `cfg.steps` optimizer steps.
 
     `loss_fn` receives the accelerate-prepared modules (same keys), the step, the micro-step
     within gradient accumulation and that step's generator; it returns a dict of scalar tensors
     whose "loss" entry is backpropagated and every entry is logged. `hooks` run between steps
-    (see `Hook`); the s/step shown excludes them, the ETA includes them.
+    (see `Hook`); the s/step shown excludes them, the ETA includes them. `lrs`: {name: LR}, own groups.
     """
     run_dir = Path(run_dir)
     params = trainable_parameters(models)
@@ -316,6 +313,10 @@ def fit(accelerator, models: dict[str, nn.Module], loss_fn: LossFn, cfg: FitConf
         raise ValueError("fit: no trainable parameters")
     on_cuda = accelerator.device.type == "cuda"
     optimizer = make_optimizer(list(params.values()), cfg, on_cuda, log=log, models=models)
+    for name, lr in (lrs or {}).items():  # before the schedule is made: it scales each group's own LR
+        group = next(g for g in optimizer.param_groups if any(p is params[name] for p in g["params"]))
+        group["params"] = [p for p in group["params"] if p is not params[name]]
+        optimizer.add_param_group({**group, "params": [params[name]], "lr": lr})
     for m in models.values():
         m.to(accelerator.device)
     # made before a checkpoint is loaded: it records the base LR (initial_lr) the schedule scales

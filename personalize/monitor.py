@@ -266,8 +266,8 @@ def sample_prompts(p) -> list[str]:
 
     cfg, subject = p.cfg, p.subject
     if cfg.sample_prompts:
-        return read_prompts_file(cfg.sample_prompts, cfg.token, subject.class_noun)
-    protocol = [fill_prompt(t, cfg.token, subject.class_noun) for t in load_prompts(subject.kind)]
+        return read_prompts_file(cfg.sample_prompts, cfg.prompt_token(), subject.class_noun)
+    protocol = [fill_prompt(t, cfg.prompt_token(), subject.class_noun) for t in load_prompts(subject.kind)]
     return default_sample_prompts(p.instance_prompt, protocol)
 
 
@@ -308,12 +308,12 @@ def make_hooks(p, components: ComponentsFn, save_step: Callable[[Path, dict, int
         from .evaluation.protocol import protocol_prompts
 
         dino, clip = evaluators or (None, None)  # None on the processes that never run hooks
-        prompts = protocol_prompts(p.subject.kind, cfg.token, p.subject.class_noun)
+        prompts = protocol_prompts(p.subject.kind, cfg.prompt_token(), p.subject.class_noun)
         # spread over the list: recontextualisations first, property changes last in both sets
         picked = [prompts[round(i * (len(prompts) - 1) / max(cfg.score_prompts - 1, 1))]
                   for i in range(min(cfg.score_prompts, len(prompts)))]
         hooks.append(Hook("scores", cfg.score_every, Scorer(
             p.run_dir, components, list(dict.fromkeys(picked)), cfg.score_images,
-            real_images=list_images(p.subject.image_dir), token=cfg.token, subject=p.subject.name,
+            real_images=list_images(p.subject.image_dir), token=cfg.prompt_token(), subject=p.subject.name,
             dino=dino, clip=clip, **gen), at_end=True))
     return hooks

@@ -86,7 +86,7 @@ def build_cache(p, comps: dict, class_paths: list[Path], device, reuse: bool) ->
     captions = [c or p.instance_prompt for c in (p.captions or [None] * len(p.images))]
     # one token row per distinct caption; with a frozen encoder its embedding too (text_cache.py)
     text = TextCache(comps["tokenizer"], text_encoder, captions, p.class_prompt, device,
-                     frozen=not cfg.train_text_encoder, extra=("",) if cfg.caption_dropout > 0 else ())
+                     frozen=not (cfg.train_text_encoder or cfg.pivotal), extra=("",) if cfg.caption_dropout > 0 else ())
     groups = _groups(p, vae, text, captions, device)
     cls_mean = cls_std = None
     if class_paths:
@@ -116,7 +116,7 @@ def dreambooth_loss(cfg: TrainConfig, c: Cache, noise_scheduler, device, base=No
 
     `base` (--prior base-prediction, prior.py): the prior loss is the adapted model's prediction
     for the class prompt on the step's own noisy latents against the frozen base's (no class images)."""
-    b, train_te = cfg.train_batch_size, cfg.train_text_encoder
+    b, train_te = cfg.train_batch_size, cfg.train_text_encoder or cfg.pivotal  # the encoder runs each step
     prior = c.cls_mean is not None
     base_prior = base is not None
     n_cls = c.cls_mean.shape[0] if prior else 0
@@ -142,7 +142,7 @@ def dreambooth_loss(cfg: TrainConfig, c: Cache, noise_scheduler, device, base=No
             ci = grp.caption_of[ii]
             return c.text.ids[ci] if train_te else c.text.emb[ci]
         caps = [vary(c.text.rows[grp.caption_rows[k]], h, dropout=cfg.caption_dropout, shuffle=cfg.shuffle_caption,
-                     keep_tokens=cfg.keep_tokens, token=cfg.token) for k in idx]
+                     keep_tokens=cfg.keep_tokens, token=cfg.prompt_token()) for k in idx]
         return c.text.token_ids(caps) if train_te else c.text.embeddings(caps)
 
     def loss_fn(ms, step, micro, g):

@@ -20,6 +20,7 @@ from .buckets import Placement, load_bucketed, load_bucketed_masks
 from .checkpoints import list_checkpoints
 from .config import TrainConfig
 from .data import load_masks, load_training_images, read_captions
+from .embeddings import A1111_DIR, DIFFUSERS_FILE
 from .errors import UserError
 from .outputs import check_output, output_lock, slug
 from .runs import is_finished
@@ -31,7 +32,8 @@ VALIDATION_PNG = "validation.png"
 RAW_DIR = "raw"  # --ema --save-raw-weights: the trained (not averaged) weights, a loadable run of their own
 # what write_outputs may leave in a run dir (LoRA file or pipeline folders, grid, card)
 OUTPUT_NAMES = {LORA_WEIGHTS, ADAPTER_DIR, VALIDATION_PNG, "README.md", "model_index.json", "unet", "text_encoder", "vae",
-                "tokenizer", "scheduler", "feature_extractor", "safety_checker", RAW_DIR}
+                "tokenizer", "scheduler", "feature_extractor", "safety_checker", RAW_DIR,
+                DIFFUSERS_FILE, A1111_DIR}
 
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
@@ -94,7 +96,7 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
     else:
         images = load_training_images(photos, resolution, cfg.allow_upscale)
         masks = load_masks(photos, resolution, cfg.alpha_mask)
-    captions = [c and fill_prompt(c, cfg.token, subject.class_noun) for c in read_captions(photos)]
+    captions = [c and fill_prompt(c, cfg.prompt_token(), subject.class_noun) for c in read_captions(photos)]
     if cfg.sample_prompts:  # read now: a bad file must fail before any model is loaded
         monitor.read_prompts_file(cfg.sample_prompts, cfg.token, subject.class_noun)
     monitor.check_evaluators(cfg)
@@ -111,8 +113,8 @@ def prepare(cfg: TrainConfig, held: contextlib.ExitStack | None = None) -> Prepa
         check_sizes(base.path, cfg)
     prepare_run_dir(run_dir, cfg)
     return Prepared(cfg, subject, base, resolution, run_dir, images,
-                    fill_prompt(cfg.instance_prompt, cfg.token, subject.class_noun),
-                    fill_prompt(cfg.class_prompt, cfg.token, subject.class_noun), captions, masks, buckets)
+                    fill_prompt(cfg.instance_prompt, cfg.prompt_token(), subject.class_noun),
+                    fill_prompt(cfg.class_prompt, cfg.prompt_token(), subject.class_noun), captions, masks, buckets)
 
 
 def check_sizes(base_path: Path, cfg: TrainConfig) -> None:

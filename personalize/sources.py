@@ -23,9 +23,11 @@ from .adapters import ADAPTER_DIR, ADAPTER_METHODS, LORA_WEIGHTS, has_adapter, m
 from .backbones import (BACKBONES, HUB_PATTERNS, ResolvedBase, hub_offline, is_pipeline_dir, local_snapshot,
                         materialize_tiny, native_resolution)
 from .defaults import DEFAULT_SCHEDULER, DEPLOY_FORMATS, RUNTIMES, SCHEDULERS
+from .embeddings import load_run_embeddings
 from .errors import UserError, one_line
 from .peft_adapters import activate, check_lora_file, check_mix, load_peft_adapter, merge_and_unload
 from .pipeline import build_pipeline, check_safetensors, load_cast, loading
+from .precision import pick_device, pick_dtype
 from .runs import RUN_JSON, TRAINING_DIRS, base_name, read_run, resolution_error, run_token
 from .runtimes import COMPONENTS, EXPORT_JSON, check_inference_precision, read_export, runtime_components
 from .subjects import fill_prompt
@@ -300,35 +302,6 @@ def input_paths(src: Source) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def pick_device(device: str | None) -> torch.device:
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device name (cpu, cuda, cuda:N, mps)") from None
-    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise UserError(f"--device {device}: this machine has {have} CUDA device(s) visible to this torch build")
-    if d.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {device}: not supported here (cpu, cuda, cuda:N, mps)")
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {device}: MPS is not available in this torch build")
-    return d
-
-
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """auto: fp16 on CUDA (what SD inference runs in), fp32 on CPU; bf16 is an option on both."""
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise UserError(f"unknown --dtype '{dtype}' (auto, fp32, fp16 or bf16)")
-    if dtype == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return table[dtype]
-
-
 def load_components(base_path: Path, allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM). The U-Net and
     text encoder load straight into `dtype` (frozen LoRA bases: no fp32 copy ever in memory);
@@ -391,6 +364,7 @@ def load_pipeline(src: Source, device: torch.device | None = None, dtype: torch.
             load_peft_adapter(comps, a.run_dir, a.method, a.name, base_name(a.run), src.base_name)
     if len(diffusers_refs) < len(src.adapters):
         activate(comps, {a.name: a.weight * src.lora_scale for a in src.adapters})
+    load_run_embeddings(comps, [(a.run_dir, a.run) for a in src.adapters])  # --pivotal runs' new tokens
     pipe = build_pipeline(comps, src.scheduler)
     for a in diffusers_refs:
         pipe.load_lora_weights(str(a.run_dir), adapter_name=a.name)

@@ -88,6 +88,14 @@ def lora_run(tmp_path_factory, photos) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pivotal_run(tmp_path_factory, photos) -> Path:
+    """A finished LoRA run with --pivotal (new tokens <s0><s1>, trained in steps 1-2 of 4), in fp32
+    so that its in-memory validation image can be reproduced bit for bit from the run dir."""
+    return _train(tmp_path_factory, "lora", photos, "dog", "--lr", "1e-2", "--pivotal", "--ti-lr", "1e-2",
+                  "--class-images", "0", "--mixed-precision", "no")
+
+
+@pytest.fixture(scope="session")
 def full_run(tmp_path_factory, photos) -> Path:
     return _train(tmp_path_factory, "full", photos, "dog", "--lr", "1e-3")
 

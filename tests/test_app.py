@@ -138,7 +138,7 @@ def files(paths):
 def train_args(name, photos, steps=4, **kw):
     a = dict(name=name, base="tiny", source="my photos", subject="dog", photos=files(sorted(photos.iterdir())),
              class_noun="dog", method="lora", steps=steps, resolution=0, lr=1e-2, rank=4, prior=True,
-             class_images=2, sample_every=2, overwrite=False)
+             class_images=2, sample_every=2, overwrite=False, pivotal=False)
     a.update(kw)
     return list(a.values())
 

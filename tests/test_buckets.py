@@ -99,9 +99,12 @@ def _varied_photos(folder):
 
 
 @pytest.mark.slow
-def test_buckets_ema_and_caption_options_resume_bit_exactly(tmp_path, cli, monkeypatch):
+@pytest.mark.parametrize("prior", [[], ["--prior", "base-prediction", "--pivotal", "--ti-lr", "1e-2"]],
+                         ids=["class-images", "base-prediction-pivotal"])
+def test_buckets_ema_and_caption_options_resume_bit_exactly(prior, tmp_path, cli, monkeypatch):
     """All of --buckets, --ema, --caption-dropout, --shuffle-caption --keep-tokens at once, with
-    prior preservation (square class images beside non-square buckets: two U-Net calls):
+    prior preservation (square class images beside non-square buckets: two U-Net calls), or with
+    the frozen base's prediction as the prior and --pivotal (issue 26's six at once):
     interrupted after the checkpoint of step 2 and resumed = uninterrupted, EMA included."""
     import personalize.checkpoints as ckpt_mod
 
@@ -109,7 +112,7 @@ def test_buckets_ema_and_caption_options_resume_bit_exactly(tmp_path, cli, monke
     args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--resolution", "192", "--steps", "4",
             "--checkpoint-every", "2", "--validation-images", "0", "--lr", "1e-2", "--buckets", "--ema",
             "--ema-decay", "0.5", "--caption-dropout", "0.3", "--shuffle-caption", "--keep-tokens", "1",
-            "--train-batch-size", "2", "--log-every", "1"]
+            "--train-batch-size", "2", "--log-every", "1", *prior]
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
     real = ckpt_mod.save_checkpoint
 
@@ -125,6 +128,9 @@ def test_buckets_ema_and_caption_options_resume_bit_exactly(tmp_path, cli, monke
 
     a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if prior:  # the new tokens' embeddings (the EMA's), trained in steps 1-2, resumed exactly too
+        ea, eb = (load_file(tmp_path / d / "embeddings.safetensors")["clip_l"] for d in "ab")
+        assert torch.equal(ea, eb)
     la, lb = ((tmp_path / d / "logs" / "loss.csv").read_text() for d in "ab")
     assert la == lb and len(la.splitlines()) == 5
     assert all(math.isfinite(float(x)) for row in la.splitlines()[1:] for x in row.split(","))

@@ -7,7 +7,7 @@ import re
 import pytest
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "pivotal"])
 def test_card_usage_code_runs_as_written(method, request):
     run = request.getfixturevalue(f"{method}_run")
     card = (run / "README.md").read_text()
@@ -16,5 +16,7 @@ def test_card_usage_code_runs_as_written(method, request):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own card, that is the test
     assert scope["image"].size == (64, 64)
-    if method == "lora":
+    if method in ("lora", "pivotal"):
         assert scope["pipe"].unet.peft_config and scope["pipe"].text_encoder.peft_config
+    if method == "pivotal":  # the new tokens loaded by the card's load_textual_inversion line
+        assert scope["pipe"].tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"]) == [514, 515]

@@ -27,7 +27,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("personalize.backbones", "personalize.architectures", "personalize.cost", "personalize.pipeline",
         "personalize.adapters", "personalize.peft_adapters", "personalize.diffusion", "personalize.data",
         "personalize.subjects", "personalize.precision", "personalize.checkpoints", "personalize.runtimes",
-        "personalize.half_storage", "personalize.environment", "personalize.buckets", "personalize.captions"),
+        "personalize.half_storage", "personalize.environment", "personalize.buckets", "personalize.captions",
+        "personalize.embeddings"),
     # 3. finished runs on disk, and the one owner of resolving and loading any model source
     3: ("personalize.runs", "personalize.sources"),
     # 4. what a finished run or a base is used for
@@ -36,7 +37,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # 5. training: the typed config, the one fit loop, in-run monitoring, the DreamBooth orchestrator
     5: ("personalize.config", "personalize.fit", "personalize.monitor", "personalize.objective",
         "personalize.text_cache", "personalize.ema", "personalize.prior", "personalize.prepare",
-        "personalize.dreambooth"),
+        "personalize.pivotal", "personalize.dreambooth"),
     # 6. many runs: batch; the distillation recipes, on top of everything personalize offers below
     6: ("personalize.batch", "distill"),
     # 7. front-ends, no logic: the CLIs, their commands, the app

@@ -188,7 +188,7 @@ class App:
         return thumbs, "\n".join(lines)
 
     def make_config(self, name, base, source, subject, files, class_noun, method, steps, resolution, lr, rank,
-                    prior, class_images, sample_every, overwrite):
+                    prior, class_images, sample_every, overwrite, pivotal=False):
         """The TrainConfig of the Train tab, every value checked (as the CLI's flags) before the
         photos are stored: a refused value writes nothing."""
         name = check_name(name)
@@ -209,6 +209,8 @@ class App:
             class_images=_blank(class_images) if prior else 0, sample_every=_blank(sample_every))))
         values.update(method=method, subject=str(subject), base=base, output_dir=str(run_dir),
                       class_noun=(class_noun or "").strip() or None, overwrite=bool(overwrite))
+        if pivotal:  # --pivotal (else train_defaults' value, default off)
+            values["pivotal"] = True
         if own:  # phone photos are rarely square: train each at its aspect ratio rather than cut to a square
             values.setdefault("buckets", True)
         steps = values["steps"]

@@ -58,6 +58,8 @@ def build(app: App):
                 class_images = gr.Number(200, label="class images", precision=0, elem_id="class-images")
                 sample_every = gr.Number(0, label="sample grid every N steps (0: off)", precision=0, elem_id="sample-every")
                 overwrite = gr.Checkbox(False, label="overwrite a finished run of this name")
+                pivotal = gr.Checkbox(False, label="pivotal tuning (new tokens <s0><s1> trained too; not full)",
+                                      elem_id="pivotal")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", elem_id="cancel")
@@ -110,7 +112,7 @@ def build(app: App):
             eval_msg = gr.Markdown()
 
         train_inputs = [name, base, source, subject, photos, class_noun, method, steps, resolution, lr, rank, prior,
-                        class_images, sample_every, overwrite]
+                        class_images, sample_every, overwrite, pivotal]
         listing = [table, gen_runs, pick, interrupted]
         photos.change(app.check_photos, [photos, base, resolution], [thumbs, photo_msg], api_name="check_photos")
         for c in (base, resolution):  # the size check depends on both

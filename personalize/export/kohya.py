@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapters import ADAPTER_METHODS, LORA_WEIGHTS, LoraLayer, method_of, read_lora
+from ..embeddings import kohya_bundle_of
 from ..errors import UserError
 from ..fileio import atomic_file
 from ..outputs import check_output, output_lock
@@ -55,7 +56,7 @@ def export_kohya(run_dir: Path, out: Path, overwrite: bool = False, names: str =
     if names == "ldm":
         unet_names = kohya_unet_namer(resolve_source(run_dir).pipeline_dir)
     meta["personalize_names"] = names
-    tensors = to_kohya(layers, unet_names)
+    tensors = to_kohya(layers, unet_names) | kohya_bundle_of(run_dir, run)  # --pivotal: its embedding bundled
     with output_lock(out), atomic_file(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return out

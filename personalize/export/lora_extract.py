@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..adapters import ADAPTER_METHODS, COMPONENTS, LORA_WEIGHTS, read_lora
 from ..defaults import METHOD_LABELS
+from ..embeddings import A1111_DIR, DIFFUSERS_FILE, of_source_runs, save_embeddings
 from ..errors import UserError
 from ..fileio import atomic_dir, write_json, write_text
 from ..outputs import check_output, output_lock
@@ -235,7 +236,8 @@ def _write(out: Path, run: dict, layers: dict, ranks: dict, report: dict, overwr
     unet_rank = kw.get("unet_lora_adapter_metadata", {}).get("r")
     label = METHOD_LABELS.get(report["method"], report["method"])
     record = {k: v for k, v in run.items() if k not in ("step", "of_run", "outputs")}
-    record |= {"method": "lora", "outputs": [LORA_WEIGHTS],
+    pivotal = of_source_runs([(Path(report["from"]), run)])  # --pivotal: its embeddings go along
+    record |= {"method": "lora", "outputs": [LORA_WEIGHTS, *([DIFFUSERS_FILE, A1111_DIR] if pivotal else [])],
                "config": dict(run.get("config") or {}) | {"method": "lora", "rank": unet_rank, "lora_alpha": unet_rank,
                                                           "rslora": False, "rank_pattern": {}, "alpha_pattern": {}},
                "converted": {k: report[k] for k in ("from", "method", "rank", "energy", "relative_error")}}
@@ -244,6 +246,8 @@ def _write(out: Path, run: dict, layers: dict, ranks: dict, report: dict, overwr
                                                   text_encoder_lora_layers=layers["text_encoder"] or None,
                                                   safe_serialization=True, **kw)
         write_json(tmp / EXPORT_JSON, report)
+        if pivotal:
+            save_embeddings(tmp, *pivotal)
         write_run(tmp, record)
         write_text(tmp / "README.md",
                    f"# {run['subject']['name']}: the {label} run `{report['from']}` as a LoRA\n\n"

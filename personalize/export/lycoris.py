@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from ..adapters import ADAPTER_DIR, COMPONENTS
+from ..embeddings import kohya_bundle_of
 from ..errors import UserError
 from ..fileio import atomic_file
 from ..outputs import output_lock
@@ -45,6 +46,7 @@ def export_lycoris(run_dir: Path, run: dict, out: Path, names: str = "diffusers"
     layers = oft_diffs(run_dir, method) if method in FULL_DIFF else lycoris_layers(run_dir, method)
     tensors = {f"{kohya_name(comp, module, unet_names)}.{k}": v.contiguous()
                for (comp, module), params in layers.items() for k, v in params.items()}
+    tensors |= kohya_bundle_of(run_dir, run)  # --pivotal: its embedding bundled, as kohya does
     algo = "full" if method in FULL_DIFF else method
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": algo}),
             "ss_output_name": out.stem, "personalize_method": str(method), "personalize_names": names,

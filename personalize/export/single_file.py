@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..backbones import is_pipeline_dir
+from ..embeddings import a1111_embedding, of_source_runs
 from ..errors import UserError
 from ..fileio import atomic_file, write_text
 from ..outputs import check_output, output_lock
@@ -53,7 +54,7 @@ def _source(source, base: str | None, lora_scale: float, allow_pickle: bool):
     else:
         b = resolve_base(str(source))
         src, label, inputs = Source(b.path, str(source)), str(source), [b.path]
-    return load_fused(src, allow_pickle), src.pipeline_dir, label, inputs
+    return load_fused(src, allow_pickle), src.pipeline_dir, label, inputs, src
 
 
 def checkpoint_tensors(comps: dict, half: bool = False) -> tuple[dict, UNetLayout]:
@@ -192,10 +193,17 @@ def export_single_file(source, out: Path, half: bool = False, base: str | None =
     src_path = Path(str(source)).expanduser()
     for p in (out, yaml_path, readme):
         check_output(p, kind="file", inputs=[src_path] if src_path.exists() else [], overwrite=overwrite)
-    comps, pipeline_dir, label, inputs = _source(source, base, lora_scale, allow_pickle)
-    for p in (out, yaml_path, readme):
+    comps, pipeline_dir, label, inputs, src = _source(source, base, lora_scale, allow_pickle)
+    # --pivotal: the checkpoint keeps the base's table (what A1111's and ComfyUI's own tokenizers index;
+    # a longer one fails to load there), the embedding goes beside it as their embeddings file
+    pivotal = of_source_runs([(a.run_dir, a.run) for a in src.adapters])
+    emb = out.parent / f"{out.stem}-embeddings" / f"{pivotal[0]}.safetensors" if pivotal else None
+    for p in (out, yaml_path, readme, *([emb] if emb else [])):
         check_output(p, kind="file", inputs=inputs, overwrite=overwrite)
     tensors, layout = checkpoint_tensors(comps, half)
+    if pivotal:
+        key = next(k for k in tensors if k.endswith("token_embedding.weight"))
+        tensors[key] = tensors[key][: -len(pivotal[1])].contiguous()
     who = clients(layout, comps["vae"].config.norm_num_groups, is_open_clip(comps["text_encoder"]))
     needs_yaml = who["AUTOMATIC1111"].startswith("yes") and "yaml" in who["AUTOMATIC1111"]
     meta = {"format": "pt", "personalize_source": label, "personalize_layout": _layout_line(layout),
@@ -206,7 +214,12 @@ def export_single_file(source, out: Path, half: bool = False, base: str | None =
             write_text(yaml_path, a1111_yaml(layout, comps))
         elif yaml_path.exists():  # --overwrite of an earlier export with another layout
             yaml_path.unlink()
-        write_text(readme, _readme(out, label, layout, who, pipeline_dir, half))
+        if pivotal:
+            a1111_embedding(emb, pivotal[1])
+        write_text(readme, _readme(out, label, layout, who, pipeline_dir, half)
+                   + (f"\nPivotal tuning's embedding: `{emb.parent.name}/{emb.name}`; copy it into A1111's "
+                      f"`embeddings/` (ComfyUI: `models/embeddings/`) and write `{pivotal[0]}` in a prompt "
+                      f"(ComfyUI: `embedding:{pivotal[0]}`).\n" if pivotal else ""))
     return SingleFile(out, yaml_path if needs_yaml else None, readme, who, len(tensors))
 
 

@@ -116,11 +116,12 @@ def write_coreml(comps: dict, out: Path, resolution: int, settings: dict) -> str
             model = palettize(model, nbits)
         model.short_description = f"{package} of a personalize export (Stable Diffusion, {resolution} px)"
         model.save(str(Path(out) / f"{package}.mlpackage"))
-    _tokenizer_files(comps, Path(out))
+    added = _tokenizer_files(comps, Path(out))
     if settings.get("bundle_resources"):
         compile_resources(Path(out))
     return README.format(nbits="fp16 (no palettization)" if nbits is None else f"{nbits}-bit k-means palettized "
-                         "text encoder and U-Net", attention=settings["attention"], res=resolution)
+                         "text encoder and U-Net", attention=settings["attention"], res=resolution) + (
+        ADDED.format(tokens=", ".join(f"`{t}` = {i}" for t, i in added.items())) if added else "")
 
 
 def palettize(model, nbits: int):
@@ -131,21 +132,26 @@ def palettize(model, nbits: int):
     return ct.optimize.coreml.palettize_weights(model, config=config)
 
 
-def _tokenizer_files(comps: dict, out: Path) -> None:
-    """vocab.json + merges.txt (what Swift's BPETokenizer reads), from the tokenizer's own model."""
+def _tokenizer_files(comps: dict, out: Path) -> dict[str, int]:
+    """vocab.json + merges.txt (what Swift's BPETokenizer reads), from the tokenizer's own model;
+    tokens added beyond them (--pivotal's) into added_tokens.json, returned."""
     import tempfile
 
+    added = {t: i for t, i in comps["tokenizer"].get_added_vocab().items() if i >= comps["tokenizer"].vocab_size}
+    if added:
+        (out / "added_tokens.json").write_text(json.dumps(added))
     with tempfile.TemporaryDirectory() as d:
         comps["tokenizer"].save_pretrained(d)
         vocab_file, merges_file = Path(d) / "vocab.json", Path(d) / "merges.txt"
         if vocab_file.is_file() and merges_file.is_file():
             shutil.copyfile(vocab_file, out / "vocab.json")
             shutil.copyfile(merges_file, out / "merges.txt")
-            return
+            return added
         model = json.loads((Path(d) / "tokenizer.json").read_text())["model"]
     (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return added
 
 
 MAC_HINT = ("compiling .mlmodelc resources needs a Mac with Xcode; there run "
@@ -191,3 +197,12 @@ unet = ct.models.MLModel("Unet.mlpackage", compute_units=ct.ComputeUnit.CPU_AND_
 Apple's `python_coreml_stable_diffusion.pipeline` looks for
 `Stable_Diffusion_version_<name>_{{text_encoder,unet,vae_decoder}}.mlpackage`: link these packages
 under those names (`-i DIR --model-version <name>`)."""
+
+ADDED = """
+
+## Added tokens (pivotal tuning)
+
+The text encoder's embedding table has rows for {tokens} (`added_tokens.json`), the run's prompts'
+`{{token}}`. Apple's Swift `BPETokenizer` reads only vocab.json and merges.txt and never yields an
+added token: tokenize the prompt with the `tokenizer/` of a merged export (`transformers`), or
+load the run's `embeddings/<token>.safetensors` in AUTOMATIC1111 or ComfyUI instead."""
