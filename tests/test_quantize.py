@@ -185,3 +185,11 @@ def test_a_device_bitsandbytes_has_no_backend_for_is_one_line():
     assert "mps" in str(e.value) and "\n" not in str(e.value)
     check_backend("int8", "cpu")
     check_quantization("lora", "none")
+
+
+def test_the_app_parser_path_takes_it_as_the_cli_does():
+    from personalize.app.handlers import parse_as_cli
+
+    assert parse_as_cli("lora", {"--base-quantization": "nf4"}, "--subject=-").base_quantization == "nf4"
+    with pytest.raises(UserError, match="base-quantization"):
+        parse_as_cli("full", {"--base-quantization": "nf4"}, "--subject=-")
