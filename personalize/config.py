@@ -8,7 +8,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .argtypes import key_values
-from .defaults import (ADAPTER_METHOD_NAMES, BASE_QUANTIZATIONS, CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LORA_FILE_METHODS, LR_SCHEDULERS, METHODS,
+from .defaults import (ADAPTER_METHOD_NAMES, BASE_QUANTIZATIONS, CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO,
+                       LORA_FILE_METHODS, LR_SCHEDULERS, METHODS,
                        MIXED_PRECISIONS, OPTIMIZERS, RANKED_METHODS)
 from .errors import UserError
 from .extras import require_extra

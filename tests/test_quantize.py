@@ -193,3 +193,14 @@ def test_the_app_parser_path_takes_it_as_the_cli_does():
     assert parse_as_cli("lora", {"--base-quantization": "nf4"}, "--subject=-").base_quantization == "nf4"
     with pytest.raises(UserError, match="base-quantization"):
         parse_as_cli("full", {"--base-quantization": "nf4"}, "--subject=-")
+
+
+def test_a_settings_file_and_batch_take_it(tmp_path):
+    from personalize.cli import build_parser
+    from personalize.commands.dreambooth import config_from_args
+
+    f = tmp_path / "s.toml"
+    f.write_text('subject = "dog"\nbase-quantization = "int8"\n')
+    assert config_from_args(build_parser().parse_args(["lora", "--config", str(f)]), "lora").base_quantization == "int8"
+    args = build_parser().parse_args(["batch", "--methods", "lora,full", "--base-quantization", "nf4"])
+    assert args.base_quantization == "nf4"
