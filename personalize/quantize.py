@@ -122,11 +122,13 @@ def quantize_frozen(model: "nn.Module", quantization: str, compute_dtype: "torch
 
     if quantization == "none":
         return 0
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    for name, linear in targets:
+    # names, not modules: each full-precision layer is freed as soon as its quantized one replaces it
+    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name in targets:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                _quantized(linear, quantization, compute_dtype, device))
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, _quantized(getattr(owner, child), quantization, compute_dtype, device))
+        _release_freed_memory()
     if rest_dtype is not None:
         for m in model.modules():
             if is_quantized(m):
@@ -139,7 +141,30 @@ def quantize_frozen(model: "nn.Module", quantization: str, compute_dtype: "torch
             for key, buf in list(m.named_buffers(recurse=False)):
                 if buf.is_floating_point():
                     setattr(m, key, buf.to(rest_dtype))
+            if rest_dtype.itemsize > 2 and any(True for _ in m.parameters(recurse=False)):
+                _release_freed_memory()  # a 16-bit load widened: its copy goes as each layer's wider one comes
     return len(targets)
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed full-precision weight back to the OS (glibc's malloc_trim). glibc keeps freed
+    blocks of this size in its heap, so without it the process held the replaced weights too: a
+    bk-sdm-small base in bf16 measured 1.85 GB resident after NF4 instead of 1.37 GB."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only (musl, macOS and Windows have none)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def is_quantized(m: "nn.Module") -> bool:
