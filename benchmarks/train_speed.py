@@ -150,7 +150,8 @@ def worker_ours(a) -> dict:
                       mixed_precision={"bf16": "bf16", "fp32": "no", "cpu_half_weights": "no"}.get(a.lever, a.mixed_precision),
                       gradient_checkpointing=a.gradient_checkpointing or a.lever == "gradient_checkpointing",
                       cpu_half_weights=a.lever == "cpu_half_weights",
-                      use_8bit_adam=a.use_8bit_adam, checkpoint_every=0, validation_images=0,
+                      use_8bit_adam=a.use_8bit_adam, base_quantization=a.base_quantization,
+                      checkpoint_every=0, validation_images=0,
                       log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
     run_dir = train_subject(cfg, log=lambda s: None, progress=False, profile_steps=True)
     meta = json.loads((run_dir / "run.json").read_text())
@@ -251,6 +252,10 @@ OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "f
                 "no_uncast", "threads_1"]
 
 
+def kind_has_quant(method: str) -> bool:
+    return method != "full"  # a full run trains the whole base: nothing frozen to quantize
+
+
 def run_worker(args: list[str], env: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -272,6 +277,8 @@ def main() -> int:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="both loops (default off: memory does not need it at these settings)")
     p.add_argument("--use-8bit-adam", action="store_true", help="ours: bitsandbytes AdamW8bit (CUDA)")
+    p.add_argument("--base-quantization", default="none",
+                   help="ours: comma list of none, int8, nf4 (QLoRA's frozen base), each with every --options row")
     p.add_argument("--levers", default="", help=f"also measure the reference with one lever each: {','.join(LEVERS)} or all")
     p.add_argument("--options", default="", help=f"also measure ours with one option on each: {','.join(OURS_OPTIONS)} or all")
     p.add_argument("--cache-dir", default=os.environ.get("PERSONALIZE_BENCH_CACHE", str(Path.home() / ".cache/personalize/bench")))
@@ -303,8 +310,10 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     slow_bf16 = not torch.cuda.is_available() and not cpu_bf16_is_native()
     settings = {k: getattr(a, k) for k in ("resolution", "prior", "steps", "warmup", "class_images", "class_image_steps",
-                                           "mixed_precision", "gradient_checkpointing", "use_8bit_adam")}
+                                           "mixed_precision", "gradient_checkpointing", "use_8bit_adam",
+                                           "base_quantization")}
     results = []
+    load_start = os.getloadavg()  # the machine's load: s/step is comparable only on an idle machine
     levers = LEVERS if a.levers == "all" else [x for x in a.levers.split(",") if x]
     options = OURS_OPTIONS if a.options == "all" else [x for x in a.options.split(",") if x]
     for model in a.models.split(","):
@@ -312,9 +321,10 @@ def main() -> int:
         base = bench_pipeline(model, cache)
         print(f"[{model}] pipeline ready in {time.perf_counter() - t0:.1f}s: {base}", file=sys.stderr)
         for method in a.methods.split(","):
-            plan = ([("ours", None)] + [("ours", o) for o in options] + [("reference", None)]
-                    + [("lever", lv) for lv in levers])
-            for kind, lever in plan:
+            quants = a.base_quantization.split(",") if kind_has_quant(method) else ["none"]
+            plan = ([("ours", None, q) for q in quants] + [("ours", o, q) for o in options for q in quants]
+                    + [("reference", None, "none")] + [("lever", lv, "none") for lv in levers])
+            for kind, lever, quant in plan:
                 if slow_bf16 and (lever == "bf16_autocast" or (kind == "ours" and "bf16" in (a.mixed_precision, lever))):
                     # emulated bf16 would take hours here; benchmarks/cpu_bf16.py measures the cost
                     results.append({"model": model, "method": method, "impl": kind if not lever else f"reference+{lever}",
@@ -332,14 +342,19 @@ def main() -> int:
                         args += ["--lever", lever]
                     if a.use_8bit_adam and kind == "ours":
                         args += ["--use-8bit-adam"]
-                    print(f"[{model}] {method} {kind} {lever or ''} ...", file=sys.stderr)
+                    if kind == "ours":
+                        args += ["--base-quantization", quant]
+                    print(f"[{model}] {method} {kind} {lever or ''} {quant} ...", file=sys.stderr)
                     r = run_worker(args, env)
                 impl = {"ours": "ours", "reference": "reference", "lever": "reference"}[kind]
-                results.append({"model": model, "method": method, "impl": impl + (f"+{lever}" if lever else ""), **r})
+                results.append({"model": model, "method": method, "base_quantization": quant,
+                                "impl": impl + (f"+{lever}" if lever else "") + (f"+{quant}" if quant != "none" else ""),
+                                **r})
     print_table(results)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": device, "torch": torch.__version__, "settings": settings, "results": results,
+           "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
            "date": time.strftime("%Y-%m-%d %H:%M")}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")

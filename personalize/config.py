@@ -6,27 +6,36 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .argtypes import key_values
 from .embeddings import new_tokens, prompt_token
-from .defaults import (CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO, LORA_FILE_METHODS, LR_SCHEDULERS, METHODS,
-                       MIXED_PRECISIONS, OPTIMIZERS, RANKED_METHODS)
+from .defaults import (ADAPTER_METHOD_NAMES, BASE_QUANTIZATIONS, CLASS_IMAGE_RUNTIMES, DEFAULT_CLIP, DEFAULT_DINO,
+                       LORA_FILE_METHODS, LR_SCHEDULERS, METHODS, MIXED_PRECISIONS, OPTIMIZERS, RANKED_METHODS)
 from .errors import UserError
 from .extras import require_extra
+from .quantize import check_quantization
 
 # fields that only some adapter methods read: a flag of those methods' commands (and of batch) only,
 # and in a run's config.toml only for those methods
 METHOD_FLAGS = {"lokr_factor": ("lokr",), "oft_block_size": ("oft",), "boft_block_num": ("boft",),
                 "boft_butterfly_factor": ("boft",), "hra_rank": ("hra",), "rslora": LORA_FILE_METHODS,
                 "loraplus_lr_ratio": LORA_FILE_METHODS, "rank_pattern": RANKED_METHODS,
-                "alpha_pattern": RANKED_METHODS}
+                "alpha_pattern": RANKED_METHODS, "base_quantization": ADAPTER_METHOD_NAMES}
 # --prior: DreamBooth's class images (the BK-SDM recipe), or the frozen base's own prediction (prior.py)
 PRIORS = ("class-images", "base-prediction")
 
 
 def other_methods_fields(method: str) -> set[str]:
     return {f for f, ms in METHOD_FLAGS.items() if method not in ms}
+
+
+def for_method(cfg: "TrainConfig", method: str) -> "TrainConfig":
+    """`cfg` as a run of `method` reads it (batch's --methods grid): the fields only other methods
+    read back at their defaults."""
+    skip = other_methods_fields(method)
+    return replace(cfg, method=method, **{f.name: f.default if f.default is not MISSING else f.default_factory()
+                                          for f in fields(cfg) if f.name in skip})
 
 
 @dataclass
@@ -173,6 +182,13 @@ class TrainConfig:
     cpu_half_weights: bool = field(default=False, metadata={
         "help": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (2 bytes a frozen weight "
                 "instead of 4, slower steps)"})
+    # none, as in the recipe; nf4 is QLoRA's (Dettmers et al. 2023: 4-bit NormalFloat, double quantization)
+    base_quantization: str = field(default="none", metadata={
+        "choices": BASE_QUANTIZATIONS,
+        "help": "hold the frozen U-Net's and text encoder's Linear layers in bitsandbytes nf4 (QLoRA: 4-bit "
+                "NormalFloat, double quantization) or int8 while the adapter trains (convs stay as they are); "
+                "nf4: lora, dora, oft, boft; int8: lora, loha, lokr, oft, boft; the adapter saved is one of the "
+                "plain base"})
     # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
     mixed_precision: str = field(default="auto", metadata={
         "choices": MIXED_PRECISIONS, "help": "auto (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), no, fp16 or bf16"})
@@ -357,6 +373,9 @@ class TrainConfig:
             require_extra("prodigy", "--optimizer prodigy")  # before any model is loaded: a missing extra is one line up front
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise UserError(f"--use-8bit-adam and --optimizer {self.optimizer} contradict each other; pick one")
+        if self.base_quantization not in BASE_QUANTIZATIONS:
+            raise UserError(f"--base-quantization must be one of {', '.join(BASE_QUANTIZATIONS)}, got '{self.base_quantization}'")
+        check_quantization(self.method, self.base_quantization)
         if self.prior not in PRIORS:
             raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got '{self.prior}'")
         if self.checkpoint_every < 0:

@@ -55,3 +55,5 @@ KOHYA_NAMES = ("diffusers", "ldm")  # U-Net key names of a kohya export (ldm: th
 # (accelerate's names; auto: fp16 on CUDA as BK-SDM, bf16 on CPUs with native bf16, else no)
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+# --base-quantization: the frozen base's Linear layers as they are, or in bitsandbytes NF4 / int8 (quantize.py)
+BASE_QUANTIZATIONS = ("none", "nf4", "int8")

@@ -34,6 +34,7 @@ from .embeddings import record as pivotal_record
 from .objective import build_cache, dreambooth_loss
 from .prepare import RAW_DIR, VALIDATION_PNG, Prepared, prepare
 from .prior import base_models
+from .quantize import check_backend, quantize_frozen
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import write_run
@@ -170,7 +171,11 @@ def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tupl
     # LoRA keeps the base frozen, so under mixed precision its weights live in half precision
     # (the diffusers recipe); full finetuning keeps fp32 master weights and relies on autocast
     frozen_dtype = compute_dtype if cfg.method != "full" else torch.float32
-    reuse = loaded is not None and loaded.base.path == p.base.path
+    quantized = cfg.base_quantization != "none"
+    if quantized:
+        check_backend(cfg.base_quantization, device)  # before any weight is read
+    # a quantized base is loaded and quantized by its own run (batch passes none)
+    reuse = loaded is not None and loaded.base.path == p.base.path and not quantized
     half_store = (cfg.cpu_half_weights and cfg.method != "full" and device.type == "cpu"
                   and compute_dtype == torch.float32)
     if half_store and reuse:
@@ -181,8 +186,12 @@ def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tupl
         comps["unet"].to(dtype=frozen_dtype)
         comps["text_encoder"].to(dtype=frozen_dtype)
     else:
-        # half storage: read straight into fp16 (tensor by tensor), never holding the fp32 model
-        comps = load_components(p.base.path, cfg.allow_pickle, dtype=torch.float16 if half_store else frozen_dtype)
+        # half storage or quantization: read straight into 16 bits (tensor by tensor), never holding the fp32 model
+        comps = load_components(p.base.path, cfg.allow_pickle,
+                                dtype=torch.float16 if half_store or quantized and frozen_dtype == torch.float32
+                                else frozen_dtype)
+    for k in ("unet", "text_encoder") if quantized else ():
+        quantize_frozen(comps[k], cfg.base_quantization, compute_dtype, device, None if half_store else frozen_dtype)
     if half_store:
         store_frozen_in_half(comps["unet"])
         store_frozen_in_half(comps["text_encoder"])

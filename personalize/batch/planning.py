@@ -9,11 +9,11 @@ import fnmatch
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..backbones import BACKBONES
-from ..config import TrainConfig
+from ..config import TrainConfig, for_method
 from ..defaults import METHODS
 from ..errors import UserError
 from ..outputs import slug
@@ -138,7 +138,7 @@ def check_inputs(template: TrainConfig, bases: list[str], methods: list[str]) ->
             raise UserError(f"--bases: unknown base '{b}'; known: {', '.join(BACKBONES)} "
                             f"(or a hub id / local pipeline dir)")
     for m in methods:
-        replace(template, method=m).validate()
+        for_method(template, m).validate()
 
 
 def plan(bases: list[str], methods: list[str], subjects: list[str]) -> list[Job]:

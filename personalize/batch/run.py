@@ -17,7 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import dreambooth, sources  # their functions are looked up when called, so a patched one is used
-from ..config import TrainConfig
+from ..config import TrainConfig, for_method
 from ..errors import UserError
 from ..evaluation.protocol import evaluate_run
 from ..evaluation.evaluators import ClipEmbedder, DinoEmbedder
@@ -90,13 +90,15 @@ def _run_job(job: Job, template: TrainConfig, batch_dir: Path, held: _Bases, eva
     if is_finished(run_dir):  # trained earlier, only its scores are missing
         status = read_json(status_file) or {"status": "finished"}
     else:
-        cfg = replace(template, method=job.method, base=job.base, subject=job.subject, output_dir=str(run_dir),
+        cfg = replace(for_method(template, job.method), base=job.base, subject=job.subject, output_dir=str(run_dir),
                       resume=True, overwrite=False)
         _drop_partial_outputs(run_dir)
         t0 = time.perf_counter()
         failure = None
         try:
-            dreambooth.train_subject(cfg, log=log, loaded=held.get(job.base, cfg.allow_pickle))
+            # a quantized base is loaded (and quantized) by its run: the shared copy is the plain base
+            loaded = held.get(job.base, cfg.allow_pickle) if cfg.base_quantization == "none" else None
+            dreambooth.train_subject(cfg, log=log, loaded=loaded)
             status = {"status": "finished"}
         except Exception as e:  # noqa: BLE001 - one subject's failure must not stop the batch
             failure = e
