@@ -124,3 +124,19 @@ def cli(capsys):
         return CliResult(code, cap.out, cap.err)
 
     return run
+
+
+def kill_after_checkpoint(monkeypatch, step: int):
+    """The next run raises KeyboardInterrupt right after writing the checkpoint of `step`, as a run
+    killed there; returns the call that makes runs whole again (before `--resume`)."""
+    import personalize.checkpoints as ckpt
+
+    real = ckpt.save_checkpoint
+
+    def save_then_die(run_dir, at, *a, **k):
+        real(run_dir, at, *a, **k)
+        if at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(ckpt, "save_checkpoint", real)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FAST
+from conftest import FAST, kill_after_checkpoint
 from personalize.buckets import (BUCKET_STEP, bucket_sizes, load_bucketed, load_bucketed_masks, nearest_bucket,
                                  place)
 from personalize.data import load_masks, load_training_images
@@ -106,7 +106,6 @@ def test_buckets_ema_and_caption_options_resume_bit_exactly(prior, tmp_path, cli
     prior preservation (square class images beside non-square buckets: two U-Net calls), or with
     the frozen base's prediction as the prior and --pivotal (issue 26's six at once):
     interrupted after the checkpoint of step 2 and resumed = uninterrupted, EMA included."""
-    import personalize.checkpoints as ckpt_mod
 
     photos = _varied_photos(tmp_path / "photos")
     args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--resolution", "192", "--steps", "4",
@@ -114,16 +113,9 @@ def test_buckets_ema_and_caption_options_resume_bit_exactly(prior, tmp_path, cli
             "--ema-decay", "0.5", "--caption-dropout", "0.3", "--shuffle-caption", "--keep-tokens", "1",
             "--train-batch-size", "2", "--log-every", "1", *prior]
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
-    real = ckpt_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real(run_dir, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 2)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
-    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
 
     a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in "ab")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from conftest import kill_after_checkpoint
 import torch
 
 from test_methods import QUICK, _cfg, _inputs, _out, _perturb
@@ -178,22 +180,14 @@ def test_bad_method_options_are_one_line_and_write_nothing(photos, tmp_path, cli
 
 @pytest.mark.slow
 def test_loraplus_run_resumes_exactly(photos, tmp_path, cli, monkeypatch):
-    import personalize.checkpoints as ckpt
     from safetensors.torch import load_file
 
     args = ["lora", "--subject", photos, "--class-noun", "dog", *QUICK, "--steps", "4", "--checkpoint-every", "2",
             "--optimizer", "loraplus"]
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 2)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
     a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, kill_after_checkpoint
 from personalize.defaults import ADAPTER_METHOD_NAMES
 
 ADAPTERS = list(ADAPTER_METHOD_NAMES)
@@ -300,21 +300,13 @@ def test_an_adapter_on_a_base_of_another_shape_is_one_line(method, method_runs, 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dora", "loha", "lokr", "oft"])
 def test_resume_equals_uninterrupted(method, photos, tmp_path, cli, monkeypatch):
-    import personalize.checkpoints as ckpt
     from safetensors.torch import load_file
 
     args = [method, "--subject", photos, "--class-noun", "dog", *QUICK, "--steps", "4", "--checkpoint-every", "2"]
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 2)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
     files = (["pytorch_lora_weights.safetensors"] if method == "dora"
              else ["adapter/unet/adapter_model.safetensors", "adapter/text_encoder/adapter_model.safetensors"])

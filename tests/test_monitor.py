@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from _metric_fixtures import tiny_model_dirs  # noqa: F401 - pytest fixture
-from conftest import FAST
+from conftest import FAST, kill_after_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -160,21 +160,13 @@ def test_lora_step_saves_equal_an_uninterrupted_run_and_samples_change_nothing(p
 
 @pytest.mark.slow
 def test_resume_with_monitoring_is_exact(photos, tmp_path, cli, monkeypatch):
-    import personalize.checkpoints as ck
 
     args = _lora_args(photos, "--steps", "6", "--checkpoint-every", "3", "--save-every", "2", "--sample-every", "3",
                       "--validation-images", "0")
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
-    real = ck.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ck, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 3)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
-    monkeypatch.setattr(ck, "save_checkpoint", real)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
     final = "pytorch_lora_weights.safetensors"
     for rel in (final, f"steps/step-000002/{final}", f"steps/step-000004/{final}"):

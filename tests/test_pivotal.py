@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FAST
+from conftest import FAST, kill_after_checkpoint
 from personalize.embeddings import A1111_KEY, DIFFUSERS_FILE, DIFFUSERS_KEY
 
 TOKENS = ["<s0>", "<s1>"]
@@ -362,23 +362,15 @@ def test_resume_is_bit_exact_across_the_end_of_ti_steps(photos, tmp_path, cli, m
     """Killed after the checkpoint of step 2 (the last step the new rows train, --ti-steps 0.5 of
     4) and resumed: the rows' values and AdamW state come from the checkpoint, the LoRA and the
     embeddings equal an uninterrupted run's bit for bit."""
-    import personalize.checkpoints as ckpt_mod
 
     args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--class-images", "0", "--validation-images",
             "0", "--lr", "1e-2", "--ti-lr", "1e-2", "--pivotal", "--checkpoint-every", "2", "--log-every", "1"]
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
-    real = ckpt_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real(run_dir, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 2)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
     ckpt = load_file(next((tmp_path / "b" / "checkpoints").glob("step-*")) / "trainable.safetensors")
     assert [k for k in ckpt if "token_embedding" in k] == ["text_encoder.embeddings.token_embedding.rows"]
-    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
     for f in ("pytorch_lora_weights.safetensors", DIFFUSERS_FILE):
         a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)

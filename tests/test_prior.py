@@ -8,7 +8,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST
+from conftest import FAST, kill_after_checkpoint
 
 PRIOR = ["--prior", "base-prediction"]
 
@@ -33,21 +33,13 @@ def test_prior_is_zero_at_step_0_grows_as_the_adapter_moves_and_draws_no_class_i
 
 
 def test_resume_is_exact(photos, tmp_path, cli, monkeypatch):
-    import personalize.checkpoints as ckpt
 
     args = ["lora", "--subject", photos, "--class-noun", "dog", "--lr", "1e-2", *FAST, *PRIOR,
             "--steps", "4", "--checkpoint-every", "2", "--validation-images", "0"]
     assert cli(*args, "--output-dir", tmp_path / "a").code == 0
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 2)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
     a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")

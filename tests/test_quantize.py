@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import FAST
+from conftest import FAST, kill_after_checkpoint
 from personalize.adapters import ADAPTER_METHODS
 from personalize.config import TrainConfig, for_method
 from personalize.defaults import ADAPTER_METHOD_NAMES
@@ -111,7 +111,6 @@ def test_linear_layers_swapped_convs_kept_and_the_bytes_shrink(quantization, rat
 def test_quantized_run_trains_resumes_exactly_and_its_lora_loads_on_the_plain_base(
         quantization, photos, tmp_path, cli, monkeypatch, lora_run, tiny_base):
     """Under --mixed-precision auto (bf16 on a CPU with native bf16, fp32 elsewhere)."""
-    import personalize.checkpoints as ckpt
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -120,16 +119,9 @@ def test_quantized_run_trains_resumes_exactly_and_its_lora_loads_on_the_plain_ba
             "--base-quantization", quantization]
     r = cli(*args, "--output-dir", tmp_path / "a")
     assert r.code == 0, r.err
-    real_save = ckpt.save_checkpoint
-
-    def save_then_die(run_dir, step, *a, **k):
-        real_save(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    whole_again = kill_after_checkpoint(monkeypatch, 3)
     assert cli(*args, "--output-dir", tmp_path / "b").code == 130
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    whole_again()
     assert cli(*args, "--output-dir", tmp_path / "b", "--resume").code == 0
     a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
