@@ -47,9 +47,8 @@ def one_run(base: Path, work: Path, resolution: int, prior: str, a) -> dict:
     meta = json.loads((out / "run.json").read_text())
     st, ci = meta["stats"], meta.get("class_images") or {}
     per_image = ci["seconds"] / ci["generated_now"] if ci.get("generated_now") else 0.0
-    steps_s = st["seconds_per_step"] if "seconds_per_step" in st else None
     return {"wall_s": wall, "load_s": st.get("load_seconds"), "cache_s": st.get("cache_seconds"),
-            "class_images_s": ci.get("seconds", 0.0), "s_per_class_image": per_image, "s_per_step": steps_s,
+            "class_images_s": ci.get("seconds", 0.0), "s_per_class_image": per_image, "s_per_step": st["seconds_per_step"],
             "precision": st.get("mixed_precision"), "stats": st}
 
 

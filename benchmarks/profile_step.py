@@ -95,37 +95,34 @@ class PartRanges:
 
     def __init__(self):
         import torch
-
-        self.torch = torch
-        self.stack: list = []
-        self.lora_ids: set[int] = set()
-        self.handles = []
-
-    def label(self, m) -> str | None:
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import Attention
         from peft.tuners.tuners_utils import BaseTunerLayer
         from transformers import CLIPTextModel
 
-        nn = self.torch.nn
-        if isinstance(m, BaseTunerLayer):
+        self.torch = torch
+        self.stack: list = []
+        self.lora_ids: set[int] = set()
+        self.handles = []
+        nn = torch.nn
+        # resolved once: `label` runs on every module's every forward
+        self.kinds = ((CLIPTextModel, "text encoder"), (UNet2DConditionModel, "unet"), (Attention, "unet: attention"),
+                      ((nn.GroupNorm, nn.LayerNorm), "norms"), ((nn.SiLU, nn.GELU), "activations"))
+        self.tuner = BaseTunerLayer
+
+    def label(self, m) -> str | None:
+        if isinstance(m, self.tuner):  # its A/B (and DoRA magnitude) modules are the part "lora"
             for d in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"):
-                for sub in getattr(m, d, {}).values() if hasattr(getattr(m, d, None), "values") else []:
-                    self.lora_ids.add(id(sub))
+                subs = getattr(m, d, None)
+                if isinstance(subs, self.torch.nn.ModuleDict):
+                    self.lora_ids.update(id(x) for x in subs.values())
             return None
         if id(m) in self.lora_ids:
             return "lora"
-        if isinstance(m, CLIPTextModel):
-            return "text encoder"
-        if isinstance(m, UNet2DConditionModel):
-            return "unet"
-        if isinstance(m, Attention):
-            return "unet: attention"
-        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-            return "norms"
-        if isinstance(m, (nn.SiLU, nn.GELU)) or type(m).__name__ in ("GEGLU", "GELU"):
-            return "activations"
-        return None
+        for cls, name in self.kinds:
+            if isinstance(m, cls):
+                return name
+        return "activations" if type(m).__name__ in ("GEGLU", "GELU") else None
 
     def __enter__(self):
         from torch.nn.modules import module as mm
@@ -284,28 +281,20 @@ def print_tables(doc: dict) -> None:
               f"text encoder {doc['step_flops']['text encoder'] / 1e12:.3f}); profiled {step_s:.3f} s/step = "
               f"{doc['achieved_gflops']:.0f} GFLOP/s = {doc['achieved_gflops'] / mm:.2f} of the {prec} matmul peak; "
               f"floor at that peak {doc['step_flops']['total'] / mm / 1e9:.3f} s")
-    t = Table(title="by part (self CPU time per step)")
-    for c in ("part", "s/step", "share"):
-        t.add_column(c)
     total = sum(prof["parts_s"].values())
-    for k in PARTS:
-        v = prof["parts_s"].get(k, 0.0)
-        t.add_row(k, f"{v:.3f}", f"{v / total:.0%}")
-    t.add_row("phases", ", ".join(f"{k} {v:.3f}" for k, v in prof["phases_s"].items()), "")
-    con.print(t)
-    t = Table(title="top ops (self CPU time per step)")
-    for c in ("op", "s/step", "share"):
-        t.add_column(c)
-    for k, v in list(prof["ops_s"].items())[:15]:
-        t.add_row(k[:70], f"{v:.3f}", f"{v / total:.0%}")
-    con.print(t)
-    t = Table(title="top (part, phase, op) (self CPU time per step)")
-    for c in ("part | phase | op", "s/step", "share"):
-        t.add_column(c)
-    for k, v in list(prof["part_ops_s"].items())[:25]:
-        t.add_row(k[:100], f"{v:.3f}", f"{v / total:.0%}")
-    con.print(t)
 
+    def table(title: str, rows) -> None:
+        t = Table(title=title)
+        for c in (title.split(" (")[0], "s/step", "share"):
+            t.add_column(c)
+        for k, v in rows:
+            t.add_row(k[:100], f"{v:.3f}", f"{v / total:.0%}")
+        con.print(t)
+
+    table("part (self CPU time per step)", [(k, prof["parts_s"].get(k, 0.0)) for k in PARTS])
+    con.print("phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in prof["phases_s"].items()))
+    table("op (self CPU time per step)", list(prof["ops_s"].items())[:15])
+    table("part | phase | op (self CPU time per step)", list(prof["part_ops_s"].items())[:25])
 
 if __name__ == "__main__":
     sys.exit(main())
