@@ -182,11 +182,16 @@ class TrainConfig:
     cpu_half_weights: bool = field(default=False, metadata={
         "help": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (2 bytes a frozen weight "
                 "instead of 4, slower steps)"})
+    # off: glibc's heap reuse is faster; on, peak RSS of a 256 px fp32 LoRA step -0.5 GB (host_memory.py, RESULTS.md)
+    release_freed_memory: bool = field(default=False, metadata={
+        "help": "Linux: tensors of 1 MB and up get their own mapping and go back to the OS when freed (glibc "
+                "keeps them in its heap otherwise): less peak RAM, slower CPU steps"})
     # none, as in the recipe; nf4 is QLoRA's (Dettmers et al. 2023: 4-bit NormalFloat, double quantization)
     base_quantization: str = field(default="none", metadata={
         "choices": BASE_QUANTIZATIONS,
         "help": "hold the frozen U-Net's and text encoder's Linear layers in bitsandbytes nf4 (QLoRA: 4-bit "
-                "NormalFloat, double quantization) or int8 while the adapter trains (convs stay as they are); "
+                "NormalFloat, double quantization) or int8 while the adapter trains (convs in 16 bits; fp16 "
+                "storage, as --cpu-half-weights, on a CPU in fp32); "
                 "nf4: lora, dora, oft, boft; int8: lora, loha, lokr, oft, boft; the adapter saved is one of the "
                 "plain base"})
     # fp16 on CUDA (BK-SDM); on CPU bf16 where native, else fp32 (RESULTS.md)
@@ -324,13 +329,11 @@ class TrainConfig:
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
         for name in ("steps", "rank", "text_encoder_rank", "train_batch_size", "gradient_accumulation_steps",
-                     "class_image_steps", "class_image_batch_size", "validation_steps", "log_every"):
+                     "class_image_steps", "class_image_batch_size", "validation_steps", "log_every",
+                     "lora_alpha", "text_encoder_alpha", "oft_block_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("lora_alpha", "text_encoder_alpha"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("prior_loss_weight", "max_grad_norm", "lr_warmup_steps", "validation_images"):
+        for name in ("prior_loss_weight", "max_grad_norm", "lr_warmup_steps", "validation_images", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
@@ -378,10 +381,6 @@ class TrainConfig:
         check_quantization(self.method, self.base_quantization)
         if self.prior not in PRIORS:
             raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got '{self.prior}'")
-        if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if self.oft_block_size <= 0:
-            raise UserError(f"--oft-block-size must be positive, got {self.oft_block_size}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise UserError(f"--lokr-factor must be -1 (automatic) or positive, got {self.lokr_factor}")
         self._validate_method_options()

@@ -29,6 +29,7 @@ from .fileio import move_into, scratch_dir, write_text
 from .ema import WeightsEMA
 from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .half_storage import store_frozen_in_half
+from .host_memory import return_freed_memory
 from . import __version__, card, monitor, pivotal
 from .embeddings import record as pivotal_record
 from .objective import build_cache, dreambooth_loss
@@ -107,6 +108,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     note = bf16_cpu_note(accelerator.mixed_precision, accelerator.device)
     if note and accelerator.is_main_process:
         log(note)
+    # before the base loads: its transient copies are freed under the same policy as the step's
+    if cfg.release_freed_memory and not return_freed_memory() and accelerator.is_main_process:
+        log("note: --release-freed-memory: this platform's allocator takes no such setting (glibc only); ignored")
     t_start = time.perf_counter()
     comps, reuse = _load_base(p, accelerator, loaded, log)
     ti = pivotal.add_new_tokens(cfg, comps, p.subject.class_noun)  # before any prompt is tokenized
@@ -176,7 +180,8 @@ def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tupl
         check_backend(cfg.base_quantization, device)  # before any weight is read
     # a quantized base is loaded and quantized by its own run (batch passes none)
     reuse = loaded is not None and loaded.base.path == p.base.path and not quantized
-    half_store = (cfg.cpu_half_weights and cfg.method != "full" and device.type == "cpu"
+    # a quantized base (a memory trade already) keeps the convs bitsandbytes cannot quantize in fp16 too
+    half_store = ((cfg.cpu_half_weights or quantized) and cfg.method != "full" and device.type == "cpu"
                   and compute_dtype == torch.float32)
     if half_store and reuse:
         log("note: --cpu-half-weights applies to single runs; a batch keeps its in-memory base in fp32")
@@ -190,14 +195,15 @@ def _load_base(p: Prepared, accelerator, loaded: LoadedBase | None, log) -> tupl
         comps = load_components(p.base.path, cfg.allow_pickle,
                                 dtype=torch.float16 if half_store or quantized and frozen_dtype == torch.float32
                                 else frozen_dtype)
+    # frozen first: half storage converts only the weights that do not require grad
+    for k in ("text_encoder", "vae", "unet"):
+        comps[k].requires_grad_(False)
+        comps[k].eval()
     for k in ("unet", "text_encoder") if quantized else ():
         quantize_frozen(comps[k], cfg.base_quantization, compute_dtype, device, None if half_store else frozen_dtype)
     if half_store:
         store_frozen_in_half(comps["unet"])
         store_frozen_in_half(comps["text_encoder"])
-    for k in ("text_encoder", "vae", "unet"):
-        comps[k].requires_grad_(False)
-        comps[k].eval()
     comps["text_encoder"].to(device)
     comps["unet"].to(device)
     return comps, reuse

@@ -95,3 +95,32 @@ def test_cpu_half_weights_lora_run(photos, tmp_path, cli, tiny_base):
     g = torch.Generator().manual_seed(0)
     after = pipe("a sks dog", num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images
     assert abs(after - before).max() > 1e-4
+
+
+@pytest.mark.parametrize("flags, conv_dtype, released", [
+    ((), torch.float32, False),
+    (("--cpu-half-weights",), torch.float16, False),
+    # a quantized base keeps the convs bitsandbytes cannot quantize in fp16 too (CPU, fp32)
+    (("--base-quantization", "nf4"), torch.float16, False),
+    (("--release-freed-memory",), torch.float32, True),
+])
+def test_the_frozen_convs_a_cpu_fp32_run_trains_on(flags, conv_dtype, released, photos, tmp_path, cli, monkeypatch):
+    """What the memory flags change in the run itself: the dtype the frozen U-Net's convs are held
+    in while fit runs, and whether the allocator policy was set."""
+    import personalize.dreambooth as db
+
+    seen, calls = {}, []
+    real_fit = db.fit
+
+    def spy_fit(accelerator, models, *a, **k):
+        convs = [m for m in models["unet"].modules() if type(m) is nn.Conv2d]
+        seen["dtypes"] = {m.weight.dtype for m in convs}
+        return real_fit(accelerator, models, *a, **k)
+
+    monkeypatch.setattr(db, "fit", spy_fit)
+    monkeypatch.setattr(db, "return_freed_memory", lambda: calls.append(1) or True)
+    r = cli("lora", "--subject", photos, "--class-noun", "dog", "--output-dir", tmp_path / "r", "--base", "tiny",
+            "--steps", "1", "--class-images", "0", "--validation-images", "0", "--mixed-precision", "no", *flags)
+    assert r.code == 0, r.err
+    assert seen["dtypes"] == {conv_dtype}
+    assert bool(calls) == released

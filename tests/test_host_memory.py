@@ -1,0 +1,47 @@
+"""--release-freed-memory: after `return_freed_memory()`, blocks glibc's heap would have kept are
+returned to the OS when freed (checked on the process's resident memory, in a fresh process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# a fresh process: free one 16 MB mmapped block (glibc then raises its mmap threshold to 16 MB), so
+# the 4 MB blocks after it come from the heap; free all but the newest (it pins the heap's top, as a
+# live tensor does) and read how much of the freed 160 MB is still resident
+PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from personalize.host_memory import return_freed_memory
+    took = return_freed_memory() if sys.argv[1] == "on" else None
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    def block(n):
+        p = libc.malloc(n)
+        ctypes.memset(p, 1, n)
+        return p
+    libc.free(block(16 << 20))
+    before = rss()
+    blocks = [block(4 << 20) for _ in range(41)]
+    for p in blocks[:-1]:
+        libc.free(p)
+    print(took, round(rss() - before))
+""")
+
+
+def _kept_mb(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_blocks_go_back_to_the_os_only_when_asked():
+    took, kept_default = _kept_mb("off")
+    assert kept_default >= 150  # glibc's own policy keeps them: what the option is for
+    took, kept = _kept_mb("on")
+    assert took == "True" and kept <= 10
