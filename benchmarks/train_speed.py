@@ -140,16 +140,19 @@ def worker_ours(a) -> dict:
     from personalize.config import TrainConfig
     from personalize.dreambooth import train_subject
 
-    patch_ours(a.lever)
+    opts = set(a.lever.split("+")) if a.lever else set()  # an option, or several joined by '+'
+    for o in opts:
+        patch_ours(o)
 
     work = Path(a.workdir)
     photos = synthetic_photos(work / "photos", 4, a.resolution)
     cfg = TrainConfig(method=a.method, subject=str(photos), class_noun="dog", base=a.base, steps=a.warmup + a.steps,
                       resolution=a.resolution, class_images=a.class_images if a.prior else 0,
                       class_image_steps=a.class_image_steps, class_image_batch_size=max(1, a.class_images),
-                      mixed_precision={"bf16": "bf16", "fp32": "no", "cpu_half_weights": "no"}.get(a.lever, a.mixed_precision),
-                      gradient_checkpointing=a.gradient_checkpointing or a.lever == "gradient_checkpointing",
-                      cpu_half_weights=a.lever == "cpu_half_weights",
+                      mixed_precision=("bf16" if "bf16" in opts else "no" if opts & {"fp32", "cpu_half_weights"}
+                                       else a.mixed_precision),
+                      gradient_checkpointing=a.gradient_checkpointing or "gradient_checkpointing" in opts,
+                      cpu_half_weights="cpu_half_weights" in opts, release_freed_memory="release_freed_memory" in opts,
                       use_8bit_adam=a.use_8bit_adam, base_quantization=a.base_quantization,
                       checkpoint_every=0, validation_images=0,
                       log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
@@ -249,7 +252,7 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
           "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
-                "no_uncast", "threads_1"]
+                "no_uncast", "threads_1", "release_freed_memory"]
 
 
 def kind_has_quant(method: str) -> bool:
@@ -280,7 +283,8 @@ def main() -> int:
     p.add_argument("--base-quantization", default="none",
                    help="ours: comma list of none, int8, nf4 (QLoRA's frozen base), each with every --options row")
     p.add_argument("--levers", default="", help=f"also measure the reference with one lever each: {','.join(LEVERS)} or all")
-    p.add_argument("--options", default="", help=f"also measure ours with one option on each: {','.join(OURS_OPTIONS)} or all")
+    p.add_argument("--options", default="", help=f"also measure ours with one option on each (or several joined by '+', e.g. "
+                        f"fp32+release_freed_memory): {','.join(OURS_OPTIONS)} or all")
     p.add_argument("--cache-dir", default=os.environ.get("PERSONALIZE_BENCH_CACHE", str(Path.home() / ".cache/personalize/bench")))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/train_speed.json"))
     p.add_argument("--worker", choices=["ours", "reference", "lever"], help=argparse.SUPPRESS)
