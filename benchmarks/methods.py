@@ -77,7 +77,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "personalize-bench")
+    p.add_argument("--cache", type=Path, default=Path(os.environ.get("PERSONALIZE_BENCH_CACHE",
+                                                                   Path.home() / ".cache/personalize/bench")),
+                   help="where the random-weight pipelines are kept (train_speed.py's --cache-dir)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)

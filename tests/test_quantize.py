@@ -107,16 +107,17 @@ def test_linear_layers_swapped_convs_kept_and_the_bytes_shrink(quantization, rat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("quantization, precision", [("nf4", "auto"), ("int8", "auto"), ("nf4", "no")])
 def test_quantized_run_trains_resumes_exactly_and_its_lora_loads_on_the_plain_base(
-        quantization, photos, tmp_path, cli, monkeypatch, lora_run, tiny_base):
-    """Under --mixed-precision auto (bf16 on a CPU with native bf16, fp32 elsewhere)."""
+        quantization, precision, photos, tmp_path, cli, monkeypatch, lora_run, tiny_base):
+    """Under --mixed-precision auto (bf16 on a CPU with native bf16, fp32 elsewhere) and in fp32 (the
+    convs then in fp16 storage) on any CPU."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     args = ["lora", "--subject", photos, "--class-noun", "dog", *FAST, "--lr", "1e-2", "--steps", "6",
             "--checkpoint-every", "3", "--log-every", "1", "--validation-images", "0",
-            "--base-quantization", quantization]
+            "--base-quantization", quantization, "--mixed-precision", precision]
     r = cli(*args, "--output-dir", tmp_path / "a")
     assert r.code == 0, r.err
     whole_again = kill_after_checkpoint(monkeypatch, 3)
@@ -131,7 +132,7 @@ def test_quantized_run_trains_resumes_exactly_and_its_lora_loads_on_the_plain_ba
     assert len(set(losses)) > 1
     meta = json.loads((tmp_path / "a" / "run.json").read_text())
     assert meta["config"]["base_quantization"] == quantization
-    assert meta["stats"]["mixed_precision"] == resolve_mixed_precision("auto", cpu=True)  # bf16 where native
+    assert meta["stats"]["mixed_precision"] == resolve_mixed_precision(precision, cpu=True)  # auto: bf16 where native
     # a plain adapter of the unquantized base: a plain run's keys, read by diffusers on the fp32 base
     assert a.keys() == load_file(lora_run / "pytorch_lora_weights.safetensors").keys()
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
