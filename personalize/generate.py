@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .class_images_openvino import openvino_source, run_export_dir
 from .data import make_grid
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, EVAL_RUNTIMES
 from .errors import UserError
 from .fileio import write_json
 from .outputs import check_output, output_lock
@@ -143,13 +144,22 @@ def write_index(out_dir: Path, jobs: list[ImageJob], grid: bool = True) -> dict[
 def generate_protocol_images(run_dir: Path, out_dir: Path, *, images_per_prompt: int = 4, seed: int = DEFAULT_SEED,
                              steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                              scheduler: str = DEFAULT_SCHEDULER, batch_size: int | None = None,
-                             device: str | None = None, progress: bool = True) -> list[dict]:
+                             device: str | None = None, progress: bool = True, runtime: str = "torch") -> list[dict]:
     """The DreamBooth §4.1 protocol images of a run: its subject's 25 prompts (object or live set) x
     `images_per_prompt`, reusing every image already generated with the same settings. Returns one
-    record per image: path, prompt (with the identifier), prompt_index, seed."""
+    record per image: path, prompt (with the identifier), prompt_index, seed. `runtime` openvino:
+    drawn on CPU through an OpenVINO export of the run kept in the personalize cache (made once per
+    run and again when it changes; bf16 where the CPU has it natively, and those images are kept
+    apart from torch's)."""
+    if runtime not in EVAL_RUNTIMES:
+        raise UserError(f"--runtime must be one of {', '.join(EVAL_RUNTIMES)}, got '{runtime}'")
     src = resolve_source(Path(run_dir), scheduler=scheduler)
     if src.subject_run is None:
         raise UserError(f"{run_dir}: not a run; the protocol prompts are those of a run's subject")
+    if runtime == "openvino":
+        res = src.default_resolution()
+        src = openvino_source(Path(run_dir), run_export_dir(Path(run_dir), res), res, "eval --runtime openvino",
+                              run=src.subject_run, scheduler=scheduler)
     kind = src.subject_run["subject"].get("kind")
     if kind not in ("live", "object"):
         raise UserError(f"{run_dir}: subject kind '{kind}' has no DreamBooth prompt set (live or object)")

@@ -305,3 +305,51 @@ def test_eval_and_report_end_to_end_on_a_tiny_run(lora_run_object, tiny_model_di
     rows = read_csv(runs / "report.csv")
     assert [r["row"] for r in rows] == ["run", "mean", "real"] and rows[0]["subject"] == "my_backpack"
     assert {p.name for p in runs.iterdir()} >= {"report.md", "report.csv", "report.png"}
+
+
+def test_eval_runtime_openvino_draws_through_an_export_of_the_run(lora_run_object, tiny_model_dirs, tmp_path, cli,
+                                                                   fresh_cache):
+    """`eval --runtime openvino`: the protocol images come from an OpenVINO export of the run (LoRA
+    fused) kept in the personalize cache (not in the run: an output is never inside an input), made
+    once, made again when the run changes; its images are kept apart from torch's and close to them."""
+    pytest.importorskip("openvino")
+    import shutil
+
+    import numpy as np
+
+    from personalize.class_images_openvino import run_export_dir
+
+    run = tmp_path / "backpack"
+    shutil.copytree(lora_run_object, run)
+    flags = ["--dino", tiny_model_dirs["dino"], "--clip", tiny_model_dirs["clip"], "--images-per-prompt", "1",
+             "--steps", "2", "--device", "cpu"]
+    assert cli("eval", run, *flags).code == 0
+    first = run / EVAL_DIR / "images" / "p00-s0.png"
+    torch_pixels = np.asarray(Image.open(first).convert("RGB"), dtype=np.float32)
+    r = cli("eval", run, *flags, "--runtime", "openvino")
+    assert r.code == 0, r.err
+    kept = run_export_dir(run, json.loads((run / "run.json").read_text())["resolution"]) / "export.json"
+    assert kept.is_relative_to(fresh_cache) and not (run / EVAL_DIR / "openvino").exists()
+    export = json.loads(kept.read_text())
+    assert export["format"] == "openvino" and export["run"] == json.loads((run / "run.json").read_text())
+    with Image.open(first) as im:  # redrawn: OpenVINO's settings are not torch's
+        meta = json.loads(im.text["personalize"])
+        ov_pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert meta["export"]["format"] == "openvino" and meta["export"]["inference_precision"] in ("bf16", "fp32")
+    # the run's LoRA is in the export: its image is the torch one up to the compute precision
+    assert np.abs(ov_pixels - torch_pixels).mean() < 3  # measured 0.8 (of 255) with bf16 compute
+    doc = json.loads((run / EVAL_DIR / "scores.json").read_text())
+    assert doc["settings"]["runtime"] == "openvino" and doc["scores"]["n_images"] == 25
+
+    stamp = kept.stat().st_mtime_ns
+    images = sorted((run / EVAL_DIR / "images").glob("*.png"))
+    stamps = [p.stat().st_mtime_ns for p in images]
+    assert cli("eval", run, *flags, "--runtime", "openvino").code == 0
+    assert kept.stat().st_mtime_ns == stamp  # kept
+    assert [p.stat().st_mtime_ns for p in images] == stamps  # and its images reused
+    meta = json.loads((run / "run.json").read_text())
+    meta["finished_at"] = "2099-01-01T00:00:00"  # the run trained again since
+    (run / "run.json").write_text(json.dumps(meta))
+    assert cli("eval", run, *flags, "--runtime", "openvino").code == 0
+    again = json.loads(kept.read_text())
+    assert again["run"]["finished_at"] == "2099-01-01T00:00:00"

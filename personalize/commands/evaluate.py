@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..argtypes import number
-from ..defaults import DEFAULT_CLIP, DEFAULT_DINO
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO, EVAL_RUNTIMES
 from ..errors import warn
 
 EVAL_HELP = (
@@ -18,7 +18,7 @@ EVAL_HELP = (
 def _eval(args) -> int:
     from ..evaluation.protocol import evaluate_paths
 
-    generation = {"steps": args.steps, "guidance_scale": args.guidance_scale}
+    generation = {"steps": args.steps, "guidance_scale": args.guidance_scale, "runtime": args.runtime}
     evaluate_paths(args.run_dirs, dino_name=args.dino, clip_name=args.clip, batch_size=args.batch_size,
                    device=args.device, data_dir=args.data_dir, images_per_prompt=args.images_per_prompt,
                    seed=args.seed, generation=generation)
@@ -50,6 +50,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=None, help="base seed of the protocol images (default: generation's)")
     p.add_argument("--steps", type=number(int, 1, 1000), default=None, help="denoising steps (default: generation's)")
     p.add_argument("--guidance-scale", type=number(float, 0, 100), default=None, help="classifier-free guidance (default: generation's)")
+    p.add_argument("--runtime", choices=EVAL_RUNTIMES, default="torch",
+                   help="what draws the protocol images: torch, or openvino (CPU: an OpenVINO export of the run, made "
+                        "once per run in the personalize cache; bf16 where the CPU has it natively; pip install "
+                        "'personalize[openvino]')")
     p.add_argument("--batch-size", type=number(int, 1, 4096), default=32, help="images per evaluator forward pass")
     p.add_argument("--device", default=None, help="evaluator device (default: cuda when available, else cpu)")
     p.add_argument("--data-dir", default=None,
