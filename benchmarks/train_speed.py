@@ -186,6 +186,7 @@ def worker_reference(a, lever: str | None = None) -> dict:
     from personalize.sources import load_components
     from personalize.subjects import list_images
 
+    levers = set(lever.split("+")) if lever else set()  # a lever, or several joined by '+'
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     c = load_components(Path(a.base))
@@ -203,25 +204,25 @@ def worker_reference(a, lever: str | None = None) -> dict:
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
-    if lever == "channels_last":
+    if "channels_last" in levers:
         unet.to(memory_format=torch.channels_last)
-    if lever == "torch_compile":
+    if "torch_compile" in levers:
         unet = torch.compile(unet)  # inductor; the first steps pay the compilation (first_step_s)
-    if lever == "classic_attention":
+    if "classic_attention" in levers:
         from diffusers.models.attention_processor import AttnProcessor
 
         unet.set_attn_processor(AttnProcessor())
     params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=(lever == "foreach_adamw") or None)
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=("foreach_adamw" in levers) or None)
     photos = synthetic_photos(Path(a.workdir) / "photos", 4, a.resolution)
     pix = load_training_images(list_images(photos), a.resolution).to(dev)
     ids = tok(["a sks dog", "a dog"] if a.prior else ["a sks dog"], padding="max_length", max_length=77,
               truncation=True, return_tensors="pt").input_ids.to(dev)
     g = torch.Generator(dev).manual_seed(0)
     n = 2 if a.prior else 1
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=(lever == "bf16_autocast"))
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=("bf16_autocast" in levers))
     cached = None
-    if lever == "cached_latents":
+    if "cached_latents" in levers:
         with torch.no_grad():
             cached = vae.encode(pix).latent_dist
     times = []
@@ -235,7 +236,7 @@ def worker_reference(a, lever: str | None = None) -> dict:
                 else:
                     lat = vae.encode(pix[idx]).latent_dist.sample(generator=g)
             lat = lat * vae.config.scaling_factor
-            if lever == "channels_last":
+            if "channels_last" in levers:
                 lat = lat.contiguous(memory_format=torch.channels_last)
             x = noise_latents(sched, lat, g)  # the trainers' own noise/target step
             emb = te(ids)[0]
@@ -245,13 +246,13 @@ def worker_reference(a, lever: str | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if lever != "no_host_sync":
+        if "no_host_sync" not in levers:
             loss.item()  # the scripts log the loss every step
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - ts)
     return {"s_per_step": statistics.median(times[a.warmup:]), "step_seconds": times[a.warmup:], "first_step_s": times[0],
-            "peak_mb": peak_memory_mb(), "precision": "bf16" if lever == "bf16_autocast" else "no",
+            "peak_mb": peak_memory_mb(), "precision": "bf16" if "bf16_autocast" in levers else "no",
             "load_s": load_s, "cache_s": None, "class_image_s_per_image": None}
 
 
@@ -290,7 +291,8 @@ def main() -> int:
     p.add_argument("--use-8bit-adam", action="store_true", help="ours: bitsandbytes AdamW8bit (CUDA)")
     p.add_argument("--base-quantization", default="none",
                    help="ours: comma list of none, int8, nf4 (QLoRA's frozen base), each with every --options row")
-    p.add_argument("--levers", default="", help=f"also measure the reference with one lever each: {','.join(LEVERS)} or all")
+    p.add_argument("--levers", default="", help=f"also measure the reference with one lever each (or several joined by '+', e.g. "
+                        f"bf16_autocast+torch_compile): {','.join(LEVERS)} or all")
     p.add_argument("--options", default="", help=f"also measure ours with one option on each (or several joined by '+', e.g. "
                         f"fp32+release_freed_memory): {','.join(OURS_OPTIONS)} or all")
     p.add_argument("--cache-dir", default=os.environ.get("PERSONALIZE_BENCH_CACHE", str(Path.home() / ".cache/personalize/bench")))
@@ -337,7 +339,7 @@ def main() -> int:
             plan = ([("ours", None, q) for q in quants] + [("ours", o, q) for o in options for q in quants]
                     + [("reference", None, "none")] + [("lever", lv, "none") for lv in levers])
             for kind, lever, quant in plan:
-                if slow_bf16 and (lever == "bf16_autocast" or (kind == "ours" and "bf16" in (a.mixed_precision, lever))):
+                if slow_bf16 and ("bf16_autocast" in (lever or "") or (kind == "ours" and "bf16" in (a.mixed_precision, lever))):
                     # emulated bf16 would take hours here; benchmarks/cpu_bf16.py measures the cost
                     results.append({"model": model, "method": method, "impl": kind if not lever else f"reference+{lever}",
                                     "error": "skipped: no native bf16 on this CPU (see cpu_bf16.py)"})
