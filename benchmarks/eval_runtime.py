@@ -3,7 +3,8 @@
 A LoRA run (1 step) on a random-weight pipeline of a real shape (train_speed.py's), then, each in a
 fresh process and timed from the command to its exit:
 
-1. `personalize eval RUN --runtime torch` (CPU default: torch in fp32, as `generate` draws there);
+1. `personalize eval RUN --runtime torch` (CPU default: torch in fp32, as `generate` draws there),
+   and with `--dtype bf16`;
 2. `personalize eval RUN --runtime openvino`, first call: exports the run (LoRA fused) into the
    personalize cache, then draws (bf16 where the CPU has it natively);
 3. the same again with its images deleted: the export is kept, so this is the drawing alone.
@@ -71,10 +72,12 @@ def main() -> int:
               "--clip", str(build_tiny_clip(work / "clip")), "--images-per-prompt", str(a.images_per_prompt),
               "--steps", str(a.steps), "--device", "cpu"]
         n = 25 * a.images_per_prompt
-        for name, runtime in (("torch", "torch"), ("openvino, first call (export + draw)", "openvino"),
-                              ("openvino, export kept (draw)", "openvino")):
+        for name, extra in (("torch (fp32, the CPU default)", ["--runtime", "torch"]),
+                            ("torch --dtype bf16", ["--runtime", "torch", "--dtype", "bf16"]),
+                            ("openvino, first call (export + draw)", ["--runtime", "openvino"]),
+                            ("openvino, export kept (draw)", ["--runtime", "openvino"])):
             shutil.rmtree(run / "eval", ignore_errors=True)  # every row draws all its images
-            s = timed([*ev, "--runtime", runtime], env)
+            s = timed([*ev, *extra], env)
             rows.append({"runtime": name, "seconds": s, "images": n, "s_per_image": s / n})
             print(f"{name}: {s:.1f} s", file=sys.stderr)
     ref = rows[0]["seconds"]

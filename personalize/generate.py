@@ -50,9 +50,22 @@ class ImageJob:
         return {"path": str(self.path), "prompt": self.prompt, "prompt_index": self.prompt_index, "seed": self.seed}
 
 
+def dtype_setting(src: Source, device: str | None, dtype: str | None) -> dict:
+    """The torch dtype as an image setting (bf16 pixels are not fp32's), there only where it is not
+    the device's default, so that images drawn before it was recorded stay valid; an export computes
+    in its own precision (Source.describe). A bad device or dtype is one line here, before any drawing."""
+    if src.export is not None:
+        return {}
+    dev = pick_device(device)
+    chosen = pick_dtype(dtype, dev)
+    if chosen == pick_dtype(None, dev):
+        return {}
+    return {"dtype": {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(chosen).removeprefix("torch.")]}
+
+
 def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: int = 1, seed: int = DEFAULT_SEED,
          steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None,
-         resolution: int | None = None) -> list[ImageJob]:
+         resolution: int | None = None, extra: dict | None = None) -> list[ImageJob]:
     if not prompts:
         raise UserError("no prompts to generate")
     for name, v in (("--steps", steps), ("-n/--images-per-prompt", images_per_prompt)):
@@ -62,7 +75,7 @@ def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: i
         raise UserError(f"--resolution {why}")
     resolution = resolution or src.default_resolution()
     common = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance_scale,
-              "resolution": resolution, **src.describe()}
+              "resolution": resolution, **src.describe(), **(extra or {})}
     jobs = []
     for i, template in enumerate(prompts):
         prompt = src.fill(template)
@@ -144,7 +157,8 @@ def write_index(out_dir: Path, jobs: list[ImageJob], grid: bool = True) -> dict[
 def generate_protocol_images(run_dir: Path, out_dir: Path, *, images_per_prompt: int = 4, seed: int = DEFAULT_SEED,
                              steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                              scheduler: str = DEFAULT_SCHEDULER, batch_size: int | None = None,
-                             device: str | None = None, progress: bool = True, runtime: str = "torch") -> list[dict]:
+                             device: str | None = None, progress: bool = True, runtime: str = "torch",
+                             dtype: str | None = None) -> list[dict]:
     """The DreamBooth §4.1 protocol images of a run: its subject's 25 prompts (object or live set) x
     `images_per_prompt`, reusing every image already generated with the same settings. Returns one
     record per image: path, prompt (with the identifier), prompt_index, seed. `runtime` openvino:
@@ -164,8 +178,8 @@ def generate_protocol_images(run_dir: Path, out_dir: Path, *, images_per_prompt:
     if kind not in ("live", "object"):
         raise UserError(f"{run_dir}: subject kind '{kind}' has no DreamBooth prompt set (live or object)")
     jobs = plan(src, load_prompts(kind), Path(out_dir), images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-                guidance_scale=guidance_scale)
-    run_jobs(src, jobs, batch_size=batch_size, device=device, progress=progress)
+                guidance_scale=guidance_scale, extra=dtype_setting(src, device, dtype))
+    run_jobs(src, jobs, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
     write_index(out_dir, jobs, grid=False)
     return [j.record() for j in jobs]
 
@@ -208,9 +222,9 @@ def generate_to_dir(src: Source, templates: list[str], out_dir: Path | None = No
     images.json in `out_dir`. Returns (out_dir, the jobs, how many images were generated now)."""
     out_dir = Path(out_dir) if out_dir else default_out_dir(src)
     check_output(out_dir, kind="dir", inputs=input_paths(src), allow_existing_dir=True)
-    pick_dtype(dtype, pick_device(device))  # a bad device or dtype fails before anything is drawn
     jobs = plan(src, templates, out_dir, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-                guidance_scale=guidance_scale, negative_prompt=negative_prompt, resolution=resolution)
+                guidance_scale=guidance_scale, negative_prompt=negative_prompt, resolution=resolution,
+                extra=dtype_setting(src, device, dtype))
     with output_lock(out_dir):
         made = run_jobs(src, jobs, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
                         progress=progress)

@@ -353,3 +353,16 @@ def test_eval_runtime_openvino_draws_through_an_export_of_the_run(lora_run_objec
     assert cli("eval", run, *flags, "--runtime", "openvino").code == 0
     again = json.loads(kept.read_text())
     assert again["run"]["finished_at"] == "2099-01-01T00:00:00"
+
+
+def test_eval_dtype_draws_in_it_and_records_it(lora_run_object, tiny_model_dirs, tmp_path, cli):
+    import shutil
+
+    run = tmp_path / "backpack"
+    shutil.copytree(lora_run_object, run)
+    r = cli("eval", run, "--dino", tiny_model_dirs["dino"], "--clip", tiny_model_dirs["clip"], "--images-per-prompt",
+            "1", "--steps", "2", "--device", "cpu", "--dtype", "bf16")
+    assert r.code == 0, r.err
+    with Image.open(run / EVAL_DIR / "images" / "p00-s0.png") as im:
+        assert json.loads(im.text["personalize"])["dtype"] == "bf16"
+    assert json.loads((run / EVAL_DIR / "scores.json").read_text())["settings"]["dtype"] == "bf16"

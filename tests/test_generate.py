@@ -5,6 +5,7 @@ loader, merged export == unfused adapter, and the one-line errors (a LoRA on a b
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,24 @@ def test_identical_flags_give_identical_images_and_reuse_them(snow, lora_run, tm
     # a changed setting is not reused
     r = cli("generate", lora_run, "--prompt", "a {class}", *GEN, "--guidance-scale", "3", "-o", tmp_path / "again")
     assert r.code == 0 and "already there" not in r.out
+
+
+def test_a_dtype_other_than_the_default_is_a_setting_of_its_own(snow, lora_run, tmp_path, cli):
+    """bf16 pixels are not fp32's: images drawn with --dtype bf16 never pass for the default's (or the
+    reverse), and the default's settings are those images always had (no dtype key: still reused)."""
+    out = tmp_path / "d"
+    shutil.copytree(snow, out)
+    args = ["generate", lora_run, "--prompt", "a {token} {class} in the snow", "--prompt", "a {class}", "-n", "2",
+            *GEN, "-o", out]
+    r = cli(*args, "--dtype", "auto")
+    assert r.code == 0 and "4 already there" in r.out  # auto on CPU is fp32: what the folder holds
+    r = cli(*args, "--dtype", "bf16")
+    assert r.code == 0 and "already there" not in r.out
+    side = json.loads((out / "p00-s3.json").read_text())["settings"]
+    assert side["dtype"] == "bf16" and "dtype" not in json.loads((snow / "p00-s3.json").read_text())["settings"]
+    assert not np.array_equal(pixels(out)["p00-s3.png"], pixels(snow)["p00-s3.png"])
+    assert "4 already there" in cli(*args, "--dtype", "bf16").out
+    assert "already there" not in cli(*args).out  # back to the default: drawn again
 
 
 def test_lora_scale_zero_is_the_base_and_scale_changes_the_image(lora_run, tiny_base, tmp_path, cli):
