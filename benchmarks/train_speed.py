@@ -161,6 +161,7 @@ def worker_ours(a) -> dict:
                                        else a.mixed_precision),
                       gradient_checkpointing=a.gradient_checkpointing or "gradient_checkpointing" in opts,
                       cpu_half_weights="cpu_half_weights" in opts, release_freed_memory="release_freed_memory" in opts,
+                      pack_frozen_convs="pack_frozen_convs" in opts,
                       use_8bit_adam=a.use_8bit_adam, base_quantization=a.base_quantization,
                       checkpoint_every=0, validation_images=0,
                       log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
@@ -261,7 +262,7 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
           "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
-                "no_uncast", "threads_1", "release_freed_memory"]
+                "no_uncast", "threads_1", "release_freed_memory", "pack_frozen_convs"]
 
 
 def kind_has_quant(method: str) -> bool:

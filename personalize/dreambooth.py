@@ -33,6 +33,7 @@ from .host_memory import return_freed_memory
 from . import __version__, card, monitor, pivotal
 from .embeddings import record as pivotal_record
 from .objective import build_cache, dreambooth_loss
+from .packed_convs import packed_frozen_convs
 from .prepare import RAW_DIR, VALIDATION_PNG, Prepared, prepare
 from .prior import base_models
 from .quantize import check_backend, quantize_frozen
@@ -150,7 +151,9 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     fit_cfg = FitConfig.from_config(cfg, lr=cfg.resolved_lr(), profile_steps=profile_steps)
     loss_fn = pivotal.stop_after(ti, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base))
     # every forward in fit (steps and hooks) runs under the accelerator's autocast
-    with lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")):
+    with (lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")),
+          packed_frozen_convs(models["unet"], cfg.pack_frozen_convs and cfg.method != "full"
+                              and accelerator.device.type == "cpu")):
         result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
                      description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks, lrs=lrs)
     if accelerator.is_main_process:
