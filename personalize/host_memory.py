@@ -20,16 +20,34 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 THRESHOLD_BYTES = 1 << 20  # below the activations of a 256 px step (1-3 MB and up), above small tensors
 
 
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def trim() -> bool:
+    """Hand the free memory in glibc's heap back to the OS now (malloc_trim(0): the top of the heap,
+    and the free pages in its middle). For a one-off release, such as the plain weights
+    `--pack-frozen-convs` frees, which the heap would otherwise keep for the whole run. True where
+    something was released."""
+    libc = _libc()
+    fn = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if fn is None:
+        return False
+    fn.argtypes, fn.restype = (ctypes.c_size_t,), ctypes.c_int
+    return fn(0) == 1
+
+
 def return_freed_memory(threshold: int = THRESHOLD_BYTES) -> bool:
     """From now on in this process, allocations of `threshold` bytes and up are mmapped and given
     back to the OS when freed. True where it took effect (Linux with glibc), False elsewhere (musl,
     macOS, Windows: their allocators need no help or take no such setting)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1

@@ -14,7 +14,7 @@ import pytest
 # live tensor does) and read how much of the freed 160 MB is still resident
 PROBE = textwrap.dedent("""
     import ctypes, sys
-    from personalize.host_memory import return_freed_memory
+    from personalize.host_memory import return_freed_memory, trim
     took = return_freed_memory() if sys.argv[1] == "on" else None
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -30,6 +30,8 @@ PROBE = textwrap.dedent("""
     blocks = [block(4 << 20) for _ in range(41)]
     for p in blocks[:-1]:
         libc.free(p)
+    if sys.argv[1] == "trim":
+        took = trim()
     print(took, round(rss() - before))
 """)
 
@@ -44,4 +46,10 @@ def test_freed_blocks_go_back_to_the_os_only_when_asked():
     took, kept_default = _kept_mb("off")
     assert kept_default >= 150  # glibc's own policy keeps them: what the option is for
     took, kept = _kept_mb("on")
+    assert took == "True" and kept <= 10
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_trim_hands_back_what_the_heap_kept():
+    took, kept = _kept_mb("trim")
     assert took == "True" and kept <= 10
