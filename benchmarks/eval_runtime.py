@@ -19,7 +19,6 @@ scoring part of each row is understated; it is the same in every row. Prints a t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -54,7 +53,7 @@ def main() -> int:
     a = p.parse_args()
 
     from _metric_fixtures import build_tiny_clip, build_tiny_dino
-    from train_speed import bench_pipeline, cpu_name, synthetic_photos
+    from train_speed import bench_pipeline, cpu_name, synthetic_photos, write_results
 
     a.cache.mkdir(parents=True, exist_ok=True)
     base = bench_pipeline(a.model, a.cache)
@@ -86,11 +85,8 @@ def main() -> int:
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['runtime']} | {r['seconds']:.1f} | {r['s_per_image']:.2f} | {r['seconds'] / ref:.2f} |")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"cpu": cpu_name(), "model": a.model, "resolution": a.resolution,
-                                       "images": n, "steps": a.steps, "load_avg": os.getloadavg(), "rows": rows},
-                                      indent=2))
-    print(f"\nwrote {a.out}")
+    write_results(a.out, {"cpu": cpu_name(), "model": a.model, "resolution": a.resolution, "images": n,
+                          "steps": a.steps, "load_avg": os.getloadavg(), "rows": rows})
     return 0
 
 

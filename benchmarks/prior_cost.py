@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import ROOT, bench_pipeline, cpu_name, synthetic_photos  # noqa: E402
+from train_speed import ROOT, bench_pipeline, cpu_name, write_results, synthetic_photos  # noqa: E402
 
 RECIPE_STEPS, RECIPE_CLASS_IMAGES = 800, 200  # BK-SDM's DreamBooth recipe
 
@@ -80,11 +80,8 @@ def main() -> int:
     doc = {"device": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "model": a.model,
            "settings": {"steps": a.steps, "class_images": a.class_images, "class_image_steps": a.class_image_steps},
            "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
     print_table(doc)
-    print(f"wrote {out}")
+    write_results(a.out, doc)
     return 0
 
 

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import ROOT, bench_pipeline, cpu_name, peak_memory_mb, synthetic_photos  # noqa: E402
+from train_speed import ROOT, bench_pipeline, cpu_name, write_results, peak_memory_mb, synthetic_photos  # noqa: E402
 
 PARTS = ["text encoder", "unet: attention", "unet: lora", "unet: norms", "unet: activations", "unet: conv/linear/other",
          "optimizer", "other (loss, noise, clip, casts outside the models)"]
@@ -258,11 +258,8 @@ def main() -> int:
            "settings": {k: getattr(a, k) for k in ("model", "resolution", "rank", "steps", "warmup", "mixed_precision")},
            "peaks_gflops": peak, "step_flops": flops, "profile": prof,
            "achieved_gflops": flops["total"] / step_s / 1e9}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
     print_tables(doc)
-    print(f"wrote {out}")
+    write_results(a.out, doc)
     return 0
 
 

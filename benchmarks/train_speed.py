@@ -99,6 +99,15 @@ def cpu_name() -> str:
     return f"CPU: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def write_results(out, doc: dict) -> Path:
+    """A benchmark's JSON (its folder made), and the line saying where it went."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -366,13 +375,9 @@ def main() -> int:
                                 "impl": impl + (f"+{lever}" if lever else "") + (f"+{quant}" if quant != "none" else ""),
                                 **r})
     print_table(results)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": device, "torch": torch.__version__, "settings": settings, "results": results,
-           "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
-           "date": time.strftime("%Y-%m-%d %H:%M")}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(a.out, {"device": device, "torch": torch.__version__, "settings": settings, "results": results,
+                          "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
+                          "date": time.strftime("%Y-%m-%d %H:%M")})
     return 0
 
 

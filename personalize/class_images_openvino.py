@@ -83,21 +83,6 @@ def intact(out: Path, resolution: int, run: dict | None = None) -> bool:
             and (run is None or rec.get("run") == run))
 
 
-def openvino_pipeline(source: Path, out: Path, resolution: int, flag: str, run: dict | None = None,
-                      scheduler: str = DEFAULT_SCHEDULER):
-    """(Source, diffusers pipeline) on the OpenVINO export of `source` kept at `out`, computing in
-    bf16 where the CPU has it natively (exported now if missing, damaged or stale; a model that
-    passes the checks but does not load is exported again, once). `flag` names the option in the
-    one-line error when the extra is missing."""
-    for again in (False, True):
-        src = openvino_source(source, out, resolution, flag, run, scheduler, rebuild=again)
-        try:
-            return src, load_pipeline(src)
-        except UserError:
-            if again:
-                raise
-
-
 def openvino_source(source: Path, out: Path, resolution: int, flag: str, run: dict | None = None,
                     scheduler: str = DEFAULT_SCHEDULER, rebuild: bool = False):
     """The Source that draws through the OpenVINO export of `source` kept at `out` (made as
@@ -108,5 +93,13 @@ def openvino_source(source: Path, out: Path, resolution: int, flag: str, run: di
 
 
 def openvino_class_pipeline(base: ResolvedBase, resolution: int):
-    """A diffusers pipeline on the cached OpenVINO export of `base`."""
-    return openvino_pipeline(base.path, export_dir(base, resolution), resolution, "--class-images-runtime openvino")[1]
+    """A diffusers pipeline on the cached OpenVINO export of `base` (exported now if missing or
+    damaged; a model that passes the checks but does not load is exported again, once)."""
+    for again in (False, True):
+        src = openvino_source(base.path, export_dir(base, resolution), resolution, "--class-images-runtime openvino",
+                              rebuild=again)
+        try:
+            return load_pipeline(src)
+        except UserError:
+            if again:
+                raise

@@ -36,8 +36,8 @@ LORA_FILE_METHODS = ("lora", "dora")
 
 # where prior-preservation class images are drawn (class_images.py)
 CLASS_IMAGE_RUNTIMES = ("torch", "openvino")
-# what draws eval's protocol images (eval --runtime)
-EVAL_RUNTIMES = ("torch", "openvino")
+# what draws eval's protocol images (eval --runtime): the same two ways
+EVAL_RUNTIMES = CLASS_IMAGE_RUNTIMES
 
 # export formats: the adapter files, the merged pipeline, one ldm checkpoint, and the deploy runtimes
 DEPLOY_FORMATS = ("onnx", "openvino", "coreml")

@@ -54,13 +54,10 @@ def dtype_setting(src: Source, device: str | None, dtype: str | None) -> dict:
     """The torch dtype as an image setting (bf16 pixels are not fp32's), there only where it is not
     the device's default, so that images drawn before it was recorded stay valid; an export computes
     in its own precision (Source.describe). A bad device or dtype is one line here, before any drawing."""
-    if src.export is not None:
-        return {}
     dev = pick_device(device)
-    chosen = pick_dtype(dtype, dev)
-    if chosen == pick_dtype(None, dev):
+    if src.export is not None or pick_dtype(dtype, dev) == pick_dtype(None, dev):
         return {}
-    return {"dtype": {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(chosen).removeprefix("torch.")]}
+    return {"dtype": dtype}  # named (not auto) and not the default
 
 
 def plan(src: Source, prompts: list[str], out_dir: Path, *, images_per_prompt: int = 1, seed: int = DEFAULT_SEED,

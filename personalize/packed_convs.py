@@ -66,14 +66,10 @@ def _forward(self, x):
             shape[2:], self.padding, self.dilation, w.shape[2:], self.stride))]
         self._packed_bwd = torch.ops.mkldnn._reorder_convolution_transpose_weight(
             w, list(self.padding), [0, 0], list(self.stride), list(self.dilation), 1, out_shape)
-        self._plain_dtype = w.dtype
         del self.weight, w  # the packed pair takes its place while the block runs
         self.register_parameter("weight", None)
         trim()  # glibc would keep the freed weight in its heap for the whole run (+0.3 GB measured)
-    if x.dtype != self._plain_dtype:
-        x = x.to(self._plain_dtype)
-    bias = self.bias.to(x.dtype) if self.bias is not None else None
-    return _PackedConv.apply(x.contiguous(), bias, self)
+    return _PackedConv.apply(x.to(torch.bfloat16).contiguous(), self.bias, self)  # bf16 weights and bias only
 
 
 @contextlib.contextmanager
@@ -92,7 +88,7 @@ def packed_frozen_convs(model: nn.Module, enabled: bool, min_bytes: int | None =
         for m in convs:
             if m._packed_fwd is not None:
                 m.weight = nn.Parameter(m._packed_fwd.to_dense(), requires_grad=False)
-            for name in ("forward", "_packed_fwd", "_packed_bwd", "_plain_dtype"):
+            for name in ("forward", "_packed_fwd", "_packed_bwd"):
                 m.__dict__.pop(name, None)
         if convs:
             trim()

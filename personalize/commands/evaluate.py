@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..argtypes import number
-from ..defaults import DEFAULT_CLIP, DEFAULT_DINO, EVAL_RUNTIMES
+from ..defaults import DEFAULT_CLIP, DEFAULT_DINO, DTYPES, EVAL_RUNTIMES
 from ..errors import warn
 
 EVAL_HELP = (
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
                    help="what draws the protocol images: torch, or openvino (CPU: an OpenVINO export of the run, made "
                         "once per run in the personalize cache; bf16 where the CPU has it natively; pip install "
                         "'personalize[openvino]')")
-    p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="--runtime torch: the dtype the protocol images are drawn in (default auto: fp16 on CUDA, fp32 "
                         "on CPU; bf16 is ~2.3x faster on a CPU with AMX, and its images are kept apart from fp32's)")
     p.add_argument("--batch-size", type=number(int, 1, 4096), default=32, help="images per evaluator forward pass")
