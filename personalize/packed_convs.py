@@ -9,7 +9,7 @@ packed once, for the forward (`mkldnn_convolution` on a weight in the kernel's l
 gradient as a transposed conv (`_convolution_transpose_pointwise`), and its plain weight is dropped
 while the block runs: outputs and input gradients are bit-identical to `F.conv2d`'s, the two packed
 copies take the place of one plain one (memory + one weight's size; a bk-sdm-small LoRA step at 256 px:
-0.93 -> 0.75 s, +0.3-0.45 GB peak), and on exit the plain weight is rebuilt from the packed one, exactly. bf16 weights only (the frozen base under bf16 mixed precision):
+0.93 -> 0.75 s, +0.3-0.5 GB peak), and on exit the plain weight is rebuilt from the packed one, exactly. bf16 weights only (the frozen base under bf16 mixed precision):
 there the input gradient is bit-identical too (oneDNN computes its backward-data as the transposed
 conv's forward); an fp32 conv's backward runs another kernel, whose sums differ in the last bits.
 """
