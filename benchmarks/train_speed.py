@@ -149,6 +149,8 @@ def patch_ours(lever: str | None) -> None:
         dreambooth._trainables = cl
     elif lever == "no_uncast":  # peft's own bf16 -> fp32 -> bf16 round trip of each LoRA input
         dreambooth.lora_inputs_uncast = lambda models, autocast: contextlib.nullcontext()
+    elif lever == "flash_attention":  # SDPA's flash kernel for every attention, the short ones too
+        dreambooth.math_for_short_attention = lambda models: contextlib.nullcontext()
     elif lever == "threads_1":
         torch.set_num_threads(1)
 
@@ -271,7 +273,7 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
           "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
-                "no_uncast", "threads_1", "release_freed_memory", "pack_frozen_convs"]
+                "no_uncast", "threads_1", "release_freed_memory", "pack_frozen_convs", "flash_attention"]
 
 
 def kind_has_quant(method: str) -> bool:

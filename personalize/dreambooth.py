@@ -40,6 +40,7 @@ from .quantize import check_backend, quantize_frozen
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import write_run
+from .short_attention import math_for_short_attention
 from .settings import CONFIG_TOML, settings_of, write_settings
 from .sources import load_components, load_vae
 from .subjects import fill_prompt, load_prompts
@@ -152,6 +153,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     loss_fn = pivotal.stop_after(ti, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base))
     # every forward in fit (steps and hooks) runs under the accelerator's autocast
     with (lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")),
+          math_for_short_attention(models.values()),
           packed_frozen_convs(models["unet"], cfg.pack_frozen_convs and cfg.method != "full"
                               and accelerator.device.type == "cpu")):
         result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
