@@ -14,6 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import UserError
+from .short_attention import math_for_short_attention
 
 FROZEN = ("unet", "text_encoder")
 
@@ -57,7 +58,9 @@ def base_models(cfg: TrainConfig, comps: dict, autocast=contextlib.nullcontext):
 
     @contextlib.contextmanager
     def base(ms: dict):
-        with autocast():
+        # the kernels the trained models' attentions run on (dreambooth's block), so that the two
+        # predictions are equal at step 0
+        with autocast(), math_for_short_attention(frozen.values()):
             yield ms | frozen
 
     return base

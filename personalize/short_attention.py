@@ -4,10 +4,12 @@ torch's CPU flash attention pays a fixed cost per call in its bf16 backward (abo
 AMX Xeon; fp32 does not), which dominates when the attention is small: the text encoder's 77-token
 self-attention takes 3.8 ms forward + backward through flash and 1.6 ms through the math kernel (plain
 matmuls and a softmax), a U-Net cross-attention of 256 queries x 77 keys 4.3 ms against 2.3, while at
-1024 x 1024 flash is 4x faster (35 ms against 135), and forward only (no grad) flash is the faster at
-every size. So inside the block each attention of the trained models whose queries x keys stay under
-`MAX_PAIRS` computes in bf16/fp16 on the CPU through the math kernel when autograd records it; the
-others, and every fp32, no-grad or GPU call, keep SDPA's own choice (benchmarks/RESULTS.md).
+1024 x 1024 flash is 4x faster (35 ms against 135). So inside the block each attention of the trained
+models whose queries x keys stay under `MAX_PAIRS` computes in bf16/fp16 on the CPU through the math
+kernel; the others, and every fp32 or GPU call, keep SDPA's own choice (benchmarks/RESULTS.md). The
+choice does not depend on whether autograd records the call (forward only, flash would be the faster by
+~0.5 ms a call): `--prior base-prediction` compares the adapted model's prediction with the base's, made
+without grad, and a zero-initialised adapter must predict exactly what the base does.
 The math kernel holds the (small) attention matrix for the backward; the outputs agree with flash's
 to bf16 rounding, not bit for bit.
 """
@@ -31,7 +33,7 @@ def _tokens(x: torch.Tensor) -> int:
 
 def _is_short(hidden: torch.Tensor, context: torch.Tensor | None, max_pairs: int) -> bool:
     dev = hidden.device.type
-    if dev != "cpu" or not torch.is_grad_enabled():  # forward only (in-run samples), flash is the faster
+    if dev != "cpu":
         return False
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     if dtype not in (torch.bfloat16, torch.float16):
