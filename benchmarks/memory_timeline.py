@@ -7,7 +7,7 @@ largest RSS of each second, and writes JSON.
 
     python benchmarks/memory_timeline.py                                  # auto precision, 3 steps
     python benchmarks/memory_timeline.py --mixed-precision no --base-quantization nf4 --release-freed-memory
-    python benchmarks/memory_timeline.py --steps 6 --pack-frozen-convs
+    python benchmarks/memory_timeline.py --steps 6 --conv-kernels    # no conv as a GEMM (gemm_convs.py)
     MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/memory_timeline.py   # glibc's heap out of the picture
 """
 
@@ -42,8 +42,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--mixed-precision", default="auto")
     p.add_argument("--base-quantization", default="none")
-    for flag in ("cpu-half-weights", "release-freed-memory", "pack-frozen-convs"):
+    for flag in ("cpu-half-weights", "release-freed-memory"):
         p.add_argument(f"--{flag}", action="store_true")
+    p.add_argument("--conv-kernels", action="store_true", help="every frozen conv through torch's own kernel")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("PERSONALIZE_BENCH_CACHE",
                                                                    Path.home() / ".cache/personalize/bench")))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_timeline.json"))
@@ -52,6 +53,10 @@ def main() -> int:
     from personalize import dreambooth
     from personalize.config import TrainConfig
 
+    if a.conv_kernels:
+        import contextlib
+
+        dreambooth.frozen_convs_as_gemm = lambda model: contextlib.nullcontext(0)
     base = bench_pipeline(a.model, a.cache)
     samples, marks = [], []
     t0 = time.perf_counter()
@@ -78,7 +83,7 @@ def main() -> int:
                           resolution=a.resolution, class_images=1, class_image_steps=10, class_image_batch_size=1,
                           mixed_precision=a.mixed_precision, base_quantization=a.base_quantization,
                           cpu_half_weights=a.cpu_half_weights, release_freed_memory=a.release_freed_memory,
-                          pack_frozen_convs=a.pack_frozen_convs, checkpoint_every=0, validation_images=0,
+                          checkpoint_every=0, validation_images=0,
                           log_every=1, rank=16, text_encoder_rank=16, output_dir=str(Path(work) / "run"))
         dreambooth.train_subject(cfg, log=lambda s: None, progress=False)
     time.sleep(0.1)

@@ -151,6 +151,8 @@ def patch_ours(lever: str | None) -> None:
         dreambooth.lora_inputs_uncast = lambda models, autocast: contextlib.nullcontext()
     elif lever == "flash_attention":  # SDPA's flash kernel for every attention, the short ones too
         dreambooth.math_for_short_attention = lambda models: contextlib.nullcontext()
+    elif lever == "conv_kernels":  # every frozen conv through torch's own (oneDNN) kernel, none as a GEMM
+        dreambooth.frozen_convs_as_gemm = lambda model: contextlib.nullcontext(0)
     elif lever == "threads_1":
         torch.set_num_threads(1)
 
@@ -172,7 +174,6 @@ def worker_ours(a) -> dict:
                                        else a.mixed_precision),
                       gradient_checkpointing=a.gradient_checkpointing or "gradient_checkpointing" in opts,
                       cpu_half_weights="cpu_half_weights" in opts, release_freed_memory="release_freed_memory" in opts,
-                      pack_frozen_convs="pack_frozen_convs" in opts,
                       use_8bit_adam=a.use_8bit_adam, base_quantization=a.base_quantization,
                       checkpoint_every=0, validation_images=0,
                       log_every=max(10, a.steps), rank=16, text_encoder_rank=16, output_dir=str(work / "run"))
@@ -273,7 +274,8 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
           "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
-                "no_uncast", "threads_1", "release_freed_memory", "pack_frozen_convs", "flash_attention"]
+                "no_uncast", "threads_1", "release_freed_memory", "flash_attention",
+                "conv_kernels"]
 
 
 def kind_has_quant(method: str) -> bool:

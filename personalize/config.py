@@ -182,9 +182,6 @@ class TrainConfig:
     cpu_half_weights: bool = field(default=False, metadata={
         "help": "LoRA on CPU: keep the frozen base weights in fp16, compute in fp32 (2 bytes a frozen weight "
                 "instead of 4, slower steps)"})
-    # off: +0.3-0.5 GB peak in bf16 at 256 px (two packed copies of the largest convs) for 20% shorter CPU steps
-    pack_frozen_convs: bool = field(default=False, metadata={"help": "CPU: the frozen U-Net's largest convs packed "
-                                    "once for oneDNN, not on every call (bit-identical; faster steps, more memory)"})
     # off: glibc's heap reuse is faster; on, peak RSS of a 256 px fp32 LoRA step -0.5 GB (host_memory.py, RESULTS.md)
     release_freed_memory: bool = field(default=False, metadata={
         "help": "Linux: tensors of 1 MB and up get their own mapping and go back to the OS when freed (glibc "

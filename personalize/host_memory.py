@@ -31,8 +31,8 @@ def _libc():
 
 def trim() -> bool:
     """Hand the free memory in glibc's heap back to the OS now (malloc_trim(0): the top of the heap,
-    and the free pages in its middle). For a one-off release, such as the plain weights
-    `--pack-frozen-convs` frees, which the heap would otherwise keep for the whole run. True where
+    and the free pages in its middle). For a one-off release, such as the plain-layout weights
+    `gemm_convs` replaces, which the heap would otherwise keep for the whole run. True where
     something was released."""
     libc = _libc()
     fn = getattr(libc, "malloc_trim", None) if libc is not None else None

@@ -28,7 +28,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "personalize.adapters", "personalize.peft_adapters", "personalize.diffusion", "personalize.data",
         "personalize.subjects", "personalize.precision", "personalize.checkpoints", "personalize.runtimes",
         "personalize.half_storage", "personalize.quantize", "personalize.environment", "personalize.buckets",
-        "personalize.captions", "personalize.embeddings", "personalize.packed_convs",
+        "personalize.captions", "personalize.embeddings", "personalize.gemm_convs",
         "personalize.short_attention"),
     # 3. finished runs on disk, and the one owner of resolving and loading any model source
     3: ("personalize.runs", "personalize.sources"),

@@ -1,0 +1,139 @@
+"""Frozen convolutions lowered to one matrix product each (im2col + GEMM) where their weight dominates.
+
+A convolution can be computed as a single matrix product: the input's k x k neighbourhoods laid out
+as rows (im2col) times the weight as a (out, k*k*in) matrix (Chellapilla, Puri & Simard 2006, "High
+performance convolutional neural networks for document processing"), and its input gradient as the
+output gradient times the same matrix, summed back into place (col2im). torch's CPU convolution
+hands oneDNN a plain weight on every call, which oneDNN reorders into its kernel's blocked layout,
+forward and again (another layout) for the input gradient; where the weight is large and the image
+small (the 1280/2560-channel convs of an SD U-Net at 8x8 and 16x16 latents) that reorder is most of
+the call: 259 ms of a 0.9 s bk-sdm-small LoRA step at 256 px on an AMX Xeon, the kernels 89 ms
+(oneDNN's verbose log; benchmarks/RESULTS.md). A matrix product reads the weight as it is, in both
+directions, so no reorder and no second copy: each frozen "same" conv (stride 1, padding k // 2)
+whose weight has at least `MIN_RATIO` times as many elements as its input computes this way (its
+weight rewritten in place into (out, kh, kw, in) order inside the block, so the matrix is a view of it).
+
+Measured: 0.90 -> 0.73 s a step (bk-sdm-small shape, 256 px, bf16 on AMX), and faster in fp32 too;
+no memory added (nothing saved for the backward but the weight itself). The sums run in another
+order than oneDNN's, so outputs differ from `F.conv2d`'s in the last bits, as any two kernels' do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .host_memory import trim
+
+# weight elements / input elements at which the product beats oneDNN's conv (benchmarks/RESULTS.md:
+# 2560->1280 at 8x8 is 90 (5x faster), 1280->1280 at 16x16 22 (1.3x), 640->640 at 16x16 11 (slower))
+MIN_RATIO = 16
+
+
+def _im2col(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, k*k*C), rows in (kh, kw, C) order, zero padding k // 2."""
+    b, c, h, w = x.shape
+    p = k // 2
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, p, p, p, p))  # (B, H+2p, W+2p, C)
+    sb, sh, sw, sc = xp.stride()
+    return xp.as_strided((b, h, w, k, k, c), (sb, sh, sw, sh, sw, sc)).reshape(b * h * w, k * k * c)
+
+
+def _col2im(cols: torch.Tensor, shape, k: int) -> torch.Tensor:
+    """The adjoint of `_im2col`: each row's k*k*C values added back at their neighbourhood's places."""
+    b, c, h, w = shape
+    p = k // 2
+    d = cols.view(b, h, w, k, k, c)
+    out = cols.new_zeros(b, h + 2 * p, w + 2 * p, c)
+    for i in range(k):
+        for j in range(k):
+            out[:, i:i + h, j:j + w] += d[:, :, :, i, j]
+    return out[:, p:p + h, p:p + w].permute(0, 3, 1, 2)  # NCHW, channels-last in memory
+
+
+class _GemmConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, matrix, bias, k):
+        ctx.shape, ctx.matrix, ctx.k = x.shape, matrix, k  # the frozen weight: nothing else is kept
+        cols = _im2col(x, k)
+        y = cols @ matrix.t() if bias is None else torch.addmm(bias, cols, matrix.t())
+        b, _, h, w = x.shape
+        return y.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        b, _, h, w = ctx.shape
+        g = grad_out.permute(0, 2, 3, 1).reshape(b * h * w, grad_out.shape[1])
+        return _col2im(g @ ctx.matrix.to(g.dtype), ctx.shape, ctx.k), None, None, None
+
+
+def _relayout(w: torch.Tensor, channels_last: bool) -> None:
+    """`w`'s values rewritten in place into the (out, kh, kw, in) order (or back), and `w` made a view of
+    that order: the same storage, so no second copy of the weight stays behind, whether it is the
+    heap's or pages of a memory-mapped checkpoint (which a new tensor would leave resident beside it)."""
+    o, c, kh, kw = w.shape
+    flat = w.data.as_strided((w.numel(),), (1,))
+    if channels_last:
+        tmp = w.data.permute(0, 2, 3, 1).contiguous()
+        flat.copy_(tmp.view(-1))
+        w.data = flat.as_strided((o, c, kh, kw), (c * kh * kw, 1, kw * c, c))
+    else:
+        tmp = w.data.contiguous()
+        flat.copy_(tmp.view(-1))
+        w.data = flat.view(o, c, kh, kw)
+    del tmp
+    trim()  # the temporary's memory back to the OS, not kept in glibc's heap for the run
+
+
+def _lowerable(m: nn.Module) -> bool:
+    k = m.kernel_size[0] if type(m) is nn.Conv2d else 0
+    return (k % 2 == 1 and m.kernel_size == (k, k) and m.stride == (1, 1) and m.padding == (k // 2, k // 2)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros" and not m.weight.requires_grad
+            and (m.bias is None or not m.bias.requires_grad))
+
+
+def _wrap(m: nn.Module, min_ratio: float):
+    forward = m.forward  # the class's, or one already wrapped (half storage's upcasting forward)
+
+    def gemm_forward(x):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w = m.weight
+        if dev != "cpu" or w.dtype != dtype or w.numel() < min_ratio * x.numel():
+            return forward(x)
+        if not w.is_contiguous(memory_format=torch.channels_last):  # once, on the first call that lowers
+            if not w.is_contiguous():
+                return forward(x)
+            _relayout(w, channels_last=True)
+        o, c, k = w.shape[0], w.shape[1], m.kernel_size[0]
+        bias = None if m.bias is None else m.bias.to(dtype)
+        return _GemmConv.apply(x.to(dtype), w.permute(0, 2, 3, 1).reshape(o, k * k * c), bias, k)
+
+    return gemm_forward
+
+
+@contextlib.contextmanager
+def frozen_convs_as_gemm(model: nn.Module, enabled: bool = True, min_ratio: float | None = None):
+    """Inside the block, each frozen same-padding conv of `model` whose weight (in the compute dtype,
+    on the CPU) has `min_ratio` times as many elements as its input computes as im2col + GEMM;
+    afterwards every weight is back in its plain layout, the same values."""
+    min_ratio = MIN_RATIO if min_ratio is None else min_ratio
+    convs = [m for m in model.modules() if _lowerable(m)] if enabled else []
+    before = [m.__dict__.get("forward") for m in convs]
+    for m in convs:
+        m.forward = _wrap(m, min_ratio)
+    try:
+        yield len(convs)
+    finally:
+        for m, f in zip(convs, before):
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
+            if not m.weight.is_contiguous():
+                _relayout(m.weight, channels_last=False)
