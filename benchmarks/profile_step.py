@@ -7,7 +7,8 @@ the same run.
 
 Three measurements, one process:
 1. peaks: a 2048^2 matmul and a 3x3 conv of 320 channels at 32x32 (the U-Net's first stage at
-   256 px), bf16 and fp32, GFLOP/s;
+   256 px), bf16 and fp32, GFLOP/s; and the read bandwidth (GB/s summing a 512 MiB tensor), for a
+   roofline: a step reads each frozen weight at least twice (forward, input gradient);
 2. the FLOPs of one training step (U-Net and text encoder forward + backward, LoRA attached, the
    run's batch: 1 photo + 1 class image), counted by torch's FlopCounterMode (the counter behind
    `personalize.architectures.module_macs`) on the run's real modules;
@@ -58,6 +59,18 @@ def peaks(repeat: int = 10) -> dict:
     return out
 
 
+def read_bandwidth(repeat: int = 10) -> float:
+    """GB/s of summing a 512 MiB bf16 tensor (every thread): how fast a frozen weight can be read once."""
+    import torch
+
+    a = torch.ones(2**28, dtype=torch.bfloat16)
+    a.sum()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        a.sum()
+    return a.numel() * a.element_size() * repeat / (time.perf_counter() - t) / 1e9
+
+
 # ------------------------------------------------------------------ 2. FLOPs of one step
 def step_flops(base: Path, resolution: int, rank: int, mixed_precision: str) -> dict:
     """Forward + backward FLOPs of one DreamBooth LoRA step (batch 2: photo + class image)."""
@@ -86,6 +99,10 @@ def step_flops(base: Path, resolution: int, rank: int, mixed_precision: str) -> 
         total = fc.get_total_flops()
         counts[part] = total - (counts.get("text encoder", 0) if part == "unet" else 0)
     counts["total"] = counts["text encoder"] + counts["unet"]
+    # the bytes a step must read at least: every frozen weight once forward, once for the input gradient
+    half = mixed_precision == "bf16"  # a LoRA run stores its frozen base in the compute dtype
+    counts["frozen_weight_bytes"] = sum(p.numel() * (2 if half else 4) for m in (c["unet"], c["text_encoder"])
+                                        for p in m.parameters() if not p.requires_grad)
     return counts
 
 
@@ -250,13 +267,14 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     base = bench_pipeline(a.model, cache)
     peak = peaks()
+    bandwidth = read_bandwidth()
     flops = step_flops(base, a.resolution, a.rank, a.mixed_precision)
     with tempfile.TemporaryDirectory() as work:
         prof = profile_run(a, base, Path(work))
     step_s = sum(prof["step_seconds"]) / len(prof["step_seconds"])
     doc = {"device": cpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "settings": {k: getattr(a, k) for k in ("model", "resolution", "rank", "steps", "warmup", "mixed_precision")},
-           "peaks_gflops": peak, "step_flops": flops, "profile": prof,
+           "peaks_gflops": peak, "read_gb_s": bandwidth, "step_flops": flops, "profile": prof,
            "achieved_gflops": flops["total"] / step_s / 1e9}
     print_tables(doc)
     write_results(a.out, doc)
@@ -278,6 +296,14 @@ def print_tables(doc: dict) -> None:
               f"text encoder {doc['step_flops']['text encoder'] / 1e12:.3f}); profiled {step_s:.3f} s/step = "
               f"{doc['achieved_gflops']:.0f} GFLOP/s = {doc['achieved_gflops'] / mm:.2f} of the {prec} matmul peak; "
               f"floor at that peak {doc['step_flops']['total'] / mm / 1e9:.3f} s")
+    if "read_gb_s" in doc:  # a roofline: the weights a step must read, at the bandwidth measured here
+        wb = doc["step_flops"]["frozen_weight_bytes"]
+        read_s = 2 * wb / doc["read_gb_s"] / 1e9
+        compute_s = doc["step_flops"]["total"] / mm / 1e9
+        con.print(f"read bandwidth {doc['read_gb_s']:.1f} GB/s; frozen weights {wb / 2**20:.0f} MiB, read twice a step "
+                  f"(forward, input gradient): {read_s:.3f} s; roofline floor max(compute, reads) "
+                  f"{max(compute_s, read_s):.3f} s, both in turn {compute_s + read_s:.3f} s; the step is "
+                  f"{max(compute_s, read_s) / step_s:.2f} / {(compute_s + read_s) / step_s:.2f} of them")
     total = sum(prof["parts_s"].values())
 
     def table(title: str, rows) -> None:
