@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 THRESHOLD_BYTES = 1 << 20  # below the activations of a 256 px step (1-3 MB and up), above small tensors
 
 
+@functools.cache  # trim runs once per replaced layer (quantize.py): dlopen once
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
@@ -31,9 +33,10 @@ def _libc():
 
 def trim() -> bool:
     """Hand the free memory in glibc's heap back to the OS now (malloc_trim(0): the top of the heap,
-    and the free pages in its middle). For a one-off release, such as the plain-layout weights
-    `gemm_convs` replaces, which the heap would otherwise keep for the whole run. True where
-    something was released."""
+    and the free pages in its middle). For a one-off release, such as a full-precision weight a
+    quantized layer replaced (quantize.py) or the temporary copy of a weight rewritten in place
+    (gemm_convs.py), which the heap would otherwise keep for the whole run. True where something was
+    released."""
     libc = _libc()
     fn = getattr(libc, "malloc_trim", None) if libc is not None else None
     if fn is None:

@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import UserError
-from .short_attention import math_for_short_attention
+from .short_attention import use_math_for_short_attention
 
 FROZEN = ("unet", "text_encoder")
 
@@ -55,12 +55,13 @@ def base_models(cfg: TrainConfig, comps: dict, autocast=contextlib.nullcontext):
         raise UserError(f"full --prior base-prediction keeps a frozen copy of the U-Net and text encoder "
                         f"({gib:.2f} GiB of parameters more); pass --allow-frozen-copy, or use --prior class-images")
     frozen = {k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in models.items()}
+    # the attention kernels the trained models run on (dreambooth's block), so that the two predictions
+    # are equal at step 0; for the copy's lifetime (the run), set once rather than every step
+    use_math_for_short_attention(frozen.values())
 
     @contextlib.contextmanager
     def base(ms: dict):
-        # the kernels the trained models' attentions run on (dreambooth's block), so that the two
-        # predictions are equal at step 0
-        with autocast(), math_for_short_attention(frozen.values()):
+        with autocast():
             yield ms | frozen
 
     return base

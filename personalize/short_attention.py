@@ -64,15 +64,31 @@ def _wrap(m: nn.Module, cross: bool, max_pairs: int):
     return short_forward
 
 
-@contextlib.contextmanager
-def math_for_short_attention(models, enabled: bool = True, max_pairs: int = MAX_PAIRS):
-    """Inside the block, the attentions of `models` (diffusers' `Attention`, CLIP's) with at most
-    `max_pairs` query-key pairs, in bf16 or fp16 on the CPU, run through SDPA's math kernel."""
-    modules = [m for model in models for m in _attention_modules(model)] if enabled else []
+def use_math_for_short_attention(models, max_pairs: int = MAX_PAIRS) -> list:
+    """From now on, the attentions of `models` (diffusers' `Attention`, CLIP's) with at most
+    `max_pairs` query-key pairs, in bf16 or fp16 on the CPU, run through SDPA's math kernel (for
+    models that live only as long as the run, such as `--prior base-prediction`'s frozen copy).
+    Returns the (module, cross) pairs changed."""
+    return _install([m for model in models for m in _attention_modules(model)], max_pairs)
+
+
+def _install(modules: list, max_pairs: int) -> list:
     for m, cross in modules:
         m.forward = _wrap(m, cross, max_pairs)
+    return modules
+
+
+@contextlib.contextmanager
+def math_for_short_attention(models, enabled: bool = True, max_pairs: int = MAX_PAIRS):
+    """`use_math_for_short_attention` inside the block; the modules' own forwards back after."""
+    modules = [m for model in models for m in _attention_modules(model)] if enabled else []
+    before = [m.__dict__.get("forward") for m, _ in modules]
+    _install(modules, max_pairs)
     try:
         yield len(modules)
     finally:
-        for m, _ in modules:
-            m.__dict__.pop("forward", None)
+        for (m, _), f in zip(modules, before):
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
