@@ -9,9 +9,10 @@ forward and again (another layout) for the input gradient; where the weight is l
 small (the 1280/2560-channel convs of an SD U-Net at 8x8 and 16x16 latents) that reorder is most of
 the call: 259 ms of a 0.9 s bk-sdm-small LoRA step at 256 px on an AMX Xeon, the kernels 89 ms
 (oneDNN's verbose log; benchmarks/RESULTS.md). A matrix product reads the weight as it is, in both
-directions, so no reorder and no second copy: each frozen "same" conv (stride 1, padding k // 2)
-whose weight has at least `MIN_RATIO` times as many elements as its input computes this way (its
-weight rewritten in place into (out, kh, kw, in) order inside the block, so the matrix is a view of it).
+directions, so no reorder and no second copy: each frozen conv with padding k // 2 and equal strides
+(the 3x3 and 1x1 convs, the stride-2 downsamplers) whose weight has at least `MIN_RATIO` times as many
+elements as its im2col matrix computes this way (its weight rewritten in place into (out, kh, kw, in)
+order inside the block, so the matrix is a view of it).
 
 Measured (`benchmarks/train_speed.py --options conv_kernels`, bk-sdm-small shape, 256 px): a bf16 LoRA
 step on an AMX Xeon 0.911 -> 0.695 s and 0.961 -> 0.771 s (two calls), fp32 -11%, fp32 with AVX2 only
@@ -29,48 +30,54 @@ from torch import nn
 
 from .host_memory import trim
 
-# weight elements / input elements at which the product beats oneDNN's conv (benchmarks/RESULTS.md:
-# 2560->1280 at 8x8 is 90 (5x faster), 1280->1280 at 16x16 22 (1.3x), 640->640 at 16x16 11 (slower))
-MIN_RATIO = 16
+# weight elements / im2col matrix elements (input x k*k / stride^2) at which the product beats oneDNN's conv
+# (benchmarks/RESULTS.md, bf16 on an AMX Xeon, forward + input gradient): 3x3 2560->1280 at 8x8 is 10 (5x
+# faster), 1280->1280 at 16x16 2.5 (1.3x), the 1280 downsampler 8x8 -> 4x4 10 (2.6x), the 640 one 16x16 -> 8x8
+# 5 (1.5x), 1x1 1280->1280 at 8x8 10 (1.4x); 3x3 640->640 at 16x16 1.25 and 1x1 640->640 at 16x16 1.25 are slower
+MIN_RATIO = 2
 
 
-def _im2col(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B*H*W, k*k*C), rows in (kh, kw, C) order, zero padding k // 2."""
+def _out_size(n: int, k: int, s: int) -> int:
+    return (n + 2 * (k // 2) - k) // s + 1
+
+
+def _im2col(x: torch.Tensor, k: int, s: int = 1) -> torch.Tensor:
+    """(B, C, H, W) -> (B*Ho*Wo, k*k*C), rows in (kh, kw, C) order, zero padding k // 2, stride s."""
     b, c, h, w = x.shape
-    p = k // 2
+    p, ho, wo = k // 2, _out_size(h, k, s), _out_size(w, k, s)
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, p, p, p, p))  # (B, H+2p, W+2p, C)
     sb, sh, sw, sc = xp.stride()
-    return xp.as_strided((b, h, w, k, k, c), (sb, sh, sw, sh, sw, sc)).reshape(b * h * w, k * k * c)
+    return xp.as_strided((b, ho, wo, k, k, c), (sb, s * sh, s * sw, sh, sw, sc)).reshape(b * ho * wo, k * k * c)
 
 
-def _col2im(cols: torch.Tensor, shape, k: int) -> torch.Tensor:
+def _col2im(cols: torch.Tensor, shape, k: int, s: int = 1) -> torch.Tensor:
     """The adjoint of `_im2col`: each row's k*k*C values added back at their neighbourhood's places."""
     b, c, h, w = shape
-    p = k // 2
-    d = cols.view(b, h, w, k, k, c)
+    p, ho, wo = k // 2, _out_size(h, k, s), _out_size(w, k, s)
+    d = cols.view(b, ho, wo, k, k, c)
     out = cols.new_zeros(b, h + 2 * p, w + 2 * p, c)
     for i in range(k):
         for j in range(k):
-            out[:, i:i + h, j:j + w] += d[:, :, :, i, j]
+            out[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] += d[:, :, :, i, j]
     return out[:, p:p + h, p:p + w].permute(0, 3, 1, 2)  # NCHW, channels-last in memory
 
 
 class _GemmConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, matrix, bias, k):
-        ctx.shape, ctx.matrix, ctx.k = x.shape, matrix, k  # the frozen weight: nothing else is kept
-        cols = _im2col(x, k)
+    def forward(ctx, x, matrix, bias, k, s):
+        ctx.shape, ctx.matrix, ctx.k, ctx.s = x.shape, matrix, k, s  # the frozen weight: nothing else is kept
+        cols = _im2col(x, k, s)
         y = cols @ matrix.t() if bias is None else torch.addmm(bias, cols, matrix.t())
         b, _, h, w = x.shape
-        return y.view(b, h, w, -1).permute(0, 3, 1, 2)
+        return y.view(b, _out_size(h, k, s), _out_size(w, k, s), -1).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        b, _, h, w = ctx.shape
-        g = grad_out.permute(0, 2, 3, 1).reshape(b * h * w, grad_out.shape[1]).to(ctx.matrix.dtype)
-        return _col2im(g @ ctx.matrix, ctx.shape, ctx.k), None, None, None
+            return None, None, None, None, None
+        b, n, ho, wo = grad_out.shape
+        g = grad_out.permute(0, 2, 3, 1).reshape(b * ho * wo, n).to(ctx.matrix.dtype)
+        return _col2im(g @ ctx.matrix, ctx.shape, ctx.k, ctx.s), None, None, None, None
 
 
 def _relayout(w: torch.Tensor, channels_last: bool) -> None:
@@ -92,7 +99,7 @@ def _relayout(w: torch.Tensor, channels_last: bool) -> None:
 
 def _lowerable(m: nn.Module) -> bool:
     k = m.kernel_size[0] if type(m) is nn.Conv2d else 0
-    return (k % 2 == 1 and m.kernel_size == (k, k) and m.stride == (1, 1) and m.padding == (k // 2, k // 2)
+    return (k % 2 == 1 and m.kernel_size == (k, k) and m.stride[0] == m.stride[1] and m.padding == (k // 2, k // 2)
             and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros" and not m.weight.requires_grad
             and (m.bias is None or not m.bias.requires_grad))
 
@@ -103,17 +110,20 @@ def _wrap(m: nn.Module, min_ratio: float):
     def gemm_forward(x):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w = m.weight
-        if dev != "cpu" or w.dtype != dtype or w.numel() < min_ratio * x.numel():
+        w, k, s = m.weight, m.kernel_size[0], m.stride[0]
+        if dev != "cpu" or w.dtype != dtype or x.dim() != 4:
+            return forward(x)
+        b, c, h, wd = x.shape
+        if w.numel() < min_ratio * b * _out_size(h, k, s) * _out_size(wd, k, s) * k * k * c:  # vs the im2col rows
             return forward(x)
         if not w.is_contiguous(memory_format=torch.channels_last):  # once, on the first call that lowers
             if not w.is_contiguous():
                 return forward(x)
             _relayout(w, channels_last=True)
             trim()  # the temporary copy's memory back to the OS, not kept in glibc's heap for the run
-        o, c, k = w.shape[0], w.shape[1], m.kernel_size[0]
+        o = w.shape[0]
         bias = None if m.bias is None else m.bias.to(dtype)
-        return _GemmConv.apply(x.to(dtype), w.permute(0, 2, 3, 1).reshape(o, k * k * c), bias, k)
+        return _GemmConv.apply(x.to(dtype), w.permute(0, 2, 3, 1).reshape(o, k * k * c), bias, k, s)
 
     return gemm_forward
 

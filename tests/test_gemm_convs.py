@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from conftest import FAST
@@ -35,19 +34,19 @@ def _run(conv, x, grad, autocast):
     return y.float(), gx.float()
 
 
-@pytest.mark.parametrize("k", [3, 1])
+@pytest.mark.parametrize("k, stride", [(3, 1), (1, 1), (3, 2)])  # (3, 2): a U-Net's downsampler
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("mode", ["fp32", "bf16 autocast", "channels_last input"])
-def test_outputs_and_input_gradients_are_f_conv2d_s(monkeypatch, k, bias, mode):
+def test_outputs_and_input_gradients_are_f_conv2d_s(monkeypatch, k, stride, bias, mode):
     calls = _spy(monkeypatch)
     autocast = mode == "bf16 autocast"
-    conv = _frozen(k=k, bias=bias, dtype=torch.bfloat16 if autocast else torch.float32)
+    conv = _frozen(k=k, bias=bias, stride=stride, dtype=torch.bfloat16 if autocast else torch.float32)
     plain = conv.weight.detach().clone()
     x = torch.randn(2, 48, 5, 7)
     if mode == "channels_last input":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    grad = torch.randn(2, 32, 5, 7)
+    grad = torch.randn(2, 32, 5, 7)[:, :, ::stride, ::stride]  # odd sizes: the last row/column of a stride-2 pad
     ref = _run(conv, x, grad, autocast)
     with frozen_convs_as_gemm(conv, min_ratio=0) as n:
         assert n == 1
@@ -62,21 +61,25 @@ def test_outputs_and_input_gradients_are_f_conv2d_s(monkeypatch, k, bias, mode):
     assert not conv.weight.requires_grad
 
 
-def test_only_where_the_weight_dominates_the_input(monkeypatch):
+def test_only_where_the_weight_dominates_its_im2col_rows(monkeypatch):
     calls = _spy(monkeypatch)
-    conv = _frozen(64, 64)  # 36864 weight elements
-    with frozen_convs_as_gemm(conv, min_ratio=16):
-        conv(torch.randn(1, 64, 6, 6))  # 2304 input elements: ratio 16
-        conv(torch.randn(1, 64, 7, 7))  # 3136: under 16
-    assert calls == [torch.Size([1, 64, 6, 6])]
+    conv, down, one = _frozen(64, 64), _frozen(64, 64, stride=2), _frozen(64, 64, k=1)  # 36864, 36864, 4096 weights
+    with frozen_convs_as_gemm(nn.ModuleList([conv, down, one]), min_ratio=2):
+        conv(torch.randn(1, 64, 4, 8))  # rows of 9 x 64: 18432 elements, ratio 2
+        conv(torch.randn(1, 64, 5, 7))  # 20160: under 2
+        down(torch.randn(1, 64, 8, 16))  # a quarter of the positions: 18432 again
+        down(torch.randn(1, 64, 9, 16))  # 5 x 8 positions: 23040
+        one(torch.randn(1, 64, 4, 8))  # 1x1: the rows are the input, 2048
+        one(torch.randn(1, 64, 5, 7))
+    assert calls == [torch.Size([1, 64, 4, 8]), torch.Size([1, 64, 8, 16]), torch.Size([1, 64, 4, 8])]
 
 
 def test_what_is_never_lowered(monkeypatch):
     calls = _spy(monkeypatch)
-    model = nn.Sequential(_frozen(stride=2), _frozen(48, 48, k=3), nn.Conv2d(48, 48, 3, padding=1),
-                          nn.Conv2d(48, 48, 3, padding=0).requires_grad_(False))
+    model = nn.Sequential(_frozen(stride=(1, 2)), _frozen(48, 48, k=3), nn.Conv2d(48, 48, 3, padding=1),
+                          nn.Conv2d(48, 48, 3, padding=0).requires_grad_(False), _frozen(dilation=2))
     with frozen_convs_as_gemm(model, min_ratio=0) as n:
-        assert n == 1  # stride 2, a trained weight, "valid" padding: not lowerable
+        assert n == 1  # unequal strides, a trained weight, "valid" padding, dilation: not lowerable
         model[1](torch.randn(1, 48, 4, 4))
     with frozen_convs_as_gemm(model, enabled=False) as n:
         assert n == 0
