@@ -140,6 +140,9 @@ def patch_ours(lever: str | None) -> None:
         def foreach(params, cfg, on_cuda, **kw):
             return make(params, cfg, True, **kw) if fit.optimizer_name(cfg) == "adamw" else make(params, cfg, on_cuda, **kw)
         fit.make_optimizer = foreach
+    elif lever == "unfused_adamw":  # the per-tensor AdamW loop, the CPU's optimizer before the fused kernel
+        real = fit._adamw_kernel
+        fit._adamw_kernel = lambda on_cuda: real(on_cuda) if on_cuda else {"foreach": False}
     elif lever == "channels_last":
         trainables = dreambooth._trainables
 
@@ -275,7 +278,7 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
                 "no_uncast", "threads_1", "release_freed_memory", "flash_attention",
-                "conv_kernels"]
+                "conv_kernels", "unfused_adamw"]
 
 
 def kind_has_quant(method: str) -> bool:

@@ -157,8 +157,7 @@ def scheduler_name(cfg) -> str:
 
 def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, log=print,
                    models: dict[str, nn.Module] | None = None) -> torch.optim.Optimizer:
-    """THE optimizer of a run. `models` (the modules `params` belong to) is needed by loraplus only,
-    which groups the parameters by their names."""
+    """THE optimizer of a run. `models` (the modules `params` belong to): loraplus's groups by name."""
     kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     name = optimizer_name(cfg)
@@ -178,9 +177,11 @@ def make_optimizer(params: list[nn.Parameter], cfg: FitConfig, on_cuda: bool, lo
 
             return bnb.optim.AdamW8bit(params, **kw)
         log("8-bit AdamW needs CUDA (bitsandbytes); using plain AdamW on CPU")
-    # multi-tensor (foreach) kernels on CUDA only: on CPU they bought no speed and, for full
-    # finetuning, held a model-sized temporary (+1.6 GB at bk-sdm-small; benchmarks/RESULTS.md)
-    return torch.optim.AdamW(params, foreach=on_cuda, **kw)
+    return torch.optim.AdamW(params, **_adamw_kernel(on_cuda), **kw)
+
+
+def _adamw_kernel(on_cuda: bool) -> dict:  # CPU: fused, 3x the per-tensor loop; foreach held a model-sized temporary
+    return {"foreach": True} if on_cuda else {"fused": True}  # (benchmarks/RESULTS.md, "Full finetuning")
 
 
 def _loraplus(cfg: FitConfig, on_cuda: bool, kw: dict, models) -> torch.optim.Optimizer:
@@ -193,7 +194,7 @@ def _loraplus(cfg: FitConfig, on_cuda: bool, kw: dict, models) -> torch.optim.Op
     if not any("lora_B" in n for n, p in holder.named_parameters() if p.requires_grad):
         raise UserError("--optimizer loraplus: no LoRA B matrices to train (LoRA+ is for lora and dora runs)")
     return create_loraplus_optimizer(holder, torch.optim.AdamW, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-                                     loraplus_weight_decay=kw.pop("weight_decay"), foreach=on_cuda, **kw)
+                                     loraplus_weight_decay=kw.pop("weight_decay"), **_adamw_kernel(on_cuda), **kw)
 
 
 # ---------------------------------------------------------------------------- logging

@@ -99,13 +99,36 @@ def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, n
     assert tr.resolve_mixed_precision("no", cpu=cpu) == "no"  # an explicit choice wins
 
 
-def test_adamw_uses_multi_tensor_kernels_only_on_cuda():
+def test_adamw_is_fused_on_the_cpu_and_multi_tensor_on_cuda():
     from personalize.fit import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     cfg = FitConfig(steps=1, lr=1e-3)
-    assert make_optimizer(params, cfg, on_cuda=False).defaults["foreach"] is False
-    assert make_optimizer(params, cfg, on_cuda=True).defaults["foreach"] is True
+    cpu, cuda = make_optimizer(params, cfg, on_cuda=False), make_optimizer(params, cfg, on_cuda=True)
+    assert cpu.defaults["fused"] is True and not cpu.defaults["foreach"]
+    assert cuda.defaults["foreach"] is True and not cuda.defaults["fused"]
+
+
+def test_the_fused_cpu_step_is_the_per_tensor_loop_s():
+    from personalize.fit import make_optimizer
+
+    torch.manual_seed(0)
+    init = [torch.randn(37, 5), torch.randn(11)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    cfg = FitConfig(steps=1, lr=1e-2)
+    opt = make_optimizer(ours, cfg, on_cuda=False)
+    loop = torch.optim.AdamW(ref, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                             eps=cfg.adam_epsilon, foreach=False)
+    for _ in range(4):
+        grads = [torch.randn_like(t) for t in init]
+        for ps, o in ((ours, opt), (ref, loop)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours[0], init[0])  # it did step
 
 
 def _run_keep(d, steps, resume=False, every=0, kept=2, log=lambda s: None):
