@@ -156,6 +156,8 @@ def patch_ours(lever: str | None) -> None:
         dreambooth.math_for_short_attention = lambda models: contextlib.nullcontext()
     elif lever == "conv_kernels":  # every frozen conv through torch's own (oneDNN) kernel, none as a GEMM
         dreambooth.frozen_convs_as_gemm = lambda model: contextlib.nullcontext(0)
+    elif lever == "heap_mmap":  # glibc's own policy while training: big blocks mmapped, the heap trimmed
+        dreambooth.reuse_freed_memory = lambda enabled: contextlib.nullcontext(False)
     elif lever == "threads_1":
         torch.set_num_threads(1)
 
@@ -278,7 +280,7 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
                 "no_uncast", "threads_1", "release_freed_memory", "flash_attention",
-                "conv_kernels", "unfused_adamw"]
+                "conv_kernels", "unfused_adamw", "heap_mmap"]
 
 
 def kind_has_quant(method: str) -> bool:

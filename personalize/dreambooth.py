@@ -30,7 +30,7 @@ from .ema import WeightsEMA
 from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .gemm_convs import frozen_convs_as_gemm
 from .half_storage import store_frozen_in_half
-from .host_memory import return_freed_memory
+from .host_memory import return_freed_memory, reuse_freed_memory
 from . import __version__, card, monitor, pivotal
 from .embeddings import record as pivotal_record
 from .objective import build_cache, dreambooth_loss
@@ -154,7 +154,8 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     # every forward in fit (steps and hooks) runs under the accelerator's autocast
     with (lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")),
           math_for_short_attention(models.values()),
-          frozen_convs_as_gemm(models["unet"])):
+          frozen_convs_as_gemm(models["unet"]),
+          reuse_freed_memory(accelerator.device.type == "cpu" and not cfg.release_freed_memory)):
         result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
                      description=f"{cfg.method} {p.subject.name}", log=log, hooks=hooks, lrs=lrs)
     if accelerator.is_main_process:
