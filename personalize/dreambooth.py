@@ -31,7 +31,7 @@ from .fit import FitConfig, Hook, fit, make_accelerator, trainable_parameters
 from .gemm_convs import frozen_convs_as_gemm
 from .half_storage import store_frozen_in_half
 from .host_memory import return_freed_memory, reuse_freed_memory
-from .hra_inputs import hra_on_inputs
+from .orthogonal_inputs import orthogonal_on_inputs
 from . import __version__, card, monitor, pivotal
 from .embeddings import record as pivotal_record
 from .objective import build_cache, dreambooth_loss
@@ -154,7 +154,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     loss_fn = pivotal.stop_after(ti, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base))
     # every forward in fit (steps and hooks) runs under the accelerator's autocast
     with (lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")),
-          math_for_short_attention(models.values()), hra_on_inputs(models.values()),
+          math_for_short_attention(models.values()), orthogonal_on_inputs(models.values()),
           frozen_convs_as_gemm(models["unet"]),
           reuse_freed_memory(accelerator.device.type == "cpu" and not cfg.release_freed_memory)):
         result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,
