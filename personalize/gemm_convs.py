@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .forwards import replaced_forwards
 from .host_memory import trim
 
 # weight elements / im2col matrix elements (input x k*k / stride^2) at which the product beats oneDNN's conv
@@ -130,22 +131,16 @@ def _wrap(m: nn.Module, min_ratio: float):
 
 @contextlib.contextmanager
 def frozen_convs_as_gemm(model: nn.Module, enabled: bool = True, min_ratio: float | None = None):
-    """Inside the block, each frozen same-padding conv of `model` whose weight (in the compute dtype,
-    on the CPU) has `min_ratio` times as many elements as its input computes as im2col + GEMM;
+    """Inside the block, each frozen conv of `model` with padding k // 2 whose weight (in the compute
+    dtype, on the CPU) has `min_ratio` times as many elements as its im2col matrix computes as im2col + GEMM;
     afterwards every weight is back in its plain layout, the same values."""
     min_ratio = MIN_RATIO if min_ratio is None else min_ratio
     convs = [m for m in model.modules() if _lowerable(m)] if enabled else []
-    before = [m.__dict__.get("forward") for m in convs]
-    for m in convs:
-        m.forward = _wrap(m, min_ratio)
-    try:
-        yield len(convs)
-    finally:
-        for m, f in zip(convs, before):
-            if f is None:
-                del m.forward
-            else:
-                m.forward = f
-            if not m.weight.is_contiguous():
-                _relayout(m.weight, channels_last=False)
-        trim()
+    with replaced_forwards([(m, _wrap(m, min_ratio)) for m in convs]) as n:
+        try:
+            yield n
+        finally:
+            for m in convs:
+                if not m.weight.is_contiguous():
+                    _relayout(m.weight, channels_last=False)
+            trim()

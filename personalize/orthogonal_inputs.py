@@ -18,9 +18,9 @@ active adapters, merged or disabled adapters keep peft's forward.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from .forwards import replaced_forwards
 
 
 def _active(m, params) -> str | None:
@@ -42,7 +42,16 @@ def _hra(m, original):
     return forward
 
 
+def _permutations(p: torch.Tensor) -> list:
+    """Each factor's permutation matrix P (constant) as the indices of x P and of . P^T, read once per
+    block rather than every step (column j of P holds its 1 in row argmax); None for the identity."""
+    ident = torch.arange(p.shape[-1], device=p.device)
+    return [None if torch.equal(q.argmax(dim=0), ident) else (q.argmax(dim=0), q.argmax(dim=1)) for q in p]
+
+
 def _boft(m, original):
+    perms = _permutations(m.boft_P)
+
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         a = _active(m, m.boft_R)
         if a is None or args or kwargs:
@@ -51,10 +60,9 @@ def _boft(m, original):
         blocks = m.boft_dropout[a](m.cayley_batch(m.boft_R[a].view(n * d, h, h)).view(n, d, h, h)).to(x.dtype)
         y = x
         for i in reversed(range(n)):  # R = F_{n-1} ... F_0 with F_i = P_i B_i P_i^T: x F_{n-1} first
-            p = m.boft_P[i]
-            y = y[..., p.argmax(dim=0)]  # x P: column j of P holds its 1 in row argmax
+            y = y if perms[i] is None else y[..., perms[i][0]]  # x P
             y = torch.einsum("...dh,dhk->...dk", y.unflatten(-1, (d, h)), blocks[i]).flatten(-2)
-            y = y[..., p.argmax(dim=1)]  # . P^T
+            y = y if perms[i] is None else y[..., perms[i][1]]  # . P^T
         result = m.base_layer(y)
         bias = m.base_layer.bias
         scale = m.boft_s[a].squeeze(-1)
@@ -73,19 +81,8 @@ def _kind(m):
     return None
 
 
-@contextlib.contextmanager
 def orthogonal_on_inputs(models):
     """Inside the block, every HRA and BOFT Linear layer of `models` rotates its input itself; afterwards
     peft's forward is back. Yields how many layers it took."""
-    layers = [(m, k) for model in models for m in model.modules() if (k := _kind(m)) is not None]
-    before = [m.__dict__.get("forward") for m, _ in layers]
-    for m, kind in layers:
-        m.forward = kind(m, m.forward)
-    try:
-        yield len(layers)
-    finally:
-        for (m, _), f in zip(layers, before):
-            if f is None:
-                del m.forward
-            else:
-                m.forward = f
+    return replaced_forwards([(m, kind(m, m.forward)) for model in models for m in model.modules()
+                              if (kind := _kind(m)) is not None])

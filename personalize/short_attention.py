@@ -16,12 +16,13 @@ to bf16 rounding, not bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .forwards import replaced_forwards
 
 # 256 x 77 (a cross-attention at 16x16 latents) is faster through math, 256 x 256 and 1024 x 77 are not
 MAX_PAIRS = 32768
@@ -69,26 +70,13 @@ def use_math_for_short_attention(models, max_pairs: int = MAX_PAIRS) -> list:
     `max_pairs` query-key pairs, in bf16 or fp16 on the CPU, run through SDPA's math kernel (for
     models that live only as long as the run, such as `--prior base-prediction`'s frozen copy).
     Returns the (module, cross) pairs changed."""
-    return _install([m for model in models for m in _attention_modules(model)], max_pairs)
-
-
-def _install(modules: list, max_pairs: int) -> list:
+    modules = [m for model in models for m in _attention_modules(model)]
     for m, cross in modules:
         m.forward = _wrap(m, cross, max_pairs)
     return modules
 
 
-@contextlib.contextmanager
 def math_for_short_attention(models, enabled: bool = True, max_pairs: int = MAX_PAIRS):
     """`use_math_for_short_attention` inside the block; the modules' own forwards back after."""
     modules = [m for model in models for m in _attention_modules(model)] if enabled else []
-    before = [m.__dict__.get("forward") for m, _ in modules]
-    _install(modules, max_pairs)
-    try:
-        yield len(modules)
-    finally:
-        for (m, _), f in zip(modules, before):
-            if f is None:
-                del m.forward
-            else:
-                m.forward = f
+    return replaced_forwards([(m, _wrap(m, cross, max_pairs)) for m, cross in modules])

@@ -21,7 +21,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # 1. core: no model code; what every layer above shares
     1: ("personalize.errors", "personalize.defaults", "personalize.fileio", "personalize.outputs",
         "personalize.extras", "personalize.argtypes", "personalize.flags", "personalize.settings", "personalize.card",
-        "personalize.clock", "personalize.host_memory",
+        "personalize.clock", "personalize.host_memory", "personalize.forwards",
         "personalize"),
     # 2. models and data: one concern each, none of them knows about runs
     2: ("personalize.backbones", "personalize.architectures", "personalize.cost", "personalize.pipeline",
