@@ -70,8 +70,9 @@ def return_freed_memory(threshold: int = THRESHOLD_BYTES) -> bool:
 def reuse_freed_memory(enabled: bool = True):
     """Inside the block, glibc serves every allocation from its heap and keeps what is freed there
     (no mmap, no trim); afterwards its default limits are back and the heap is trimmed. Yields whether
-    it took effect (glibc only). Measured on a bk-sdm-small run, 256 px, bf16, AMX (RESULTS.md): full
-    finetuning -23% per step for +0.5 GB peak, LoRA -3..-5% for the same peak."""
+    it took effect (glibc only). Measured on a bk-sdm-small run, 256 px, bf16, AMX (`train_speed.py
+    --options heap_mmap`, RESULTS.md): full finetuning 2.99 -> 2.42 s/step for +645 MB of peak, LoRA
+    within the noise and the same peak."""
     on = enabled and _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
     try:
         yield on
