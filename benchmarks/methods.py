@@ -57,6 +57,12 @@ def worker(a) -> dict:
     from personalize.config import TrainConfig
     from personalize.dreambooth import train_subject
 
+    if a.peft_forwards:  # the A/B of orthogonal_inputs: HRA and BOFT layers on peft's own forward
+        import contextlib
+
+        from personalize import dreambooth
+
+        dreambooth.orthogonal_on_inputs = lambda models: contextlib.nullcontext(0)
     work = Path(a.workdir)
     photos = synthetic_photos(work / "photos", 4, a.resolution)
     cfg = TrainConfig(method=a.method, subject=str(photos), class_noun="dog", base=a.base, steps=a.warmup + a.steps,
@@ -81,6 +87,8 @@ def main() -> int:
                                                                    Path.home() / ".cache/personalize/bench")),
                    help="where the random-weight pipelines are kept (train_speed.py's --cache-dir)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.json")
+    p.add_argument("--peft-forwards", action="store_true",
+                   help="HRA and BOFT layers on peft's own forward (the A/B of personalize/orthogonal_inputs.py)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -98,7 +106,8 @@ def main() -> int:
     for m in a.methods.split(","):
         with tempfile.TemporaryDirectory(dir=a.cache) as work:
             cmd = [sys.executable, __file__, "--worker", "--method", m, "--base", str(base), "--workdir", work,
-                   "--resolution", str(a.resolution), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                   "--resolution", str(a.resolution), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                   *(["--peft-forwards"] if a.peft_forwards else [])]
             r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if r.returncode or not line:
@@ -106,7 +115,8 @@ def main() -> int:
                 return 1
             rows.append(json.loads(line[0][7:]))
             print(f"{m}: {json.dumps(rows[-1])}", file=sys.stderr)  # kept if a later method is cut short
-    print(f"\n{a.model} shape, {a.resolution} px, batch 1, no prior preservation, {a.steps} timed steps; {cpu_name()}\n")
+    print(f"\n{a.model} shape, {a.resolution} px, batch 1, no prior preservation, {a.steps} timed steps"
+          f"{'; HRA/BOFT on peft' + chr(39) + 's forward' if a.peft_forwards else ''}; {cpu_name()}\n")
     print("| method | trainable params | adapter file | s/step | peak memory |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -114,6 +124,7 @@ def main() -> int:
               f"{r['s_per_step']:.2f} | {r['peak_mb'] / 1024:.2f} GiB |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "resolution": a.resolution, "steps": a.steps,
+                                 "peft_forwards": a.peft_forwards,
                                  "machine": cpu_name(), "rows": rows}, indent=2))
     print(f"\nwrote {a.out}")
     return 0
