@@ -1,11 +1,13 @@
-"""SDPA's flash and math kernels on the CPU, per attention shape of an SD U-Net and its text encoder.
+"""SDPA's kernels on the CPU, per attention shape of an SD U-Net and its text encoder: its flash and
+math kernels, and `personalize.attention_backward` (flash forward, the backward in fp32).
 
-Where `personalize.short_attention.MAX_PAIRS` comes from: one diffusers `Attention` (or a bare SDPA
-call for CLIP's causal 77-token self-attention) at each shape a bk-sdm / SD-v1 step meets at 256 px
-(latents 32x32: 1024 tokens at 320 channels, 256 at 640, 64 at 1280; cross-attention to 77 text
-tokens), batch 2, timed forward + backward (a training step) and forward only (sampling), the
-kernels alternated in one process (median of `--repeat` calls, twice each). bf16 under autocast as a
-run computes it, and fp32. Prints a table, writes JSON.
+Where `attention_backward`'s figures come from: one diffusers `Attention` (or a bare SDPA call for
+CLIP's causal 77-token self-attention) at each shape a bk-sdm / SD-v1 step meets at 256 px (latents
+32x32: 1024 tokens at 320 channels, 256 at 640, 64 at 1280; cross-attention to 77 text tokens),
+batch 2, timed forward + backward (a training step) and forward only (sampling; `attention_backward`
+leaves a call without grad to SDPA), the kernels alternated in one process (median of `--repeat`
+calls, twice each). bf16 under autocast as a run computes it, and fp32 (where the fp32 backward is
+SDPA's own). Prints a table, writes JSON.
 
     python benchmarks/attention_kernels.py
     python benchmarks/attention_kernels.py --dtype bf16 --repeat 50
@@ -56,13 +58,17 @@ def time_shape(channels: int, heads: int, queries: int, keys, dtype, backward: b
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     if dtype == "bf16" and keys != "causal":
         attn.to(torch.bfloat16)  # a run's frozen base under bf16 mixed precision
-    times: dict[str, list[float]] = {"flash": [], "math": []}
-    for kernel in ("flash", "math", "flash", "math"):
+    from personalize.attention_backward import fp32_attention_backward
+
+    kernels = {"flash": contextlib.nullcontext, "math": lambda: sdpa_kernel(SDPBackend.MATH)}
+    if backward:
+        kernels["fp32 backward"] = fp32_attention_backward
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for kernel in [*kernels, *kernels]:
         ts = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            with (sdpa_kernel(SDPBackend.MATH) if kernel == "math" else contextlib.nullcontext()), \
-                    torch.set_grad_enabled(backward), amp:
+            with kernels[kernel](), torch.set_grad_enabled(backward), amp:
                 out = call()
             if backward:
                 out.float().sum().backward()
@@ -81,8 +87,6 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from personalize.short_attention import MAX_PAIRS
-
     rows = []
     for dtype in a.dtype.split(","):
         for name, channels, heads, queries, keys in SHAPES:
@@ -91,17 +95,19 @@ def main() -> int:
                 t = time_shape(channels, heads, queries, keys, dtype, backward, a.repeat)
                 rows.append({"shape": name, "dtype": dtype, "pass": "fwd+bwd" if backward else "fwd",
                              "pairs": pairs, "flash_ms": t["flash"], "math_ms": t["math"],
-                             "math_chosen": dtype == "bf16" and backward and pairs <= MAX_PAIRS})
-    table = Table(title=f"SDPA kernels per attention, batch 2 ({cpu_name()}); * = math chosen by short_attention")
-    for c in ("shape", "dtype", "pass", "queries x keys", "flash ms", "math ms", "math / flash"):
+                             "fp32_backward_ms": t.get("fp32 backward")})
+    table = Table(title=f"SDPA kernels per attention, batch 2 ({cpu_name()}); ours = attention_backward "
+                        "(flash forward, fp32 backward; SDPA's own without grad)")
+    for c in ("shape", "dtype", "pass", "queries x keys", "flash ms", "math ms", "ours ms", "ours / flash"):
         table.add_column(c)
     for r in rows:
-        table.add_row(r["shape"], r["dtype"], r["pass"], str(r["pairs"]), f"{r['flash_ms']:.2f}",
-                      f"{r['math_ms']:.2f}", f"{r['math_ms'] / r['flash_ms']:.2f}" + (" *" if r["math_chosen"] else ""))
+        ours = r["fp32_backward_ms"]
+        table.add_row(r["shape"], r["dtype"], r["pass"], str(r["pairs"]), f"{r['flash_ms']:.2f}", f"{r['math_ms']:.2f}",
+                      *((f"{ours:.2f}", f"{ours / r['flash_ms']:.2f}") if ours else ("flash", "")))
     Console(width=140).print(table)
     import torch
 
-    write_results(a.out, {"device": cpu_name(), "torch": torch.__version__, "max_pairs": MAX_PAIRS,
+    write_results(a.out, {"device": cpu_name(), "torch": torch.__version__,
                           "repeat": a.repeat, "rows": rows, "date": time.strftime("%Y-%m-%d")})
     return 0
 

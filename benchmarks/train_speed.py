@@ -152,8 +152,8 @@ def patch_ours(lever: str | None) -> None:
         dreambooth._trainables = cl
     elif lever == "no_uncast":  # peft's own bf16 -> fp32 -> bf16 round trip of each LoRA input
         dreambooth.lora_inputs_uncast = lambda models, autocast: contextlib.nullcontext()
-    elif lever == "flash_attention":  # SDPA's flash kernel for every attention, the short ones too
-        dreambooth.math_for_short_attention = lambda models: contextlib.nullcontext()
+    elif lever == "sdpa_backward":  # SDPA's own bf16 attention backward, not the fp32 one
+        dreambooth.fp32_attention_backward = lambda enabled: contextlib.nullcontext()
     elif lever == "conv_kernels":  # every frozen conv through torch's own (oneDNN) kernel, none as a GEMM
         dreambooth.frozen_convs_as_gemm = lambda model: contextlib.nullcontext(0)
     elif lever == "heap_mmap":  # glibc's own policy while training: big blocks mmapped, the heap trimmed
@@ -279,7 +279,7 @@ LEVERS = ["cached_latents", "bf16_autocast", "channels_last", "classic_attention
           "torch_compile"]
 # our trainer with one option changed: the memory levers, each traded against step time, and the precision
 OURS_OPTIONS = ["gradient_checkpointing", "cpu_half_weights", "bf16", "fp32", "foreach_adamw", "channels_last",
-                "no_uncast", "threads_1", "release_freed_memory", "flash_attention",
+                "no_uncast", "threads_1", "release_freed_memory", "sdpa_backward",
                 "conv_kernels", "unfused_adamw", "heap_mmap"]
 
 

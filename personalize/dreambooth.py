@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .adapters import add_adapter, lora_inputs_uncast, save_adapter
+from .attention_backward import fp32_attention_backward
 from .backbones import ResolvedBase
 from .checkpoints import CHECKPOINTS_DIR
 from .class_images import class_image_dir, ensure_class_images
@@ -41,7 +42,6 @@ from .quantize import check_backend, quantize_frozen
 from .pipeline import build_pipeline, generate, save_pipeline, save_png
 from .precision import bf16_cpu_note, weight_dtype
 from .runs import write_run
-from .short_attention import math_for_short_attention
 from .settings import CONFIG_TOML, settings_of, write_settings
 from .sources import load_components, load_vae
 from .subjects import fill_prompt, load_prompts
@@ -154,7 +154,7 @@ def _train(p: Prepared, log, progress: bool, loaded: LoadedBase | None, profile_
     loss_fn = pivotal.stop_after(ti, dreambooth_loss(cfg, cache, comps["noise_scheduler"], accelerator.device, base))
     # every forward in fit (steps and hooks) runs under the accelerator's autocast
     with (lora_inputs_uncast(models.values(), autocast=accelerator.mixed_precision in ("bf16", "fp16")),
-          math_for_short_attention(models.values()), orthogonal_on_inputs(models.values()),
+          fp32_attention_backward(accelerator.device.type == "cpu"), orthogonal_on_inputs(models.values()),
           frozen_convs_as_gemm(models["unet"]),
           reuse_freed_memory(accelerator.device.type == "cpu" and not cfg.release_freed_memory)):
         result = fit(accelerator, models, loss_fn, fit_cfg, p.run_dir, resume=cfg.resume,

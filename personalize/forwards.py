@@ -1,6 +1,6 @@
 """A module's forward replaced for the length of a block, and whatever it had put back after: the
 one owner of swapping instance forwards (the kernel choices a run makes while it trains:
-`gemm_convs`, `short_attention`, `orthogonal_inputs`). No torch here."""
+`gemm_convs`, `orthogonal_inputs`). No torch here."""
 
 from __future__ import annotations
 

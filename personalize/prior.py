@@ -14,7 +14,6 @@ import torch
 
 from .config import TrainConfig
 from .errors import UserError
-from .short_attention import use_math_for_short_attention
 
 FROZEN = ("unet", "text_encoder")
 
@@ -54,10 +53,9 @@ def base_models(cfg: TrainConfig, comps: dict, autocast=contextlib.nullcontext):
         gib = parameter_bytes(*models.values()) / 2**30
         raise UserError(f"full --prior base-prediction keeps a frozen copy of the U-Net and text encoder "
                         f"({gib:.2f} GiB of parameters more); pass --allow-frozen-copy, or use --prior class-images")
+    # its attentions run SDPA's own forward, as the trained models' do (attention_backward changes only
+    # their backward), so the two predictions are equal at step 0
     frozen = {k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in models.items()}
-    # the attention kernels the trained models run on (dreambooth's block), so that the two predictions
-    # are equal at step 0; for the copy's lifetime (the run), set once rather than every step
-    use_math_for_short_attention(frozen.values())
 
     @contextlib.contextmanager
     def base(ms: dict):

@@ -29,7 +29,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "personalize.subjects", "personalize.precision", "personalize.checkpoints", "personalize.runtimes",
         "personalize.half_storage", "personalize.quantize", "personalize.environment", "personalize.buckets",
         "personalize.captions", "personalize.embeddings", "personalize.gemm_convs",
-        "personalize.short_attention", "personalize.orthogonal_inputs"),
+        "personalize.attention_backward", "personalize.orthogonal_inputs"),
     # 3. finished runs on disk, and the one owner of resolving and loading any model source
     3: ("personalize.runs", "personalize.sources"),
     # 4. what a finished run or a base is used for
