@@ -11,7 +11,8 @@ Three measurements, one process:
    roofline: a step reads each frozen weight at least twice (forward, input gradient);
 2. the FLOPs of one training step (U-Net and text encoder forward + backward, LoRA attached, the
    run's batch: 1 photo + 1 class image), counted by torch's FlopCounterMode (the counter behind
-   `personalize.architectures.module_macs`) on the run's real modules;
+   `personalize.architectures.module_macs`) on the run's real modules, SDPA's CPU flash kernel
+   included (`roofline.sdpa_cpu_formulas`: torch counts only its CUDA kernels);
 3. `personalize.dreambooth.train_subject` itself, unchanged, profiled over `--steps` steps after
    `--warmup`. Module hooks open a profiler range per part (text encoder, U-Net; inside the U-Net:
    attention, LoRA layers, norms, activations); backward ops are charged to the part whose forward
@@ -32,43 +33,11 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import peaks, read_bandwidth, sdpa_cpu_formulas  # noqa: E402
 from train_speed import ROOT, bench_pipeline, cpu_name, write_results, peak_memory_mb, synthetic_photos  # noqa: E402
 
 PARTS = ["text encoder", "unet: attention", "unet: lora", "unet: norms", "unet: activations", "unet: conv/linear/other",
          "optimizer", "other (loss, noise, clip, casts outside the models)"]
-
-
-# ------------------------------------------------------------------ 1. the machine's peaks
-def peaks(repeat: int = 10) -> dict:
-    import torch
-    import torch.nn.functional as F
-
-    out = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        name = str(dtype).replace("torch.", "")
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        x, w = torch.randn(2, 320, 32, 32, dtype=dtype), torch.randn(320, 320, 3, 3, dtype=dtype)
-        for label, fn, flops in (("matmul 2048", lambda: a @ b, 2 * 2048**3),
-                                 ("conv3x3 320ch 32x32 b2", lambda: F.conv2d(x, w, padding=1), 2 * 2 * 320 * 320 * 9 * 32 * 32)):
-            fn()
-            fn()
-            t = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            out[f"{label} {name}"] = flops * repeat / (time.perf_counter() - t) / 1e9
-    return out
-
-
-def read_bandwidth(repeat: int = 10) -> float:
-    """GB/s of summing a 512 MiB bf16 tensor (every thread): how fast a frozen weight can be read once."""
-    import torch
-
-    a = torch.ones(2**28, dtype=torch.bfloat16)
-    a.sum()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        a.sum()
-    return a.numel() * a.element_size() * repeat / (time.perf_counter() - t) / 1e9
 
 
 # ------------------------------------------------------------------ 2. FLOPs of one step
@@ -88,7 +57,7 @@ def step_flops(base: Path, resolution: int, rank: int, mixed_precision: str) -> 
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
     counts = {}
     for part in ("text encoder", "unet"):
-        with FlopCounterMode(display=False) as fc, amp:
+        with FlopCounterMode(display=False, custom_mapping=sdpa_cpu_formulas()) as fc, amp:
             emb = c["text_encoder"](ids)[0]
             if part == "text encoder":
                 emb.float().sum().backward()
