@@ -6,7 +6,9 @@ of its FLOPs at the matmul peak and its bytes at the read bandwidth, both measur
     python benchmarks/roofline.py --mixed-precision no
 
 Three floors of one step, each a lower bound on its time on this machine:
-- compute: the step's FLOPs at the bf16 (or fp32) matmul peak, as if every op were a large GEMM;
+- compute: the step's FLOPs at the matmul peak of its precision (bf16, or fp32 for an fp32 run; an op
+  that computes in fp32 inside a bf16 step is held to the bf16 peak all the same), as if every op were
+  a large GEMM;
 - memory: every byte the step's ops touch at the read bandwidth, as if nothing were compute;
 - per-op roofline: each op at the slower of its two limits (and never above its own measured time:
   an op whose data sat in cache beats the memory bound), summed, as the ops run one after another:
@@ -110,7 +112,7 @@ def _nbytes(t) -> int:
         return n
 
 
-def make_counter(matmul_peak: dict, read_bytes_s: float):
+def make_counter(matmul_peak: float, read_bytes_s: float):
     """A dispatch mode counting, per op name: calls, FLOPs, bytes, wall seconds, floor seconds."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -148,16 +150,13 @@ def make_counter(matmul_peak: dict, read_bytes_s: float):
                         if key not in seen:
                             seen.add(key)
                             nbytes += _nbytes(x)
-            dtype = next((x.dtype for x in tree_flatten((args, out))[0]
-                          if isinstance(x, torch.Tensor) and x.is_floating_point()), torch.float32)
-            peak = matmul_peak.get(dtype, matmul_peak[torch.float32])
             row = self.ops[name]
             row["calls"] += 1
             row["flops"] += flops
             row["bytes"] += nbytes
             row["seconds"] += seconds
             # an op whose data sat in cache beat the memory bound: its floor is then its own time
-            row["floor"] += min(seconds, max(flops / peak, nbytes / read_bytes_s))
+            row["floor"] += min(seconds, max(flops / matmul_peak, nbytes / read_bytes_s))
             return out
 
     return Counter()
@@ -231,12 +230,11 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     base = bench_pipeline(a.model, cache)
     peak, bandwidth = peaks(), read_bandwidth()
-    mm = {torch.bfloat16: peak["matmul 2048 bfloat16"] * 1e9, torch.float32: peak["matmul 2048 float32"] * 1e9}
-    mm[torch.float16] = mm[torch.bfloat16]
-    counter = make_counter(mm, bandwidth * 1e9)
+    # the run's compute precision sets the peak for every op's FLOPs, whatever dtype an op chose to run in
+    compute_peak = peak[f"matmul 2048 {'bfloat16' if a.mixed_precision in ('bf16', 'fp16') else 'float32'}"] * 1e9
+    counter = make_counter(compute_peak, bandwidth * 1e9)
     with tempfile.TemporaryDirectory() as work:
         run = count_step(a, base, Path(work), counter)
-    compute_peak = mm[torch.bfloat16 if run["precision"] == "bf16" else torch.float32]
     ops = {k: dict(v) for k, v in sorted(counter.ops.items(), key=lambda kv: -kv[1]["seconds"])}
     doc = {"device": cpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "settings": {k: getattr(a, k) for k in ("model", "method", "resolution", "rank", "steps", "warmup",

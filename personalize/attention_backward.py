@@ -4,10 +4,12 @@ torch's CPU flash attention (FlashAttention-2's tiling, Dao 2023) computes the b
 call through small reduced-precision GEMMs per tile, which on a 2-core AMX Xeon run no faster than fp32
 ones and carry a fixed cost a call. The same backward op on the saved tensors upcast to fp32 is faster at
 every attention shape of an SD U-Net and its CLIP text encoder at 256 px, and its gradients are closer to
-exact (fp32 accumulation throughout). Forward + backward, batch 2, bf16 (`benchmarks/attention_kernels.py`,
-benchmarks/RESULTS.md): 1024 x 1024 tokens 29.8 -> 27.2 ms, 1024 x 77 5.7 -> 4.1, 256 x 256 4.8 -> 3.6,
-256 x 77 3.3 -> 1.8, CLIP's causal 77 x 77 2.9 -> 1.1; faster also than SDPA's math kernel, which the
-short ones took before (2.2, 1.2 ms).
+exact (fp32 accumulation throughout). One diffusers `Attention` forward + backward, batch 2, bf16
+(`benchmarks/attention_kernels.py`, benchmarks/RESULTS.md): 32x32 latents' self-attention (1024 x 1024
+tokens) 30.8 -> 29.1 ms, cross-attention (1024 x 77) 7.3 -> 5.8, 16x16 self 6.6 -> 5.8, 16x16 cross
+5.2 -> 3.5, 8x8 self 4.6 -> 3.8, CLIP's causal 77 x 77 3.2 -> 1.2; within 0.2 ms of SDPA's math kernel
+where that was the faster (the short ones took it before, with its attention matrices held for the
+backward). On the whole LoRA step: -2% against that choice, -6% against SDPA's own, peak memory lower.
 
 So inside `fp32_attention_backward()`, an SDPA call on the CPU in bf16 or fp16 that SDPA itself would
 send to its flash kernel and that autograd records goes through `FlashFp32Backward`: the same forward op
