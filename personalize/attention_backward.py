@@ -16,7 +16,7 @@ send to its flash kernel and that autograd records goes through `FlashFp32Backwa
 with the same arguments (outputs bit for bit SDPA's, with or without grad: a zero-initialised adapter
 still predicts exactly what the frozen base does), and for the backward the saved query, key, value,
 output and log-sum-exp upcast to fp32, the gradients cast back. Any other call (no grad, fp32, CUDA,
-dropout, grouped-query, a kernel the caller chose with `sdpa_kernel`) is SDPA's own.
+dropout, grouped-query, a mask that trains, a kernel the caller chose with `sdpa_kernel`) is SDPA's own.
 
 The block swaps `torch.nn.functional.scaled_dot_product_attention`, which diffusers' and transformers'
 attentions look up at each call, and puts SDPA back when the last block open ends (nested blocks, or
@@ -81,6 +81,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(dtype)
     if (query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype
+            or attn_mask is not None and attn_mask.requires_grad  # the flash backward gives a mask no gradient
             or torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
             != SDPBackend.FLASH_ATTENTION.value):
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)

@@ -84,10 +84,12 @@ def test_under_autocast_fp32_inputs_as_sdpa_casts_them():
     assert q.grad is not None and q.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("case", ["no grad", "fp32", "dropout", "math chosen", "gqa"])
+@pytest.mark.parametrize("case", ["no grad", "fp32", "dropout", "math chosen", "gqa", "learned mask"])
 def test_every_other_call_is_sdpa_s_own(case):
     q, k, v = _qkv(dtype=torch.float32 if case == "fp32" else torch.bfloat16)
     kwargs = {"dropout_p": 0.5} if case == "dropout" else {}
+    if case == "learned mask":  # a bias that trains: SDPA's own math path gives it its gradient
+        kwargs = {"attn_mask": torch.zeros(64, 64, dtype=torch.bfloat16, requires_grad=True)}
     if case == "gqa":
         k, v = (t[:, :2].detach().requires_grad_() for t in (k, v))
         kwargs = {"enable_gqa": True}
@@ -95,6 +97,9 @@ def test_every_other_call_is_sdpa_s_own(case):
             sdpa_kernel(SDPBackend.MATH) if case == "math chosen" else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)
     assert type(out.grad_fn).__name__ != OURS
+    if case == "learned mask":
+        out.float().sum().backward()
+        assert kwargs["attn_mask"].grad is not None
 
 
 def test_sdpa_is_back_after_the_block_nested_or_raising():
