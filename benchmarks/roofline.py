@@ -23,7 +23,8 @@ backward, casts and the optimizer. FLOPs: torch's own formulas (`torch.utils.flo
 SDPA's CPU flash kernel (4 B H Lq Lk D forward, twice that backward, as torch counts its CUDA kernels).
 Bytes: each distinct input and output tensor once (an in-place op's tensor once; an expanded one at its
 storage's size; an embedding lookup at its rows, not its table). Views move no data and are skipped.
-Prints the tables and writes JSON (default benchmarks/results/roofline.json).
+Prints the tables (the floors; ops by time; the largest gaps to the floor by op and input shapes)
+and writes JSON (default benchmarks/results/roofline.json).
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def make_counter(matmul_peak: float, read_bytes_s: float):
         def __init__(self):
             super().__init__()
             self.ops = defaultdict(lambda: {"calls": 0, "flops": 0, "bytes": 0, "seconds": 0.0, "floor": 0.0})
+            self.shapes = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "floor": 0.0})  # by op and input shapes
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -156,7 +158,14 @@ def make_counter(matmul_peak: float, read_bytes_s: float):
             row["bytes"] += nbytes
             row["seconds"] += seconds
             # an op whose data sat in cache beat the memory bound: its floor is then its own time
-            row["floor"] += min(seconds, max(flops / matmul_peak, nbytes / read_bytes_s))
+            floor = min(seconds, max(flops / matmul_peak, nbytes / read_bytes_s))
+            row["floor"] += floor
+            inputs = [f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" for x in tree_flatten(args)[0]
+                      if isinstance(x, torch.Tensor)][:3]
+            by_shape = self.shapes[f"{name} {', '.join(inputs)}"]
+            by_shape["calls"] += 1
+            by_shape["seconds"] += seconds
+            by_shape["floor"] += floor
             return out
 
     return Counter()
@@ -240,7 +249,10 @@ def main() -> int:
            "settings": {k: getattr(a, k) for k in ("model", "method", "resolution", "rank", "steps", "warmup",
                                                    "mixed_precision")},
            "peaks_gflops": peak, "read_gb_s": bandwidth, "run": run,
-           "summary": summarise(ops, run["step_s"], run["counted_step_s"], compute_peak, bandwidth * 1e9), "ops": ops}
+           "summary": summarise(ops, run["step_s"], run["counted_step_s"], compute_peak, bandwidth * 1e9), "ops": ops,
+           # where the time above the floor goes: op and input shapes, largest gap first
+           "gaps": dict(sorted(((k, dict(v)) for k, v in counter.shapes.items()),
+                               key=lambda kv: kv[1]["floor"] - kv[1]["seconds"])[:40])}
     print_tables(doc)
     write_results(a.out, doc)
     return 0
@@ -273,6 +285,13 @@ def print_tables(doc: dict) -> None:
     for name, r in list(doc["ops"].items())[:25]:
         t.add_row(name, str(r["calls"]), f"{r['flops'] / 1e9:.1f}", f"{r['bytes'] / 1e9:.3f}", f"{r['seconds'] * 1e3:.1f}",
                   f"{r['floor'] * 1e3:.1f}", f"{r['floor'] / r['seconds']:.2f}" if r["seconds"] else "")
+    con.print(t)
+    t = Table(title="largest gaps to the floor, by op and input shapes (counted step)")
+    for c in ("op and inputs", "calls", "ms", "floor ms", "gap ms"):
+        t.add_column(c)
+    for key, r in list(doc["gaps"].items())[:15]:
+        t.add_row(key[:110], str(r["calls"]), f"{r['seconds'] * 1e3:.1f}", f"{r['floor'] * 1e3:.1f}",
+                  f"{(r['seconds'] - r['floor']) * 1e3:.1f}")
     con.print(t)
 
 
