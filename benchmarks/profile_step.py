@@ -24,7 +24,6 @@ its own overhead per op, so the s/step printed is from the profiled steps; compa
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -33,8 +32,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import peaks, read_bandwidth, sdpa_cpu_formulas  # noqa: E402
-from train_speed import ROOT, bench_pipeline, cpu_name, write_results, peak_memory_mb, synthetic_photos  # noqa: E402
+from roofline import peaks, prepare, read_bandwidth, sdpa_cpu_formulas, step_parser  # noqa: E402
+from train_speed import cpu_name, write_results, peak_memory_mb, synthetic_photos  # noqa: E402
 
 PARTS = ["text encoder", "unet: attention", "unet: lora", "unet: norms", "unet: activations", "unet: conv/linear/other",
          "optimizer", "other (loss, noise, clip, casts outside the models)"]
@@ -216,25 +215,11 @@ def profile_run(a, base: Path, work: Path) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="bk-sdm-small")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=4, help="profiled steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--mixed-precision", default="auto")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache/personalize/bench"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_step.json"))
-    a = p.parse_args()
+    a = step_parser(__doc__.split("\n")[0], "profile_step.json", "profiled steps").parse_args()
 
     import torch
 
-    from personalize.precision import resolve_mixed_precision
-
-    a.mixed_precision = resolve_mixed_precision(a.mixed_precision, cpu=True)
-    cache = Path(a.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    base = bench_pipeline(a.model, cache)
+    base = prepare(a)
     peak = peaks()
     bandwidth = read_bandwidth()
     flops = step_flops(base, a.resolution, a.rank, a.mixed_precision)

@@ -217,27 +217,38 @@ def summarise(ops: dict, step_s: float, counted_step_s: float, matmul_peak_s: fl
             "counter_overhead_s": counted_step_s - step_s}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_parser(description: str, out: str, steps_help: str) -> argparse.ArgumentParser:
+    """The step's shape, as this script and profile_step.py take it."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="bk-sdm-small")
-    p.add_argument("--method", default="lora")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=4, help="timed steps after the counted one")
+    p.add_argument("--steps", type=int, default=4, help=steps_help)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mixed-precision", default="auto")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache/personalize/bench"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/roofline.json"))
-    a = p.parse_args()
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results" / out))
+    return p
 
-    import torch
 
+def prepare(a) -> Path:
+    """`auto` precision resolved in place (as personalize resolves it on this CPU); the random-weight base."""
     from personalize.precision import resolve_mixed_precision
 
     a.mixed_precision = resolve_mixed_precision(a.mixed_precision, cpu=True)
     cache = Path(a.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    base = bench_pipeline(a.model, cache)
+    return bench_pipeline(a.model, cache)
+
+
+def main() -> int:
+    p = step_parser(__doc__.split("\n")[0], "roofline.json", "timed steps after the counted one")
+    p.add_argument("--method", default="lora")
+    a = p.parse_args()
+
+    import torch
+
+    base = prepare(a)
     peak, bandwidth = peaks(), read_bandwidth()
     # the run's compute precision sets the peak for every op's FLOPs, whatever dtype an op chose to run in
     compute_peak = peak[f"matmul 2048 {'bfloat16' if a.mixed_precision in ('bf16', 'fp16') else 'float32'}"] * 1e9
