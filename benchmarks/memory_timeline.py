@@ -8,6 +8,7 @@ largest RSS of each second, and writes JSON.
     python benchmarks/memory_timeline.py                                  # auto precision, 3 steps
     python benchmarks/memory_timeline.py --mixed-precision no --base-quantization nf4 --release-freed-memory
     python benchmarks/memory_timeline.py --steps 6 --conv-kernels    # no conv as a GEMM (gemm_convs.py)
+    python benchmarks/memory_timeline.py --steps 6 --sdpa-backward   # SDPA's own bf16 attention backward
     MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/memory_timeline.py   # glibc's heap out of the picture
 """
 
@@ -45,6 +46,8 @@ def main() -> int:
     for flag in ("cpu-half-weights", "release-freed-memory"):
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--conv-kernels", action="store_true", help="every frozen conv through torch's own kernel")
+    p.add_argument("--sdpa-backward", action="store_true",
+                   help="SDPA's own attention backward, not attention_backward.py's fp32 one")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("PERSONALIZE_BENCH_CACHE",
                                                                    Path.home() / ".cache/personalize/bench")))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_timeline.json"))
@@ -53,10 +56,12 @@ def main() -> int:
     from personalize import dreambooth
     from personalize.config import TrainConfig
 
-    if a.conv_kernels:
-        import contextlib
+    import contextlib
 
+    if a.conv_kernels:
         dreambooth.frozen_convs_as_gemm = lambda model: contextlib.nullcontext(0)
+    if a.sdpa_backward:
+        dreambooth.fp32_attention_backward = lambda enabled: contextlib.nullcontext()
     base = bench_pipeline(a.model, a.cache)
     samples, marks = [], []
     t0 = time.perf_counter()

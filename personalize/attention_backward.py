@@ -9,7 +9,9 @@ exact (fp32 accumulation throughout). One diffusers `Attention` forward + backwa
 tokens) 30.8 -> 29.1 ms, cross-attention (1024 x 77) 7.3 -> 5.8, 16x16 self 6.6 -> 5.8, 16x16 cross
 5.2 -> 3.5, 8x8 self 4.6 -> 3.8, CLIP's causal 77 x 77 3.2 -> 1.2; within 0.2 ms of SDPA's math kernel
 where that was the faster (the short ones took it before, with its attention matrices held for the
-backward). On the whole LoRA step: -2% against that choice, -6% against SDPA's own, peak memory lower.
+backward). On the whole LoRA step, against SDPA's own backward: 0.703 -> 0.663 s/step on AMX, 2.751 -> 2.615
+with oneDNN capped to AVX512-BF16 (`train_speed.py --options sdpa_backward`), peak RSS 15-20 MB lower
+(`memory_timeline.py --sdpa-backward`).
 
 So inside `fp32_attention_backward()`, an SDPA call on the CPU in bf16 or fp16 that SDPA itself would
 send to its flash kernel and that autograd records goes through `FlashFp32Backward`: the same forward op
